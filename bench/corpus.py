@@ -1,0 +1,144 @@
+"""Corpus table: nacrith against gzip -9, bzip2 -9, xz -9e and zstd -19 --long.
+
+For each file: nacrith's compressed size and bits per byte, compress and decompress wall
+time, tokens per second, a byte-exact check, and the classical tools' sizes. Results go to
+``bench/results/corpus-<tag>.md`` and ``.json``.
+
+Usage:
+    python bench/corpus.py --all                 # every file of corpora/manifest.tsv (but the large ones)
+    python bench/corpus.py FILE [FILE ...]       # any files (enwik8 when you have it)
+    options: --tag NAME, --streams N, --ctx N, --slide N, --workers N, ... (see --help)
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from nacrith import container as fmt  # noqa: E402
+from nacrith import pipeline  # noqa: E402
+
+RESULTS = HERE / "results"
+CANTERBURY = ["alice29.txt", "asyoulik.txt", "cp.html", "fields.c", "grammar.lsp", "kennedy.xls", "lcet10.txt", "plrabn12.txt", "ptt5", "sum", "xargs.1"]
+CLASSICAL = {
+    "gzip -9": ["gzip", "-9", "-c"],
+    "bzip2 -9": ["bzip2", "-9", "-c"],
+    "xz -9e": ["xz", "-9e", "-c"],
+    "zstd -19 --long": ["zstd", "-19", "--long", "-c", "-q"],
+}
+
+
+def classical_size(command: list[str], path: Path) -> int | None:
+    if shutil.which(command[0]) is None:
+        return None
+    with open(path, "rb") as source:
+        result = subprocess.run(command, stdin=source, capture_output=True, check=True)
+    return len(result.stdout)
+
+
+def machine() -> str:
+    from nacrith.engine import L, default_threads
+
+    return f"{platform.machine()}, {default_threads()} cores, {platform.processor() or platform.system()}; {L.llama_print_system_info().decode().strip()}"
+
+
+def measure(path: Path, settings: pipeline.Settings, workers) -> dict:
+    """Compress and decompress ``path`` through the pipeline (model loading included)."""
+    data = path.read_bytes()
+    start = time.perf_counter()
+    packed = io.BytesIO()
+    pipeline.compress_stream(io.BytesIO(data), packed, settings, workers=workers)
+    compress_time = time.perf_counter() - start
+    blob = packed.getvalue()
+    start = time.perf_counter()
+    restored = io.BytesIO()
+    pipeline.decompress_to(blob, restored, threads=settings.threads, workers=workers)
+    decompress_time = time.perf_counter() - start
+    parsed = fmt.parse(blob)
+    tokens = sum(block.n_tokens for block in parsed.blocks)
+    row = {
+        "file": path.name,
+        "size": len(data),
+        "nacrith": len(blob),
+        "bpb": 8 * len(blob) / len(data) if data else 0.0,
+        "exact": restored.getvalue() == data,
+        "compress_s": compress_time,
+        "decompress_s": decompress_time,
+        "tokens": tokens,
+        "compress_tok_s": tokens / compress_time,
+        "decompress_tok_s": tokens / decompress_time,
+        "block_kinds": sorted(fmt.BLOCK_KINDS[block.kind] for block in parsed.blocks),
+    }
+    for name, command in CLASSICAL.items():
+        row[name] = classical_size(command, path)
+    return row
+
+
+def markdown(rows: list[dict], title: str, settings: pipeline.Settings, workers) -> str:
+    lines = [
+        f"# {title}",
+        "",
+        f"Settings: streams {settings.streams}, ctx {settings.ctx}, slide {settings.slide}, block {settings.block_size} B, workers {workers}, predictor {settings.predictor_name}.",
+        f"Machine: {machine()}.",
+        "",
+        "| file | bytes | nacrith | bpb | " + " | ".join(f"{name} (bpb)" for name in CLASSICAL) + " | compress s | decompress s | tok/s c/d | exact |",
+        "|---|---:|---:|---:|" + "---:|" * len(CLASSICAL) + "---:|---:|---:|:-:|",
+    ]
+    for row in rows:
+        classical = " | ".join("–" if row[name] is None else f"{row[name]} ({8 * row[name] / row['size']:.3f})" for name in CLASSICAL)
+        lines.append(
+            f"| {row['file']} | {row['size']} | {row['nacrith']} | {row['bpb']:.3f} | {classical} | "
+            f"{row['compress_s']:.1f} | {row['decompress_s']:.1f} | {row['compress_tok_s']:.0f}/{row['decompress_tok_s']:.0f} | {'yes' if row['exact'] else 'NO'} |"
+        )
+    total = sum(row["size"] for row in rows)
+    packed = sum(row["nacrith"] for row in rows)
+    if total:
+        lines.append(f"| **total** | {total} | {packed} | {8 * packed / total:.3f} | " + " | ".join(
+            "–" if any(row[name] is None for row in rows) else f"{sum(row[name] for row in rows)} ({8 * sum(row[name] for row in rows) / total:.3f})" for name in CLASSICAL
+        ) + f" | {sum(r['compress_s'] for r in rows):.1f} | {sum(r['decompress_s'] for r in rows):.1f} | | {'yes' if all(r['exact'] for r in rows) else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("files", nargs="*", type=Path)
+    parser.add_argument("--all", action="store_true", help="every Canterbury file from corpora/data")
+    parser.add_argument("--tag", default="canterbury")
+    parser.add_argument("--workers", default="1")
+    pipeline.add_settings_arguments(parser)
+    args = parser.parse_args()
+    files = list(args.files)
+    if args.all:
+        files += [HERE.parent / "corpora" / "data" / name for name in CANTERBURY]
+    if not files:
+        parser.error("name files or --all")
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        parser.error(f"missing: {', '.join(missing)} (run `make corpora`)")
+    settings = pipeline.settings_from_arguments(args)
+    workers = args.workers if args.workers == "auto" else int(args.workers)
+    rows = []
+    for path in files:
+        row = measure(path, settings, workers)
+        rows.append(row)
+        print(f"{row['file']:>14} {row['size']:>9} -> {row['nacrith']:>8} {row['bpb']:.3f} bpb  "
+              f"zstd {row['zstd -19 --long']}  c {row['compress_s']:.1f}s d {row['decompress_s']:.1f}s  exact {row['exact']}", flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    title = f"Corpus benchmark ({args.tag})"
+    (RESULTS / f"corpus-{args.tag}.md").write_text(markdown(rows, title, settings, workers))
+    (RESULTS / f"corpus-{args.tag}.json").write_text(json.dumps({"settings": settings.describe(), "workers": workers, "machine": machine(), "rows": rows}, indent=1))
+    print(f"wrote {RESULTS}/corpus-{args.tag}.md")
+    return 0 if all(row["exact"] for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""The ``nacrith`` command line: a thin layer over :mod:`nacrith.pipeline`.
+
+Conventions follow gzip and zstd: ``nacrith FILE`` or ``nacrith compress FILE`` writes
+``FILE.nc``; ``nacrith -d FILE.nc`` or ``nacrith decompress FILE.nc`` writes ``FILE``;
+``-`` (or no file with piped input) reads standard input and writes standard output.
+Source files are kept. Output goes to a temporary file renamed into place only when
+complete, so a failure never leaves a partial file. Every error is one line on stderr and
+exit status 1.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import shutil
+import stat
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from . import container as fmt
+from . import pipeline
+from .errors import NacrithError
+
+SUFFIX = ".nc"
+EXIT_ERROR = 1
+
+
+class UsageError(NacrithError):
+    """A command line that cannot be carried out as given."""
+
+
+def fail(message: str) -> None:
+    click.echo(f"nacrith: {message}", err=True)
+
+
+# --- output files -------------------------------------------------------------------
+
+
+@contextmanager
+def atomic_output(target: Path | None, force: bool, source: Path | None = None):
+    """Yield a binary file to write; it becomes ``target`` only if the block completes.
+
+    ``target`` None means standard output (written directly).
+    """
+    if target is None:
+        yield sys.stdout.buffer
+        sys.stdout.buffer.flush()
+        return
+    if target.exists() and not force:
+        raise UsageError(f"{target} already exists; use -f to overwrite")
+    if target.is_dir():
+        raise UsageError(f"{target} is a directory")
+    handle = tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".part", delete=False)
+    try:
+        with handle:
+            yield handle
+        if source is not None:
+            shutil.copystat(source, handle.name)  # keep the source's mode and times, as gzip does
+        os.replace(handle.name, target)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+
+
+def open_input(name: str):
+    """A readable binary file for ``name`` ('-' is standard input), with clear errors."""
+    if name == "-":
+        return sys.stdin.buffer
+    path = Path(name)
+    if not path.exists():
+        raise UsageError(f"{name}: no such file")
+    if path.is_dir():
+        raise UsageError(f"{name}: is a directory")
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        raise UsageError(f"{name}: cannot read ({exc.strerror})") from None
+
+
+def input_size(handle) -> int | None:
+    """The size of a regular file behind ``handle``; None for pipes and terminals."""
+    try:
+        status = os.fstat(handle.fileno())
+    except (OSError, ValueError):
+        return None
+    return status.st_size if stat.S_ISREG(status.st_mode) else None
+
+
+@contextmanager
+def mapped(handle):
+    """The whole content of an input as a bytes-like object (mmap for files)."""
+    size = input_size(handle)
+    if size:
+        # not closed explicitly: parsed blocks keep memoryviews into it; it goes with them
+        yield mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    else:
+        yield handle.read()
+
+
+@contextmanager
+def progress_bar(total: int | None, quiet: bool, label: str):
+    """A tqdm bar on stderr when stderr is a terminal and not ``quiet``; yields a callback or None."""
+    if quiet or not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="B", unit_scale=True, desc=label, file=sys.stderr, leave=False) as bar:
+        yield bar.update
+
+
+# --- commands -----------------------------------------------------------------------
+
+
+def output_for(name: str, decompressing: bool, output: str | None, to_stdout: bool) -> Path | None:
+    """Where the result of processing ``name`` goes (None: standard output)."""
+    if to_stdout or (output is None and name == "-"):
+        return None
+    if output is not None:
+        return None if output == "-" else Path(output)
+    if not decompressing:
+        return Path(name + SUFFIX)
+    if not name.endswith(SUFFIX) or len(Path(name).name) == len(SUFFIX):
+        raise UsageError(f"{name}: unknown suffix (expected {SUFFIX}); use -o to name the output")
+    return Path(name[: -len(SUFFIX)])
+
+
+def compress_one(name: str, settings: pipeline.Settings, output: str | None, to_stdout: bool, force: bool, quiet: bool, verbose: bool, remove: bool) -> None:
+    target = output_for(name, False, output, to_stdout)
+    if target is None and sys.stdout.isatty() and not force:
+        raise UsageError("compressed data not written to a terminal; use -o FILE or -f")
+    if target is not None and target.exists() and not force:
+        raise UsageError(f"{target} already exists; use -f to overwrite")
+    source = open_input(name)
+    if name == "-" and sys.stdin.isatty():
+        raise UsageError("no input: name a file or pipe data to standard input")
+    with source:
+        with progress_bar(input_size(source), quiet, "compress") as progress:
+            with atomic_output(target, force, None if name == "-" else Path(name)) as out:
+                summary = pipeline.compress_stream(source, out, settings, progress)
+    if verbose or (not quiet and target is not None and sys.stderr.isatty()):
+        bits = 8 * summary.compressed_size / summary.original_size if summary.original_size else 0.0
+        click.echo(f"{name}: {summary.original_size} -> {summary.compressed_size} bytes, {bits:.3f} bits/byte", err=True)
+    if remove and name != "-" and target is not None:
+        Path(name).unlink()
+
+
+def decompress_one(name: str, model: str | None, threads: int | None, output: str | None, to_stdout: bool, force: bool, quiet: bool, verbose: bool, remove: bool) -> None:
+    target = output_for(name, True, output, to_stdout)
+    if target is not None and target.exists() and not force:
+        raise UsageError(f"{target} already exists; use -f to overwrite")
+    source = open_input(name)
+    if name == "-" and sys.stdin.isatty():
+        raise UsageError("no input: name a file or pipe data to standard input")
+    with source, mapped(source) as blob:
+        if len(blob) == 0:
+            raise fmt.NotNacrithError(f"{name}: empty input is not a nacrith file")
+        parsed = fmt.parse(blob)
+        with progress_bar(parsed.trailer.total_length, quiet, "decompress") as progress:
+            with atomic_output(target, force, None if name == "-" else Path(name)) as out:
+                size = pipeline.decode_parsed(parsed, out, progress, model=model, threads=threads)
+    if verbose:
+        click.echo(f"{name}: {len(blob)} -> {size} bytes", err=True)
+    if remove and name != "-" and target is not None:
+        Path(name).unlink()
+
+
+def run_each(names: tuple[str, ...], output: str | None, action) -> None:
+    """Apply ``action`` to every input; report each failure in one line, exit 1 if any."""
+    names = names or ("-",)
+    if output is not None and len(names) > 1:
+        raise click.UsageError("-o/--output takes one input file")
+    failed = False
+    for name in names:
+        try:
+            action(name)
+        except NacrithError as exc:
+            fail(str(exc) if str(exc).startswith(name) else f"{name}: {exc}")
+            failed = True
+        except ValueError as exc:  # bad option values found by the pipeline
+            fail(str(exc))
+            failed = True
+        except OSError as exc:
+            fail(f"{name}: {exc.strerror or exc}")
+            failed = True
+    if failed:
+        sys.exit(EXIT_ERROR)
+
+
+COMMON = [
+    click.option("-o", "--output", metavar="FILE", help="Write to FILE ('-' for standard output). One input only."),
+    click.option("-c", "--stdout", "to_stdout", is_flag=True, help="Write to standard output; keep the input."),
+    click.option("-f", "--force", is_flag=True, help="Overwrite existing output; allow writing to a terminal."),
+    click.option("-k", "--keep", is_flag=True, help="Keep the input file (the default; kept for gzip habits)."),
+    click.option("--rm", "remove", is_flag=True, help="Delete the input file after success."),
+    click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary."),
+    click.option("-v", "--verbose", is_flag=True, help="Print a summary line per file."),
+    click.option("--model", metavar="PATH", envvar="NACRITH_MODEL", help="GGUF model file (default: $NACRITH_MODEL, else the embedded SmolLM2-135M)."),
+    click.option("--threads", type=click.IntRange(min=1), help="CPU threads for llama.cpp (default: all cores)."),
+]
+
+
+def with_common(function):
+    for option in reversed(COMMON):
+        function = option(function)
+    return function
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="nacrith")
+def main_group():
+    """Lossless compression with a language model (llama.cpp) and a range coder.
+
+    \b
+    nacrith FILE              compress FILE to FILE.nc (same as `nacrith compress FILE`)
+    nacrith -d FILE.nc        decompress to FILE (same as `nacrith decompress FILE.nc`)
+    nacrith info FILE.nc      describe a compressed file
+
+    Input files are kept unless --rm is given. '-' means standard input.
+    """
+
+
+@main_group.command("compress")
+@click.argument("files", nargs=-1)
+@with_common
+@click.option("--streams", type=click.IntRange(min=1), default=pipeline.DEFAULT_STREAMS, show_default=True, help="Lockstep streams per block (one llama_decode feeds them all).")
+@click.option("--ctx", type=click.IntRange(min=8), default=pipeline.DEFAULT_CTX, show_default=True, help="Tokens in each stream's context window.")
+@click.option("--slide", type=click.IntRange(min=1), default=pipeline.DEFAULT_SLIDE, show_default=True, help="Tokens dropped from a full window.")
+@click.option("--block-size", type=click.IntRange(min=1), default=pipeline.DEFAULT_BLOCK_SIZE, show_default=True, help="Bytes per independently coded block.")
+def compress_command(files, output, to_stdout, force, keep, remove, quiet, verbose, model, threads, streams, ctx, slide, block_size):
+    """Compress FILES (or standard input) to FILE.nc."""
+    settings = pipeline.Settings(model=model, streams=streams, ctx=ctx, slide=slide, block_size=block_size, threads=threads)
+    try:
+        settings.validate()
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    run_each(files, output, lambda name: compress_one(name, settings, output, to_stdout, force, quiet, verbose, remove))
+
+
+@main_group.command("decompress")
+@click.argument("files", nargs=-1)
+@with_common
+def decompress_command(files, output, to_stdout, force, keep, remove, quiet, verbose, model, threads):
+    """Restore FILES.nc (or standard input) to FILE."""
+    run_each(files, output, lambda name: decompress_one(name, model, threads, output, to_stdout, force, quiet, verbose, remove))
+
+
+def describe(name: str) -> dict:
+    """The facts ``nacrith info`` shows, as a JSON-ready dict (a stable format)."""
+    source = open_input(name)
+    with source, mapped(source) as blob:
+        parsed = fmt.parse(blob)
+        size = len(blob)
+    original = parsed.trailer.total_length
+    section = parsed.header.model
+    kinds = [fmt.BLOCK_KINDS[block.kind] for block in parsed.blocks]
+    return {
+        "file": name,
+        "format_version": fmt.VERSION,
+        "original_size": original,
+        "compressed_size": size,
+        "bits_per_byte": round(8 * size / original, 4) if original else None,
+        "blocks": len(parsed.blocks),
+        "block_kinds": {kind: kinds.count(kind) for kind in sorted(set(kinds))},
+        "streams": sum(len(block.stream_tokens) for block in parsed.blocks),
+        "tokens": sum(block.n_tokens for block in parsed.blocks),
+        "text_bytes": sum(block.text_length for block in parsed.blocks if block.kind == fmt.MODEL),
+        "model": None if section is None else {
+            "name": section.name,
+            "sha256": section.sha256.hex(),
+            "engine": section.engine,
+            "backend": section.backend,
+            "ctx": section.ctx,
+            "slide": section.slide,
+            "predictor": section.predictor,
+        },
+        "checksum": parsed.trailer.checksum.hex(),
+    }
+
+
+@main_group.command("info")
+@click.argument("files", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per file (stable keys, for scripts).")
+def info_command(files, as_json):
+    """Describe compressed FILES without decoding them."""
+
+    def show(name: str) -> None:
+        facts = describe(name)
+        if as_json:
+            click.echo(json.dumps(facts, sort_keys=True))
+            return
+        model = facts["model"]
+        bpb = facts["bits_per_byte"]
+        click.echo(f"{name}: nacrith format {facts['format_version']}")
+        click.echo(f"  original    {facts['original_size']} bytes")
+        click.echo(f"  compressed  {facts['compressed_size']} bytes" + (f" ({bpb:.4f} bits/byte)" if bpb is not None else ""))
+        click.echo(f"  blocks      {facts['blocks']} " + ", ".join(f"{n} {kind}" for kind, n in facts["block_kinds"].items()))
+        click.echo(f"  streams     {facts['streams']} ({facts['tokens']} tokens, {facts['text_bytes']} text bytes)")
+        if model:
+            click.echo(f"  model       {model['name']} sha256 {model['sha256']}")
+            click.echo(f"  engine      {model['engine']} on {model['backend']}")
+            click.echo(f"  window      ctx {model['ctx']}, slide {model['slide']}")
+            click.echo(f"  predictor   {json.dumps(model['predictor'], sort_keys=True)}")
+        else:
+            click.echo("  model       none (zstd/stored blocks only)")
+
+    run_each(files, None, show)
+
+
+def normalise_argv(argv: list[str]) -> list[str]:
+    """Accept gzip-style command lines: ``nacrith FILE``, ``nacrith -d FILE``."""
+    commands = {"compress", "decompress", "info"}
+    if not argv or argv[0] in commands or argv[0] in ("-h", "--help", "--version"):
+        return argv
+    if "-d" in argv or "--decompress" in argv:
+        return ["decompress"] + [arg for arg in argv if arg not in ("-d", "--decompress")]
+    return ["compress"] + argv
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = normalise_argv(list(sys.argv[1:] if argv is None else argv))
+    try:
+        main_group.main(args=argv, prog_name="nacrith", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        fail("interrupted")
+        sys.exit(130)
+    except NacrithError as exc:
+        fail(str(exc))
+        sys.exit(EXIT_ERROR)
+    except Exception as exc:  # a bug: still one line, unless NACRITH_DEBUG asks for the traceback
+        if os.environ.get("NACRITH_DEBUG"):
+            raise
+        fail(f"internal error: {type(exc).__name__}: {exc} (set NACRITH_DEBUG=1 for details)")
+        sys.exit(EXIT_ERROR)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,421 @@
+"""The nacrith container, format version 1, byte by byte.
+
+Integers marked *varint* are unsigned LEB128 (7 bits per byte, low group first, high bit
+set on every byte but the last, at most 10 bytes). *str* is a varint byte length followed
+by that many UTF-8 bytes. *u32* is 4 bytes little-endian. CRC-32 is zlib's.
+
+::
+
+    file     := header block* trailer          (nothing may follow the trailer)
+
+    header   := magic "NCRT" (4 bytes)
+                version                 u8      = 1
+                body_length             varint
+                body                    body_length bytes:
+                    flags               varint  bit 0: a model section follows
+                    [model section, when flag bit 0 is set]
+                    model_sha256        32 bytes  SHA-256 of the GGUF file
+                    model_name          str     file name, for messages only
+                    engine              str     e.g. "llama.cpp (llama-cpp-python 0.3.36)"
+                    backend             str     "cpu" or "cuda": logits differ between them
+                    ctx                 varint  tokens in a stream's window
+                    slide               varint  tokens dropped when the window is full
+                    predictor           str     JSON object: the predictor's settings
+                crc32                   u32     of everything from the magic to the body's end
+
+    block    := tag "B" (1 byte)
+                body_length             varint
+                body:
+                    kind                u8      0 stored, 1 zstd, 2 model
+                    raw_length          varint  bytes of the original this block restores
+                    kind 0: nothing more (payload: raw_length bytes)
+                    kind 1: zstd_length varint  (payload: one zstd frame)
+                    kind 2:
+                        n_segments      varint  text and binary segments alternate
+                        first_is_text   u8      0 or 1
+                        segment_length  varint  x n_segments (they sum to raw_length)
+                        binary_codec    u8      0 stored, 1 zstd: all binary segments, joined
+                        binary_length   varint  bytes of the binary payload
+                        n_streams       varint
+                        stream_tokens   varint  x n_streams, non-increasing
+                        coded_length    varint  bytes of range-coder output (a multiple of 4)
+                        (payload: binary payload, then coded bytes)
+                    payload_crc32       u32     of the payload
+                crc32                   u32     of the tag and the body
+                payload
+
+    trailer  := tag "E" (1 byte)
+                n_blocks                varint
+                total_length            varint  bytes of the original
+                checksum                8 bytes the first 8 bytes of SHA-256(original)
+                crc32                   u32     of the tag, n_blocks, total_length, checksum
+
+:func:`parse` checks every CRC, every length and the trailer's totals before returning,
+so a decoder can refuse a damaged file before any model work.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+from .errors import CorruptError, NotNacrithError, TruncatedError, UnsupportedVersionError
+
+MAGIC = b"NCRT"
+VERSION = 1
+BLOCK_TAG = b"B"
+TRAILER_TAG = b"E"
+CHECKSUM_BYTES = 8
+
+STORED, ZSTD, MODEL = 0, 1, 2
+BLOCK_KINDS = {STORED: "stored", ZSTD: "zstd", MODEL: "model"}
+BINARY_STORED, BINARY_ZSTD = 0, 1
+
+
+def checksum(data) -> bytes:
+    """The container's checksum of original bytes: SHA-256, first 8 bytes."""
+    return hashlib.sha256(data).digest()[:CHECKSUM_BYTES]
+
+
+# --- primitive encoders -------------------------------------------------------------
+
+
+def put_varint(out: bytearray, value: int) -> None:
+    if value < 0:
+        raise ValueError("varint must be non-negative")
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+def put_str(out: bytearray, text: str) -> None:
+    raw = text.encode("utf-8")
+    put_varint(out, len(raw))
+    out += raw
+
+
+def put_u32(out: bytearray, value: int) -> None:
+    out += struct.pack("<I", value)
+
+
+class Reader:
+    """Reads primitives from a bytes-like object, raising container errors at its end."""
+
+    def __init__(self, data, offset: int = 0, end: int | None = None, what: str = "container"):
+        self.data = data
+        self.offset = offset
+        self.end = len(data) if end is None else end
+        self.what = what
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.offset + n > self.end:
+            raise TruncatedError(f"truncated {self.what}: needs {n} more bytes at offset {self.offset}")
+        chunk = bytes(self.data[self.offset:self.offset + n])
+        self.offset += n
+        return chunk
+
+    def view(self, n: int) -> memoryview:
+        """The next ``n`` bytes without copying them (payloads)."""
+        if n < 0 or self.offset + n > self.end:
+            raise TruncatedError(f"truncated {self.what}: needs {n} more bytes at offset {self.offset}")
+        chunk = memoryview(self.data)[self.offset:self.offset + n]
+        self.offset += n
+        return chunk
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def u32(self) -> int:
+        return struct.unpack("<I", self.take(4))[0]
+
+    def varint(self) -> int:
+        value = shift = 0
+        for _ in range(10):
+            byte = self.u8()
+            value |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return value
+            shift += 7
+        raise CorruptError(f"corrupt {self.what}: varint too long at offset {self.offset}")
+
+    def str(self) -> str:
+        raw = self.take(self.varint())
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CorruptError(f"corrupt {self.what}: invalid text field") from None
+
+
+# --- header -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """What decoding a model block needs to reproduce the encoder's probabilities."""
+
+    sha256: bytes
+    name: str
+    engine: str
+    backend: str
+    ctx: int
+    slide: int
+    predictor: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Header:
+    """The file header: the model section is None when no block uses the model."""
+
+    model: ModelSection | None = None
+
+
+def write_header(header: Header) -> bytes:
+    body = bytearray()
+    put_varint(body, 1 if header.model else 0)
+    if header.model:
+        model = header.model
+        if len(model.sha256) != 32:
+            raise ValueError("model_sha256 must be 32 bytes")
+        body += model.sha256
+        put_str(body, model.name)
+        put_str(body, model.engine)
+        put_str(body, model.backend)
+        put_varint(body, model.ctx)
+        put_varint(body, model.slide)
+        put_str(body, json.dumps(model.predictor, sort_keys=True, separators=(",", ":")))
+    out = bytearray(MAGIC)
+    out.append(VERSION)
+    put_varint(out, len(body))
+    out += body
+    put_u32(out, zlib.crc32(out))
+    return bytes(out)
+
+
+def read_header(data) -> tuple[Header, int]:
+    """Parse the header at the start of ``data``; returns it and the offset after it."""
+    if len(data) < len(MAGIC) or bytes(data[:4]) != MAGIC:
+        raise NotNacrithError("not a nacrith file (bad magic bytes)")
+    reader = Reader(data, 4, what="header")
+    version = reader.u8()
+    if version != VERSION:
+        raise UnsupportedVersionError(f"unsupported container version {version} (this nacrith reads version {VERSION})")
+    body_length = reader.varint()
+    body_start = reader.offset
+    reader.take(body_length)
+    crc_end = reader.offset
+    if reader.u32() != zlib.crc32(bytes(data[:crc_end])):
+        raise CorruptError("corrupt container: header checksum mismatch")
+    body = Reader(data, body_start, crc_end, what="header")
+    flags = body.varint()
+    model = None
+    if flags & 1:
+        sha = body.take(32)
+        name, engine, backend = body.str(), body.str(), body.str()
+        ctx, slide = body.varint(), body.varint()
+        try:
+            predictor = json.loads(body.str())
+        except json.JSONDecodeError:
+            raise CorruptError("corrupt container: predictor settings are not JSON") from None
+        if not isinstance(predictor, dict):
+            raise CorruptError("corrupt container: predictor settings are not a JSON object")
+        model = ModelSection(sha, name, engine, backend, ctx, slide, predictor)
+    if flags & ~1:
+        raise UnsupportedVersionError(f"container uses unknown header flags 0x{flags:x}")
+    if body.offset != crc_end:
+        raise CorruptError("corrupt container: header has trailing bytes")
+    return Header(model), reader.offset
+
+
+# --- blocks -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Block:
+    """One block's description and its payload (bytes when built, a memoryview when parsed)."""
+
+    kind: int
+    raw_length: int
+    payload: bytes | memoryview = b""
+    segments: tuple = ()  # ((is_text, length), ...) for model blocks
+    binary_codec: int = BINARY_STORED
+    binary_length: int = 0
+    stream_tokens: tuple = ()
+    coded_length: int = 0
+
+    @property
+    def binary_payload(self) -> bytes:
+        return self.payload[: self.binary_length]
+
+    @property
+    def coded(self) -> bytes:
+        return self.payload[self.binary_length:]
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(self.stream_tokens)
+
+    @property
+    def text_length(self) -> int:
+        return sum(length for is_text, length in self.segments if is_text)
+
+
+def write_block(block: Block) -> bytes:
+    body = bytearray([block.kind])
+    put_varint(body, block.raw_length)
+    if block.kind == ZSTD:
+        put_varint(body, len(block.payload))
+    elif block.kind == MODEL:
+        put_varint(body, len(block.segments))
+        body.append(1 if block.segments and block.segments[0][0] else 0)
+        for _, length in block.segments:
+            put_varint(body, length)
+        body.append(block.binary_codec)
+        put_varint(body, block.binary_length)
+        put_varint(body, len(block.stream_tokens))
+        for count in block.stream_tokens:
+            put_varint(body, count)
+        put_varint(body, block.coded_length)
+    put_u32(body, zlib.crc32(block.payload))
+    out = bytearray(BLOCK_TAG)
+    put_varint(out, len(body))
+    out += body
+    put_u32(out, zlib.crc32(out))
+    return bytes(out) + bytes(block.payload)
+
+
+def read_block(data, offset: int) -> tuple[Block, int]:
+    """Parse the block at ``offset``; returns it (payload included) and the offset after it."""
+    reader = Reader(data, offset, what="block")
+    if reader.take(1) != BLOCK_TAG:
+        raise CorruptError(f"corrupt container: expected a block at offset {offset}")
+    body_length = reader.varint()
+    body_start = reader.offset
+    reader.take(body_length)
+    if reader.u32() != zlib.crc32(bytes(data[offset:body_start + body_length])):
+        raise CorruptError(f"corrupt container: block header checksum mismatch at offset {offset}")
+    body = Reader(data, body_start, body_start + body_length, what="block")
+    kind = body.u8()
+    raw_length = body.varint()
+    fields: dict = {}
+    if kind == STORED:
+        payload_length = raw_length
+    elif kind == ZSTD:
+        payload_length = body.varint()
+    elif kind == MODEL:
+        fields = _read_model_fields(body, raw_length)
+        payload_length = fields["binary_length"] + fields["coded_length"]
+    else:
+        raise CorruptError(f"corrupt container: unknown block kind {kind}")
+    payload_crc = body.u32()
+    if body.offset != body.end:
+        raise CorruptError("corrupt container: block header has trailing bytes")
+    payload = reader.view(payload_length)
+    if zlib.crc32(payload) != payload_crc:
+        raise CorruptError(f"corrupt container: block payload checksum mismatch at offset {offset}")
+    return Block(kind=kind, raw_length=raw_length, payload=payload, **fields), reader.offset
+
+
+def _read_model_fields(body: Reader, raw_length: int) -> dict:
+    n_segments = body.varint()
+    if n_segments > raw_length:
+        raise CorruptError("corrupt container: more segments than bytes")
+    is_text = bool(body.u8())
+    segments = []
+    for _ in range(n_segments):
+        segments.append((is_text, body.varint()))
+        is_text = not is_text
+    if sum(length for _, length in segments) != raw_length or any(length == 0 for _, length in segments):
+        raise CorruptError("corrupt container: segment lengths do not add up to the block length")
+    binary_codec = body.u8()
+    if binary_codec not in (BINARY_STORED, BINARY_ZSTD):
+        raise CorruptError(f"corrupt container: unknown binary codec {binary_codec}")
+    binary_length = body.varint()
+    n_streams = body.varint()
+    text_length = sum(length for text, length in segments if text)
+    if n_streams > max(text_length, 0):
+        raise CorruptError("corrupt container: more streams than text bytes")
+    stream_tokens = tuple(body.varint() for _ in range(n_streams))
+    if any(a < b for a, b in zip(stream_tokens, stream_tokens[1:])) or (stream_tokens and stream_tokens[-1] == 0):
+        raise CorruptError("corrupt container: stream lengths are not non-increasing and positive")
+    if sum(stream_tokens) > text_length or (text_length and not stream_tokens):
+        raise CorruptError("corrupt container: token counts do not fit the text length")
+    coded_length = body.varint()
+    if coded_length % 4:
+        raise CorruptError("corrupt container: coded length is not a multiple of 4")
+    return dict(
+        segments=tuple(segments),
+        binary_codec=binary_codec,
+        binary_length=binary_length,
+        stream_tokens=stream_tokens,
+        coded_length=coded_length,
+    )
+
+
+# --- trailer ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Trailer:
+    n_blocks: int
+    total_length: int
+    checksum: bytes
+
+
+def write_trailer(trailer: Trailer) -> bytes:
+    out = bytearray(TRAILER_TAG)
+    put_varint(out, trailer.n_blocks)
+    put_varint(out, trailer.total_length)
+    out += trailer.checksum
+    put_u32(out, zlib.crc32(out))
+    return bytes(out)
+
+
+def read_trailer(data, offset: int) -> tuple[Trailer, int]:
+    reader = Reader(data, offset, what="trailer")
+    if reader.take(1) != TRAILER_TAG:
+        raise CorruptError(f"corrupt container: expected the trailer at offset {offset}")
+    n_blocks, total_length = reader.varint(), reader.varint()
+    digest = reader.take(CHECKSUM_BYTES)
+    if reader.u32() != zlib.crc32(bytes(data[offset:reader.offset - 4])):
+        raise CorruptError("corrupt container: trailer checksum mismatch")
+    return Trailer(n_blocks, total_length, digest), reader.offset
+
+
+# --- whole file ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Container:
+    header: Header
+    blocks: list
+    trailer: Trailer
+
+    @property
+    def uses_model(self) -> bool:
+        return any(block.kind == MODEL for block in self.blocks)
+
+
+def parse(data) -> Container:
+    """Parse and validate a whole container held in a bytes-like object."""
+    header, offset = read_header(data)
+    blocks = []
+    while offset < len(data) and data[offset:offset + 1] == BLOCK_TAG:
+        block, offset = read_block(data, offset)
+        blocks.append(block)
+    if offset >= len(data):
+        raise TruncatedError("truncated container: the trailer is missing")
+    trailer, offset = read_trailer(data, offset)
+    if offset != len(data):
+        raise CorruptError(f"corrupt container: {len(data) - offset} unexpected bytes after the trailer")
+    if trailer.n_blocks != len(blocks):
+        raise CorruptError(f"corrupt container: trailer counts {trailer.n_blocks} blocks, found {len(blocks)}")
+    if trailer.total_length != sum(block.raw_length for block in blocks):
+        raise CorruptError("corrupt container: block lengths do not add up to the original length")
+    if any(block.kind == MODEL for block in blocks) and header.model is None:
+        raise CorruptError("corrupt container: a model block but no model section")
+    return Container(header, blocks, trailer)
+
+

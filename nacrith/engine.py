@@ -1,0 +1,197 @@
+"""The llama.cpp engine: a loaded model and lockstep contexts on its low-level API.
+
+A :class:`LockstepContext` holds up to ``n_streams`` independent sequences (one sequence
+id per stream). Each :meth:`LockstepContext.step` feeds exactly one token of each of the
+first ``n`` streams to a single ``llama_decode`` and returns the logits of the streams that
+asked for them. Decompression must make the identical sequence of calls: llama.cpp's logits
+are reproducible only for the same calls (feeding several tokens of one sequence at once,
+prompt-style, gives different numbers; on CUDA a stream's logits also depend on its batch
+companions).
+
+When a stream reaches the end of its window, :meth:`LockstepContext.slide` drops tokens from
+the KV cache and shifts the rest back (``llama_memory_seq_rm`` + ``llama_memory_seq_add``),
+so kept tokens are never evaluated again.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import EngineError, ModelNotFoundError
+
+try:  # llama_cpp prints nothing on import; its C library logs through the callback below
+    import llama_cpp as L
+except ImportError as exc:  # pragma: no cover - depends on the installation
+    raise ImportError("nacrith needs llama-cpp-python (pip install llama-cpp-python)") from exc
+
+_backend_ready = False
+_quiet_logger = L.llama_log_callback(lambda level, text, user_data: None)
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    if not _backend_ready:
+        L.llama_backend_init()
+        if not os.environ.get("NACRITH_LLAMA_LOG"):
+            L.llama_log_set(_quiet_logger, ctypes.c_void_p())
+        _backend_ready = True
+
+
+def llama_cpp_version() -> str:
+    """The version of the llama-cpp-python package that runs the model."""
+    return getattr(L, "__version__", "unknown")
+
+
+def gpu_available() -> bool:
+    """True when this llama.cpp build can offload layers to a GPU."""
+    _init_backend()
+    return bool(L.llama_supports_gpu_offload())
+
+
+def default_threads() -> int:
+    """The number of CPU cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class LlamaModel:
+    """A GGUF model loaded through llama.cpp.
+
+    ``gpu=True`` offloads every layer to the GPU numbered ``main_gpu`` (no layer splitting
+    across GPUs); it needs a llama.cpp build with GPU support.
+    """
+
+    def __init__(self, path: str | os.PathLike, gpu: bool = False, main_gpu: int = 0):
+        _init_backend()
+        path = Path(path)
+        if not path.is_file():
+            raise ModelNotFoundError(f"model file not found: {path}")
+        if gpu and not L.llama_supports_gpu_offload():
+            raise EngineError("this llama.cpp build has no GPU support (see `make install-cuda`)")
+        params = L.llama_model_default_params()
+        params.n_gpu_layers = -1 if gpu else 0
+        if gpu:
+            params.split_mode = 0  # LLAMA_SPLIT_MODE_NONE: the whole model on main_gpu
+            params.main_gpu = main_gpu
+        handle = L.llama_model_load_from_file(str(path).encode(), params)
+        if not handle:
+            raise EngineError(f"llama.cpp could not load the model {path}")
+        self.handle = handle
+        self.path = path
+        self.vocab = L.llama_model_get_vocab(handle)
+        self.n_vocab = int(L.llama_vocab_n_tokens(self.vocab))
+        self.n_ctx_train = int(L.llama_model_n_ctx_train(handle))
+        self.gpu = gpu
+        self.backend = "cuda" if gpu else "cpu"
+        self.bos = self._start_token()
+
+    def _start_token(self) -> int:
+        """The token every stream starts from: BOS, else EOS, else token 0."""
+        for token in (L.llama_vocab_bos(self.vocab), L.llama_vocab_eos(self.vocab)):
+            if 0 <= token < self.n_vocab:
+                return int(token)
+        return 0
+
+    def close(self) -> None:
+        if self.handle:
+            L.llama_model_free(self.handle)
+            self.handle = None
+
+    def __del__(self):  # pragma: no cover - interpreter shutdown order varies
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class LockstepContext:
+    """A llama.cpp context running up to ``n_streams`` sequences of at most ``ctx`` tokens.
+
+    Each sequence has its own KV cells (``kv_unified`` off), ``ctx`` of them.
+    """
+
+    def __init__(self, model: LlamaModel, n_streams: int, ctx: int, threads: int | None = None):
+        if n_streams < 1:
+            raise ValueError("n_streams must be at least 1")
+        if ctx < 8 or ctx > model.n_ctx_train:
+            raise ValueError(f"context length must be between 8 and {model.n_ctx_train}, got {ctx}")
+        self.model = model
+        self.n_streams = n_streams
+        self.ctx = ctx
+        threads = threads or default_threads()
+        params = L.llama_context_default_params()
+        params.n_ctx = ctx * n_streams
+        params.n_batch = max(n_streams, 32)
+        params.n_ubatch = max(n_streams, 32)
+        params.n_seq_max = n_streams
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        params.kv_unified = False
+        params.no_perf = True
+        self.handle = L.llama_init_from_model(model.handle, params)
+        if not self.handle:
+            raise EngineError(f"llama.cpp could not create a context for {n_streams} streams of {ctx} tokens")
+        self.memory = L.llama_get_memory(self.handle)
+        self.batch = L.llama_batch_init(params.n_batch, 0, 1)
+        capacity = params.n_batch
+        self._tokens = np.ctypeslib.as_array(self.batch.token, shape=(capacity,))
+        self._positions = np.ctypeslib.as_array(self.batch.pos, shape=(capacity,))
+        self._want = np.ctypeslib.as_array(self.batch.logits, shape=(capacity,))
+        for slot in range(capacity):  # slot i always carries sequence i
+            self.batch.n_seq_id[slot] = 1
+            self.batch.seq_id[slot][0] = slot
+
+    def reset(self) -> None:
+        """Forget every sequence (clear the KV cache)."""
+        L.llama_memory_clear(self.memory, True)
+
+    def step(self, tokens: np.ndarray, positions: np.ndarray, want_logits: np.ndarray | None = None) -> np.ndarray:
+        """Feed ``tokens[i]`` at ``positions[i]`` to stream ``i`` for the first ``len(tokens)`` streams.
+
+        Returns a read-only float32 view ``(n_out, n_vocab)`` of the logits of the streams
+        with ``want_logits`` true (all of them when None), in stream order. The view is
+        valid until the next call.
+        """
+        n = len(tokens)
+        if n > self.n_streams:
+            raise ValueError("more tokens than streams")
+        self._tokens[:n] = tokens
+        self._positions[:n] = positions
+        if want_logits is None:
+            self._want[:n] = 1
+            n_out = n
+        else:
+            self._want[:n] = want_logits
+            n_out = int(np.count_nonzero(want_logits))
+        self.batch.n_tokens = n
+        status = L.llama_decode(self.handle, self.batch)
+        if status != 0:
+            raise EngineError(f"llama_decode failed with status {status}")
+        if n_out == 0:
+            return np.empty((0, self.model.n_vocab), np.float32)
+        view = np.ctypeslib.as_array(L.llama_get_logits(self.handle), shape=(n_out, self.model.n_vocab))
+        view.flags.writeable = False
+        return view
+
+    def slide(self, stream: int, keep: int, drop: int) -> None:
+        """Drop positions ``[keep, keep + drop)`` of ``stream`` and move later ones back by ``drop``."""
+        if not L.llama_memory_seq_rm(self.memory, stream, keep, keep + drop):
+            raise EngineError("llama.cpp could not remove tokens from the KV cache")
+        L.llama_memory_seq_add(self.memory, stream, keep + drop, -1, -drop)
+
+    def close(self) -> None:
+        if self.handle:
+            L.llama_batch_free(self.batch)
+            L.llama_free(self.handle)
+            self.handle = None
+
+    def __del__(self):  # pragma: no cover - interpreter shutdown order varies
+        try:
+            self.close()
+        except Exception:
+            pass

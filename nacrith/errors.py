@@ -1,0 +1,45 @@
+"""Every error nacrith raises on purpose, one class per cause.
+
+All of them derive from :class:`NacrithError`, so a caller can catch the whole family;
+the CLI prints ``str(error)`` as its one-line message.
+"""
+
+
+class NacrithError(Exception):
+    """Base class of every error nacrith raises deliberately."""
+
+
+class ModelNotFoundError(NacrithError):
+    """No GGUF model file where one was expected."""
+
+
+class ModelMismatchError(NacrithError):
+    """A container was made with another model than the one given for decoding."""
+
+
+class BackendMismatchError(NacrithError):
+    """A container was made on a compute backend whose logits this one cannot reproduce."""
+
+
+class ContainerError(NacrithError):
+    """The container cannot be decoded: not a nacrith file, corrupt or truncated."""
+
+
+class NotNacrithError(ContainerError):
+    """The data does not start with the nacrith magic bytes."""
+
+
+class UnsupportedVersionError(ContainerError):
+    """The container's format version is not one this nacrith can read."""
+
+
+class TruncatedError(ContainerError):
+    """The container ends before its structure says it should."""
+
+
+class CorruptError(ContainerError):
+    """A checksum or a structural check of the container failed."""
+
+
+class EngineError(NacrithError):
+    """llama.cpp refused an operation (context creation, decode)."""

@@ -1,0 +1,43 @@
+"""Shared fixtures: one loaded model for the whole test run, and round-trip helpers."""
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from nacrith import pipeline
+from nacrith.session import Session
+
+# Small windows make short inputs slide, so tests cover the KV-cache shift cheaply.
+SMALL = dict(ctx=32, slide=8, min_stream_tokens=8)
+
+
+@pytest.fixture(scope="session")
+def session():
+    loaded = Session()
+    yield loaded
+    loaded.close()
+
+
+def pack(session, data: bytes, **options) -> bytes:
+    out = io.BytesIO()
+    pipeline.compress_stream(io.BytesIO(data), out, pipeline.Settings(**options), session=session)
+    return out.getvalue()
+
+
+def unpack(session, blob: bytes) -> bytes:
+    out = io.BytesIO()
+    pipeline.decompress_to(blob, out, session=session)
+    return out.getvalue()
+
+
+@pytest.fixture
+def roundtrip(session):
+    """Compress with the shared session, decompress, assert equality; returns the container."""
+
+    def run(data: bytes, **options) -> bytes:
+        blob = pack(session, data, **options)
+        assert unpack(session, blob) == data
+        return blob
+
+    return run

@@ -1,0 +1,136 @@
+"""The command line: gzip/zstd conventions, one-line errors, no partial output."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+NACRITH = [sys.executable, "-m", "nacrith.cli"]
+TEXT = b"It was the best of times, it was the worst of times, it was the age of wisdom.\n" * 4
+
+
+def run(*args, stdin: bytes | None = None, cwd=None, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([*NACRITH, *map(str, args)], input=stdin, capture_output=True, cwd=cwd, env=env, timeout=300)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
+    assert result.returncode != 0
+    message = result.stderr.decode()
+    assert "Traceback" not in message
+    assert len(message.strip().splitlines()) == 1, message
+    assert fragment in message, message
+
+
+@pytest.fixture
+def text_file(tmp_path: Path) -> Path:
+    path = tmp_path / "story.txt"
+    path.write_bytes(TEXT)
+    return path
+
+
+def test_compress_then_decompress_files(text_file: Path):
+    result = run("compress", text_file)
+    assert result.returncode == 0, result.stderr
+    packed = text_file.with_name("story.txt.nc")
+    assert packed.exists() and text_file.exists()  # the source is kept
+    text_file.unlink()
+    result = run("-d", packed)
+    assert result.returncode == 0, result.stderr
+    assert text_file.read_bytes() == TEXT
+
+
+def test_gzip_style_shorthand_and_rm(text_file: Path):
+    assert run(text_file, "--rm").returncode == 0
+    assert not text_file.exists()
+    assert run("decompress", "--rm", str(text_file) + ".nc").returncode == 0
+    assert text_file.read_bytes() == TEXT and not Path(str(text_file) + ".nc").exists()
+
+
+def test_stdin_to_stdout_pipeline():
+    packed = run("compress", "-", stdin=TEXT)
+    assert packed.returncode == 0, packed.stderr
+    restored = run("decompress", "-c", "-", stdin=packed.stdout)
+    assert restored.returncode == 0 and restored.stdout == TEXT
+
+
+def test_output_option_and_stdout_flag(text_file: Path, tmp_path: Path):
+    target = tmp_path / "custom.bin"
+    assert run("compress", "-o", target, text_file).returncode == 0
+    result = run("decompress", "-c", target)
+    assert result.returncode == 0 and result.stdout == TEXT
+
+
+def test_existing_output_needs_force(text_file: Path):
+    packed = Path(str(text_file) + ".nc")
+    packed.write_bytes(b"precious")
+    assert_one_line_error(run("compress", text_file), "already exists")
+    assert packed.read_bytes() == b"precious"
+    assert run("compress", "-f", text_file).returncode == 0
+    assert packed.read_bytes() != b"precious"
+
+
+def test_missing_input_and_directory(tmp_path: Path):
+    assert_one_line_error(run("compress", tmp_path / "nope.txt"), "no such file")
+    assert_one_line_error(run("compress", tmp_path), "is a directory")
+
+
+def test_unknown_suffix_on_decompress(text_file: Path):
+    assert_one_line_error(run("-d", text_file), "unknown suffix")
+
+
+def test_corrupt_input_leaves_no_output(text_file: Path, tmp_path: Path):
+    assert run("compress", text_file).returncode == 0
+    packed = Path(str(text_file) + ".nc")
+    data = bytearray(packed.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    broken = tmp_path / "broken.txt.nc"
+    broken.write_bytes(bytes(data))
+    assert_one_line_error(run("-d", broken), "corrupt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["story.txt", "story.txt.nc", "broken.txt.nc"])
+
+
+def test_truncated_and_foreign_input(text_file: Path, tmp_path: Path):
+    assert run("compress", text_file).returncode == 0
+    packed = Path(str(text_file) + ".nc").read_bytes()
+    short = tmp_path / "short.nc"
+    short.write_bytes(packed[:-5])
+    assert_one_line_error(run("-d", short), "truncated")
+    assert_one_line_error(run("-d", text_file, "-o", tmp_path / "x"), "not a nacrith file")
+
+
+def test_empty_stdin(tmp_path: Path):
+    assert_one_line_error(run("decompress", "-", stdin=b""), "empty input")
+    packed = run("compress", "-", stdin=b"")
+    assert packed.returncode == 0
+    restored = run("decompress", "-", stdin=packed.stdout)
+    assert restored.returncode == 0 and restored.stdout == b""
+
+
+def test_missing_model_is_one_line(text_file: Path):
+    assert_one_line_error(run("compress", "--model", "/no/such/model.gguf", text_file), "model file not found")
+
+
+def test_bad_option_value(text_file: Path):
+    result = run("compress", "--ctx", "64", "--slide", "64", text_file)
+    assert result.returncode == 2 and "Traceback" not in result.stderr.decode()
+
+
+def test_info_text_and_json(text_file: Path):
+    assert run("compress", text_file).returncode == 0
+    packed = str(text_file) + ".nc"
+    human = run("info", packed)
+    assert human.returncode == 0 and b"original    %d bytes" % len(TEXT) in human.stdout
+    facts = json.loads(run("info", "--json", packed).stdout)
+    assert facts["original_size"] == len(TEXT)
+    assert facts["compressed_size"] == os.path.getsize(packed)
+    assert set(facts) >= {"format_version", "bits_per_byte", "blocks", "streams", "tokens", "model", "checksum"}
+
+
+def test_help_states_keep_semantics():
+    result = run("compress", "--help")
+    assert result.returncode == 0
+    assert b"Keep the input file (the default" in result.stdout

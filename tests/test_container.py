@@ -1,0 +1,142 @@
+"""The container refuses anything it cannot decode exactly, before model work where it can."""
+from __future__ import annotations
+
+import pytest
+
+from nacrith import container as fmt
+from nacrith.errors import (
+    BackendMismatchError,
+    ContainerError,
+    CorruptError,
+    ModelMismatchError,
+    NotNacrithError,
+    TruncatedError,
+    UnsupportedVersionError,
+)
+
+from .conftest import SMALL, pack, unpack
+
+TEXT = b"The quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. " * 2
+MIXED = TEXT + bytes(range(256)) * 2 + TEXT
+
+
+@pytest.fixture(scope="module")
+def model_blob(session):
+    blob = pack(session, MIXED, fallback=False, **SMALL)
+    parsed = fmt.parse(blob)
+    assert parsed.blocks[0].kind == fmt.MODEL and parsed.blocks[0].binary_length > 0
+    return blob
+
+
+def regions(blob: bytes) -> dict[str, range]:
+    """Byte ranges of each part of a one-block container."""
+    _, header_end = fmt.read_header(blob)
+    block, block_end = fmt.read_block(blob, header_end)
+    payload_start = block_end - len(block.payload)
+    return {
+        "header": range(0, header_end),
+        "block header": range(header_end, payload_start),
+        "binary payload": range(payload_start, payload_start + block.binary_length),
+        "coded payload": range(payload_start + block.binary_length, block_end),
+        "trailer": range(block_end, len(blob)),
+    }
+
+
+def test_parse_roundtrip(model_blob):
+    parsed = fmt.parse(model_blob)
+    assert parsed.trailer.total_length == len(MIXED)
+    assert parsed.header.model.ctx == SMALL["ctx"]
+    assert parsed.trailer.checksum == fmt.checksum(MIXED)
+
+
+def test_every_byte_corrupted_is_an_error(session, model_blob):
+    """Flip each byte in turn (every region): always a ContainerError, never other bytes."""
+    seen = set()
+    for name, span in regions(model_blob).items():
+        assert len(span) > 0, name
+        for offset in span:
+            damaged = bytearray(model_blob)
+            damaged[offset] ^= 0x5A
+            with pytest.raises(ContainerError):
+                unpack(session, bytes(damaged))
+            seen.add(name)
+    assert len(seen) == 5
+
+
+def test_every_truncation_is_an_error(session, model_blob):
+    for length in range(len(model_blob)):
+        with pytest.raises(ContainerError):
+            unpack(session, model_blob[:length])
+
+
+def test_appended_bytes_are_an_error(session, model_blob):
+    with pytest.raises(CorruptError):
+        unpack(session, model_blob + b"\0")
+
+
+def test_not_nacrith(session):
+    with pytest.raises(NotNacrithError):
+        unpack(session, b"PK\x03\x04 not ours")
+
+
+def reheader(blob: bytes, **changes) -> bytes:
+    """The container with its header rewritten (valid CRC) with some model fields changed."""
+    header, end = fmt.read_header(blob)
+    section = fmt.ModelSection(**{**header.model.__dict__, **changes})
+    return fmt.write_header(fmt.Header(section)) + blob[end:]
+
+
+def test_unknown_version(session, model_blob):
+    damaged = bytearray(model_blob)
+    damaged[4] = 9  # the version is checked before the header CRC
+    with pytest.raises(UnsupportedVersionError, match="version 9"):
+        unpack(session, bytes(damaged))
+
+
+def test_damage_behind_valid_crcs_is_caught(session, model_blob):
+    """Coded bytes changed and every CRC recomputed: an error, or (if the bit was unused) the original."""
+    _, header_end = fmt.read_header(model_blob)
+    block, block_end = fmt.read_block(model_blob, header_end)
+    coded = bytearray(block.coded)
+    for position in (0, len(coded) // 2, len(coded) - 1):
+        damaged = bytearray(coded)
+        damaged[position] ^= 0x01
+        forged = fmt.Block(**{**block.__dict__, "payload": bytes(block.binary_payload) + bytes(damaged)})
+        blob = model_blob[:header_end] + fmt.write_block(forged) + model_blob[block_end:]
+        try:
+            restored = unpack(session, blob)
+        except ContainerError:
+            continue
+        assert restored == MIXED
+
+
+def test_wrong_model_is_refused_naming_both(session, model_blob):
+    other = reheader(model_blob, sha256=b"\x11" * 32, name="other-model.gguf")
+    with pytest.raises(ModelMismatchError, match="other-model.gguf.*SmolLM2"):
+        unpack(session, other)
+
+
+def test_other_backend_is_refused(session, model_blob):
+    from nacrith.engine import gpu_available
+
+    other = reheader(model_blob, backend="cuda" if not gpu_available() else "cpu")
+    with pytest.raises(BackendMismatchError):
+        unpack(session, other)
+
+
+def test_other_engine_is_refused(session, model_blob):
+    other = reheader(model_blob, engine="llama.cpp (llama-cpp-python 0.0.1)")
+    with pytest.raises(BackendMismatchError, match="0.0.1"):
+        unpack(session, other)
+
+
+def test_varint_bounds():
+    out = bytearray()
+    for value in (0, 1, 127, 128, 300, 2**40):
+        out.clear()
+        fmt.put_varint(out, value)
+        assert fmt.Reader(bytes(out)).varint() == value
+    with pytest.raises(CorruptError):
+        fmt.Reader(b"\xff" * 11).varint()
+    with pytest.raises(TruncatedError):
+        fmt.Reader(b"\xff").varint()

@@ -1,0 +1,76 @@
+"""Tokenizer, segmentation, probability table and stream layout, without the coder."""
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+
+from nacrith.lockstep import check_window, split_streams
+from nacrith.predictors.llm import LIMIT, LogitTable
+from nacrith.segment import split_segments
+
+
+def test_piece_table_has_long_pieces(session):
+    tokenizer = session.tokenizer
+    assert max(len(piece) for piece in tokenizer.pieces) > 32  # detokenize() would drop these
+    assert tokenizer.decode(tokenizer.encode(b" " * 200)) == b" " * 200
+
+
+@pytest.mark.parametrize("data", [b"plain", b"caf\xe9 cr\xe8me", b"\x00\x01text\x7f", "ß∑😀".encode()])
+def test_tokenizer_exact(session, data):
+    tokens = session.tokenizer.encode(data)
+    assert session.tokenizer.decode(tokens) == data
+
+
+def test_segments_cover_input_and_alternate(session):
+    data = b"text " * 40 + bytes(range(256)) + b"more text " * 30 + b"\xff" + b"end of the text " * 10
+    segments = split_segments(data, session.tokenizer.has_byte_token)
+    assert sum(length for _, length in segments) == len(data)
+    kinds = [kind for kind, _ in segments]
+    assert all(a != b for a, b in zip(kinds, kinds[1:]))
+    offset = 0
+    for is_text, length in segments:  # bytes with no byte token never enter text
+        if is_text:
+            assert session.tokenizer.has_byte_token[np.frombuffer(data[offset:offset + length], np.uint8)].all()
+        offset += length
+
+
+def test_short_text_in_binary_stays_binary(session):
+    data = bytes(range(128, 256)) * 4 + b"short" + bytes(range(128, 256)) * 4
+    assert split_segments(data, session.tokenizer.has_byte_token) == [(False, len(data))]
+
+
+def test_logit_table_close_to_softmax():
+    rng = np.random.default_rng(3)
+    logits = (rng.normal(size=(4, 1000)) * 4).astype(np.float32)
+    approx = LogitTable(1000, 4).probabilities(logits)
+    approx = approx / approx.sum(axis=1, keepdims=True)
+    exact = np.exp(logits.astype(np.float64) - logits.max(axis=1, keepdims=True))
+    exact /= exact.sum(axis=1, keepdims=True)
+    # unnormalised ratios lie in [1, 2^(1/64) * 1.0615]: after normalising, within 8 %
+    assert np.abs(approx / exact - 1).max() < 0.08
+    kl_bits = (exact * np.log2(exact / approx)).sum(axis=1).max()
+    assert kl_bits < 0.002
+
+
+def test_logit_table_handles_nan_and_extremes():
+    logits = np.array([[0.0, -1e30, 3.0, 5.0], [0.0, np.nan, 1.0, 2.0]], np.float32)
+    table = LogitTable(4, 2)
+    probabilities = table.probabilities(logits).copy()
+    assert np.isfinite(probabilities).all() and (probabilities > 0).all()
+    assert probabilities[0, 3] == 1.0  # the row maximum maps to exactly 2^0
+    assert table.log2_levels(logits)[0, 1] == LIMIT
+    assert len(set(probabilities[1])) == 1  # a NaN row degrades to uniform, still codable
+
+
+def test_split_streams():
+    assert split_streams(0, 4) == []
+    assert split_streams(3, 8) == [1, 1, 1]
+    assert split_streams(10, 4) == [3, 3, 2, 2]
+    assert sum(split_streams(12345, 16)) == 12345
+
+
+def test_window_checks():
+    with pytest.raises(ValueError):
+        check_window(32, 32)
+    check_window(32, 30)
