@@ -14,20 +14,19 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import platform
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import HERE, RESULTS, add_settings_arguments, machine, settings_from_arguments  # noqa: E402
 
 from nacrith import container as fmt  # noqa: E402
 from nacrith import pipeline  # noqa: E402
 
-RESULTS = HERE / "results"
 CANTERBURY = ["alice29.txt", "asyoulik.txt", "cp.html", "fields.c", "grammar.lsp", "kennedy.xls", "lcet10.txt", "plrabn12.txt", "ptt5", "sum", "xargs.1"]
 CLASSICAL = {
     "gzip -9": ["gzip", "-9", "-c"],
@@ -43,12 +42,6 @@ def classical_size(command: list[str], path: Path) -> int | None:
     with open(path, "rb") as source:
         result = subprocess.run(command, stdin=source, capture_output=True, check=True)
     return len(result.stdout)
-
-
-def machine() -> str:
-    from nacrith.engine import L, default_threads
-
-    return f"{platform.machine()}, {default_threads()} cores, {platform.processor() or platform.system()}; {L.llama_print_system_info().decode().strip()}"
 
 
 def measure(path: Path, settings: pipeline.Settings, workers) -> dict:
@@ -114,7 +107,7 @@ def main() -> int:
     parser.add_argument("--all", action="store_true", help="every Canterbury file from corpora/data")
     parser.add_argument("--tag", default="canterbury")
     parser.add_argument("--workers", default="1")
-    pipeline.add_settings_arguments(parser)
+    add_settings_arguments(parser)
     args = parser.parse_args()
     files = list(args.files)
     if args.all:
@@ -124,7 +117,7 @@ def main() -> int:
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         parser.error(f"missing: {', '.join(missing)} (run `make corpora`)")
-    settings = pipeline.settings_from_arguments(args)
+    settings = settings_from_arguments(args)
     workers = args.workers if args.workers == "auto" else int(args.workers)
     rows = []
     for path in files:

@@ -17,12 +17,14 @@ import stat
 import sys
 import tempfile
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import click
 
 from . import container as fmt
 from . import pipeline
+from .predictors import EnsembleConfig
 from .errors import NacrithError
 
 SUFFIX = ".nc"
@@ -231,14 +233,38 @@ def main_group():
 @click.option("--ctx", type=click.IntRange(min=8), default=pipeline.DEFAULT_CTX, show_default=True, help="Tokens in each stream's context window.")
 @click.option("--slide", type=click.IntRange(min=1), default=pipeline.DEFAULT_SLIDE, show_default=True, help="Tokens dropped from a full window.")
 @click.option("--block-size", type=click.IntRange(min=1), default=pipeline.DEFAULT_BLOCK_SIZE, show_default=True, help="Bytes per independently coded block.")
-def compress_command(files, output, to_stdout, force, keep, remove, quiet, verbose, model, threads, streams, ctx, slide, block_size):
-    """Compress FILES (or standard input) to FILE.nc."""
-    settings = pipeline.Settings(model=model, streams=streams, ctx=ctx, slide=slide, block_size=block_size, threads=threads)
+@click.option("--llm-only", is_flag=True, help="The language model alone, no ensemble.")
+@click.option("--no-ngram", is_flag=True, help="Ensemble without the token n-gram model.")
+@click.option("--no-match", is_flag=True, help="Ensemble without the long-range match model.")
+@click.option("--no-bias", is_flag=True, help="Ensemble without the adaptive bias head.")
+@click.option("--no-mixer", is_flag=True, help="Fixed mixing weights instead of learned ones.")
+@click.option("--no-skip", is_flag=True, help="Always use the model's logits (no confidence skip).")
+def compress_command(files, output, to_stdout, force, keep, remove, quiet, verbose, model, threads, streams, ctx, slide, block_size, llm_only, no_ngram, no_match, no_bias, no_mixer, no_skip):
+    """Compress FILES (or standard input) to FILE.nc.
+
+    Decompression needs no options: the file records how it was made.
+    """
+    ensemble = None if llm_only else ensemble_config(no_ngram, no_match, no_bias, no_mixer, no_skip)
+    settings = pipeline.Settings(model=model, streams=streams, ctx=ctx, slide=slide, block_size=block_size, threads=threads, ensemble=ensemble)
     try:
         settings.validate()
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     run_each(files, output, lambda name: compress_one(name, settings, output, to_stdout, force, quiet, verbose, remove))
+
+
+def ensemble_config(no_ngram: bool, no_match: bool, no_bias: bool, no_mixer: bool, no_skip: bool):
+    """The default ensemble with the parts named switched off (None if nothing is left)."""
+    base = pipeline.Settings().ensemble or EnsembleConfig()
+    config = replace(
+        base,
+        ngram=base.ngram and not no_ngram,
+        match=base.match and not no_match,
+        bias=base.bias and not no_bias,
+        mixer=base.mixer and not no_mixer,
+        skip=base.skip and not no_skip,
+    )
+    return None if config.llm_only else config
 
 
 @main_group.command("decompress")

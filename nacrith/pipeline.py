@@ -3,14 +3,15 @@
 The input is cut into blocks of ``block_size`` bytes, each coded on its own:
 
 * its text segments (:mod:`nacrith.segment`) are tokenized exactly, joined, cut into
-  lockstep streams and range-coded with the model's predictions (:mod:`nacrith.lockstep`);
+  lockstep streams and range-coded with the predictor's distributions
+  (:mod:`nacrith.lockstep`);
 * its binary segments are joined and compressed with zstd (or stored when that is smaller);
-* the block is then stored as whichever of "model", "zstd" or "stored" is smallest, so no
-  block, and no file of one block, ends up much larger than ``zstd -19`` would make it.
+* the block is then stored as whichever of "model", "zstd" or "stored" is smallest.
 
-The container (:mod:`nacrith.container`) records everything decoding needs. Decoding checks
-the structure, the model and the backend before any model work, and the checksum of the
-result after.
+Blocks are independent, so worker processes (:mod:`nacrith.workers`) can code several at
+once; the container (:mod:`nacrith.container`) records everything decoding needs. Decoding
+checks the structure, the model and the backend before any model work, and the checksum
+of the result after.
 """
 from __future__ import annotations
 
@@ -18,26 +19,28 @@ import hashlib
 import io
 import shutil
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 import zstandard
 
 from . import container as fmt
-from .errors import BackendMismatchError, CorruptError, EngineError, ModelMismatchError, NacrithError
+from .errors import BackendMismatchError, CorruptError, ModelMismatchError, UnsupportedVersionError
 from .lockstep import Lockstep, check_window, split_streams
-from .predictors.llm import LLMPredictor
+from .predictors import EnsembleConfig, make_predictor, predictor_settings
 from .segment import split_segments
 
 ZSTD_LEVEL = 19
 
-# Defaults, chosen from bench/tradeoff.py on the 2-core development machine (see README).
+# Defaults, chosen from bench/tradeoff.py and bench/ablation.py on the 2-core development
+# machine (see README).
 DEFAULT_STREAMS = 16
 DEFAULT_CTX = 1024
 DEFAULT_SLIDE = 256
 DEFAULT_BLOCK_SIZE = 1 << 20
 MIN_STREAM_TOKENS = 512  # fewer tokens per stream than this and a block uses fewer streams
+DEFAULT_ENSEMBLE = EnsembleConfig()
 SPOOL_IN_MEMORY = 64 << 20
 
 Progress = Callable[[float], None]
@@ -57,6 +60,7 @@ class Settings:
     gpu: bool = False
     use_model: bool = True  # False: zstd/stored blocks only
     fallback: bool = True  # False: text blocks always use the model (for tests and measurements)
+    ensemble: EnsembleConfig | None = DEFAULT_ENSEMBLE  # None: the language model alone
 
     def validate(self) -> "Settings":
         if self.streams < 1:
@@ -70,12 +74,35 @@ class Settings:
         check_window(self.ctx, self.slide)
         return self
 
+    @property
+    def backend(self) -> str:
+        return "cuda" if self.gpu else "cpu"
+
+    @property
+    def predictor(self) -> dict:
+        """The predictor settings recorded in the container."""
+        return predictor_settings(self.ensemble)
+
+    @property
+    def predictor_name(self) -> str:
+        """A short description of the predictor, for reports."""
+        if "ensemble" not in self.predictor:
+            return "llm-only"
+        config = self.ensemble
+        parts = [name for name, on in (("ngram", config.ngram), ("match", config.match), ("bias", config.bias), ("mixer", config.mixer), ("skip", config.skip)) if on]
+        return "llm+" + "+".join(parts) + ("" if config.mix == "geometric" else f" ({config.mix})")
+
+    def describe(self) -> dict:
+        """The settings as a JSON-ready dict."""
+        values = {name: getattr(self, name) for name in ("streams", "ctx", "slide", "block_size", "min_stream_tokens", "threads", "gpu")}
+        return {**values, "predictor": self.predictor}
+
 
 def zstd_compress(data: bytes) -> bytes:
     return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True, write_checksum=False).compress(data)
 
 
-def zstd_decompress(frame: bytes, expected: int) -> bytes:
+def zstd_decompress(frame, expected: int) -> bytes:
     try:
         data = zstandard.ZstdDecompressor().decompress(frame, max_output_size=max(expected, 1))
     except zstandard.ZstdError as exc:
@@ -85,7 +112,24 @@ def zstd_decompress(frame: bytes, expected: int) -> bytes:
     return data
 
 
-# --- compression --------------------------------------------------------------------
+def model_section(settings: Settings) -> fmt.ModelSection:
+    """The header's model section for containers made with ``settings`` (no model loading)."""
+    from . import model as model_files
+    from .session import engine_name
+
+    info = model_files.locate(settings.model)
+    return fmt.ModelSection(
+        sha256=info.sha256,
+        name=info.name,
+        engine=engine_name(),
+        backend=settings.backend,
+        ctx=settings.ctx,
+        slide=settings.slide,
+        predictor=settings.predictor,
+    )
+
+
+# --- one block ----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -98,96 +142,111 @@ class EncodedBlock:
     alternative: bytes | None
 
 
-class Compressor:
-    """Compresses blocks with one :class:`~nacrith.session.Session` (created on first use)."""
+def compress_block(data: bytes, settings: Settings, session_factory: Callable, progress: Progress | None = None) -> EncodedBlock:
+    """The smallest encoding of ``data`` as a block, and the best one without the model.
 
-    def __init__(self, settings: Settings, progress: Progress | None = None, session=None):
-        self.settings = settings.validate()
-        self.progress = progress
-        self._session = session
+    ``session_factory()`` returns the :class:`~nacrith.session.Session` to use; it is only
+    called when the block has text for the model.
+    """
+    candidates = [fmt.Block(fmt.STORED, len(data), data)]
+    if settings.fallback or not settings.use_model:
+        candidates.append(fmt.Block(fmt.ZSTD, len(data), zstd_compress(data)))
+    plain = min(candidates, key=lambda block: len(block.payload))
+    model_block = _model_block(data, settings, session_factory, progress) if settings.use_model and data else None
+    if model_block is not None and (len(model_block.payload) < len(plain.payload) or not settings.fallback):
+        alternative = fmt.write_block(plain) if settings.fallback else None
+        return EncodedBlock(fmt.write_block(model_block), len(data), True, alternative)
+    if progress and model_block is None:
+        progress(len(data))
+    return EncodedBlock(fmt.write_block(plain), len(data), False, None)
 
-    @property
-    def session(self):
-        if self._session is None:
-            from .session import Session  # loads llama.cpp only when a block needs it
 
-            self._session = Session(self.settings.model, gpu=self.settings.gpu, threads=self.settings.threads)
-        return self._session
+def _model_block(data: bytes, settings: Settings, session_factory: Callable, progress: Progress | None) -> fmt.Block | None:
+    session = session_factory()
+    segments = split_segments(data, session.tokenizer.has_byte_token)
+    if not any(is_text for is_text, _ in segments):
+        return None
+    text_parts, binary_parts, offset = [], [], 0
+    for is_text, length in segments:
+        (text_parts if is_text else binary_parts).append(data[offset:offset + length])
+        offset += length
+    tokens = np.asarray([token for part in text_parts for token in session.tokenizer.encode(part)], np.int32)
+    binary = b"".join(binary_parts)
+    binary_codec, binary_payload = fmt.BINARY_STORED, binary
+    if binary:
+        packed = zstd_compress(binary)
+        if len(packed) < len(binary):
+            binary_codec, binary_payload = fmt.BINARY_ZSTD, packed
+    n_streams = max(1, min(settings.streams, len(tokens) // settings.min_stream_tokens))
+    lengths = split_streams(len(tokens), n_streams)
+    bounds = np.cumsum([0] + lengths)
+    streams = [tokens[bounds[i]:bounds[i + 1]] for i in range(len(lengths))]
+    lockstep = _lockstep(session, len(lengths), settings.ctx, settings.slide, settings.predictor, progress, len(data) / max(1, len(tokens)))
+    coded = lockstep.encode(streams)
+    return fmt.Block(
+        kind=fmt.MODEL,
+        raw_length=len(data),
+        payload=binary_payload + coded,
+        segments=tuple(segments),
+        binary_codec=binary_codec,
+        binary_length=len(binary_payload),
+        stream_tokens=tuple(lengths),
+        coded_length=len(coded),
+    )
 
-    def model_section(self) -> fmt.ModelSection:
-        from .session import engine_name
 
-        session = self.session
-        return fmt.ModelSection(
-            sha256=session.info.sha256,
-            name=session.info.name,
-            engine=engine_name(),
-            backend=session.backend,
-            ctx=self.settings.ctx,
-            slide=self.settings.slide,
-            predictor=dict(LLMPredictor.settings),
-        )
+def _lockstep(session, n_streams: int, ctx: int, slide: int, predictor: dict, progress: Progress | None, bytes_per_token: float) -> Lockstep:
+    context = session.context(n_streams, ctx)
+    model = make_predictor(predictor, session.llama.n_vocab, n_streams, session.tokenizer.pieces)
+    per_step = None
+    if progress:
+        per_step = lambda running: progress(running * bytes_per_token)  # noqa: E731
+    return Lockstep(context, session.llama.bos, ctx, slide, model, per_step)
 
-    def compress_block(self, data: bytes) -> EncodedBlock:
-        """The smallest encoding of ``data`` as a block, and the best one without the model."""
-        plain = min(
-            [fmt.Block(fmt.STORED, len(data), data)]
-            + ([fmt.Block(fmt.ZSTD, len(data), zstd_compress(data))] if self.settings.fallback or not self.settings.use_model else []),
-            key=lambda block: len(block.payload),
-        )
-        model_block = self._model_block(data) if self.settings.use_model and data else None
-        if model_block is not None and (len(model_block.payload) < len(plain.payload) or not self.settings.fallback):
-            alternative = fmt.write_block(plain) if self.settings.fallback else None
-            return EncodedBlock(fmt.write_block(model_block), len(data), True, alternative)
-        if self.progress:
-            self.progress(len(data))
-        return EncodedBlock(fmt.write_block(plain), len(data), False, None)
 
-    def _model_block(self, data: bytes) -> fmt.Block | None:
-        session = self.session
-        segments = split_segments(data, session.tokenizer.has_byte_token)
-        if not any(is_text for is_text, _ in segments):
-            return None
-        text_parts, binary_parts, offset = [], [], 0
-        for is_text, length in segments:
-            (text_parts if is_text else binary_parts).append(data[offset:offset + length])
-            offset += length
-        tokens: list[int] = []
-        for part in text_parts:
-            tokens.extend(session.tokenizer.encode(part))
-        binary = b"".join(binary_parts)
-        binary_codec, binary_payload = fmt.BINARY_STORED, binary
-        if binary:
-            packed = zstd_compress(binary)
-            if len(packed) < len(binary):
-                binary_codec, binary_payload = fmt.BINARY_ZSTD, packed
-        n_streams = max(1, min(self.settings.streams, len(tokens) // self.settings.min_stream_tokens))
-        lengths = split_streams(len(tokens), n_streams)
-        token_array = np.asarray(tokens, np.int32)
-        streams, start = [], 0
-        for length in lengths:
-            streams.append(token_array[start:start + length])
-            start += length
-        coded = self._lockstep(len(lengths), len(data) / max(1, len(tokens))).encode(streams)
-        return fmt.Block(
-            kind=fmt.MODEL,
-            raw_length=len(data),
-            payload=binary_payload + coded,
-            segments=tuple(segments),
-            binary_codec=binary_codec,
-            binary_length=len(binary_payload),
-            stream_tokens=tuple(lengths),
-            coded_length=len(coded),
-        )
+def decode_block(block: fmt.Block, section: fmt.ModelSection | None, session_factory: Callable, progress: Progress | None = None) -> bytes:
+    """The original bytes of one parsed block."""
+    if block.kind == fmt.STORED:
+        data = bytes(block.payload)
+    elif block.kind == fmt.ZSTD:
+        data = zstd_decompress(block.payload, block.raw_length)
+    else:
+        data = _decode_model_block(block, section, session_factory(), progress)
+    if len(data) != block.raw_length:
+        raise CorruptError("corrupt container: a block decoded to the wrong length")
+    if block.kind != fmt.MODEL and progress:
+        progress(len(data))
+    return data
 
-    def _lockstep(self, n_streams: int, bytes_per_token: float) -> Lockstep:
-        session = self.session
-        context = session.context(n_streams, self.settings.ctx)
-        predictor = LLMPredictor(session.llama.n_vocab, n_streams)
-        progress = None
-        if self.progress:
-            progress = lambda running: self.progress(running * bytes_per_token)  # noqa: E731
-        return Lockstep(context, session.llama.bos, self.settings.ctx, self.settings.slide, predictor, progress)
+
+def _decode_model_block(block: fmt.Block, section: fmt.ModelSection, session, progress: Progress | None) -> bytes:
+    binary_size = block.raw_length - block.text_length
+    binary = block.binary_payload
+    if block.binary_codec == fmt.BINARY_ZSTD:
+        binary = zstd_decompress(binary, binary_size)
+    if len(binary) != binary_size:
+        raise CorruptError("corrupt container: binary segments have the wrong length")
+    lengths = list(block.stream_tokens)
+    try:
+        lockstep = _lockstep(session, len(lengths), section.ctx, section.slide, section.predictor, progress, block.raw_length / max(1, block.n_tokens))
+    except ValueError as exc:
+        raise CorruptError(f"corrupt container: {exc}") from None
+    streams = lockstep.decode(block.coded, lengths)
+    text = session.tokenizer.decode(np.concatenate(streams).tolist()) if streams else b""
+    if len(text) != block.text_length:
+        raise CorruptError("corrupt container: decoded text has the wrong length (damaged data, or different logits)")
+    out, text_at, binary_at = [], 0, 0
+    for is_text, length in block.segments:
+        if is_text:
+            out.append(text[text_at:text_at + length])
+            text_at += length
+        else:
+            out.append(binary[binary_at:binary_at + length])
+            binary_at += length
+    return b"".join(out)
+
+
+# --- whole inputs -------------------------------------------------------------------
 
 
 def read_blocks(source: BinaryIO, block_size: int) -> Iterator[bytes]:
@@ -252,15 +311,14 @@ class ContainerWriter:
             if self.saved > self.KEEP_ALTERNATIVES_UNTIL:
                 self.alternatives = None
 
-    def finish(self, destination: BinaryIO, model_section) -> int:
+    def finish(self, destination: BinaryIO, section: Callable[[], fmt.ModelSection]) -> int:
         """Write header, blocks and trailer to ``destination``; returns the container's size."""
         body_size = self.spool.tell()
-        with_model = fmt.write_header(fmt.Header(model_section())) if self.model_used else None
         without_model = fmt.write_header(fmt.Header(None))
-        revert = self.model_used and self.alternatives is not None and (
-            len(without_model) + self.saved <= len(with_model)
-        )
-        header = with_model if self.model_used and not revert else without_model
+        header = fmt.write_header(fmt.Header(section())) if self.model_used else without_model
+        revert = self.model_used and self.alternatives is not None and len(without_model) + self.saved <= len(header)
+        if revert:
+            header = without_model
         trailer = fmt.write_trailer(fmt.Trailer(self.n_blocks, self.total, self.digest.digest()[: fmt.CHECKSUM_BYTES]))
         destination.write(header)
         self.spool.seek(0)
@@ -286,151 +344,139 @@ class ContainerWriter:
         return written + len(rest)
 
 
-def compress_stream(source: BinaryIO, destination: BinaryIO, settings: Settings, progress: Progress | None = None, session=None) -> Summary:
-    """Compress everything ``source`` yields into ``destination``; memory stays at a few blocks."""
-    compressor = Compressor(settings, progress, session)
+class LocalSession:
+    """A session created on first use in this process (for work without worker processes)."""
+
+    def __init__(self, model: str | None, gpu: bool, threads: int | None, session=None):
+        self.model, self.gpu, self.threads = model, gpu, threads
+        self.session = session
+
+    def __call__(self):
+        if self.session is None:
+            from .session import Session  # loads llama.cpp only when a block needs it
+
+            self.session = Session(self.model, gpu=self.gpu, threads=self.threads)
+        return self.session
+
+
+def compress_stream(source: BinaryIO, destination: BinaryIO, settings: Settings, progress: Progress | None = None, session=None, workers: int | str = 1) -> Summary:
+    """Compress everything ``source`` yields into ``destination``; memory stays at a few blocks.
+
+    ``workers`` > 1 (or "auto") codes several blocks at once in worker processes; the
+    container is the same whatever the worker count.
+    """
+    settings.validate()
     writer = ContainerWriter()
-    for block in read_blocks(source, settings.block_size):
-        writer.add(block, compressor.compress_block(block))
-    size = writer.finish(destination, compressor.model_section)
+    blocks = read_blocks(source, settings.block_size)
+    from .workers import plan_workers
+
+    plan = plan_workers(workers, settings.gpu, settings.streams, settings.ctx, settings.threads)
+    if plan.processes <= 1 or session is not None:
+        factory = LocalSession(settings.model, settings.gpu, plan.threads if settings.threads is None else settings.threads, session)
+        for block in blocks:
+            writer.add(block, compress_block(block, settings, factory, progress))
+    else:
+        from .workers import WorkerPool
+
+        with WorkerPool(plan, settings.model, progress) as pool:
+            for block, encoded in pool.compress(blocks, settings):
+                writer.add(block, encoded)
+    size = writer.finish(destination, lambda: model_section(settings))
     return Summary(writer.total, size, writer.n_blocks, writer.model_used)
 
 
-def compress(data: bytes, progress: Progress | None = None, **options) -> bytes:
+def compress(data: bytes, progress: Progress | None = None, workers: int | str = 1, **options) -> bytes:
     """Compress ``data`` into a nacrith container.
 
     Options are the fields of :class:`Settings` (``streams``, ``ctx``, ``slide``,
-    ``block_size``, ``model``, ``threads``, ...).
+    ``block_size``, ``model``, ``threads``, ``gpu``, ``ensemble``, ...).
     """
     out = io.BytesIO()
-    compress_stream(io.BytesIO(bytes(data)), out, Settings(**options), progress)
+    compress_stream(io.BytesIO(bytes(data)), out, Settings(**options), progress, workers=workers)
     return out.getvalue()
 
 
 # --- decompression ------------------------------------------------------------------
 
 
-@dataclass
-class Decompressor:
-    """Decodes the blocks of one parsed container."""
+def check_decodable(parsed: fmt.Container, model: str | None = None):
+    """Refuse up front what cannot be decoded exactly; returns the model file to use (or None).
 
-    container: fmt.Container
-    model: str | None = None
-    threads: int | None = None
-    progress: Progress | None = None
-    session: object = None
-    _checked: bool = field(default=False, repr=False)
+    Checks the model's SHA-256, the engine, the predictor settings and the backend.
+    """
+    section = parsed.header.model
+    if not parsed.uses_model:
+        return None
+    from . import model as model_files
+    from .engine import gpu_available
+    from .session import engine_name
 
-    def check(self):
-        """Refuse up front what cannot be decoded exactly: wrong model, engine or backend."""
-        section = self.container.header.model
-        if not self.container.uses_model or self._checked:
-            return
-        from . import model as model_files
-        from .engine import gpu_available
-        from .session import Session, engine_name
-
-        info = model_files.locate(self.model)
-        if info.sha256 != section.sha256:
-            raise ModelMismatchError(
-                f"this file was made with model {section.name} (sha256 {section.sha256.hex()[:16]}…), "
-                f"not {info.name} (sha256 {info.sha256.hex()[:16]}…); pass the right one with --model"
-            )
-        if section.engine != engine_name():
-            raise BackendMismatchError(f"this file was made with {section.engine}; this is {engine_name()}, whose logits may differ")
-        if section.predictor != LLMPredictor.settings:
-            raise BackendMismatchError(f"this file uses predictor settings this nacrith does not know: {section.predictor}")
-        if section.backend == "cuda" and not gpu_available():
-            raise BackendMismatchError("this file was made on a CUDA GPU; this llama.cpp has no GPU support, and CPU logits differ")
-        if section.backend not in ("cpu", "cuda"):
-            raise BackendMismatchError(f"this file was made on an unknown backend {section.backend!r}")
-        if self.session is None:
-            self.session = Session(info.path, gpu=section.backend == "cuda", threads=self.threads)
-        elif self.session.backend != section.backend:
-            raise BackendMismatchError(f"this file was made on {section.backend}, the session runs on {self.session.backend}")
-        self._checked = True
-
-    def blocks(self) -> Iterator[bytes]:
-        """The original bytes, block by block (checksum checked by the caller)."""
-        self.check()
-        for block in self.container.blocks:
-            yield self.decode_block(block)
-
-    def decode_block(self, block: fmt.Block) -> bytes:
-        if block.kind == fmt.STORED:
-            data = block.payload
-        elif block.kind == fmt.ZSTD:
-            data = zstd_decompress(block.payload, block.raw_length)
-        else:
-            data = self._decode_model_block(block)
-        if len(data) != block.raw_length:
-            raise CorruptError("corrupt container: a block decoded to the wrong length")
-        if block.kind != fmt.MODEL and self.progress:
-            self.progress(len(data))
-        return data
-
-    def _decode_model_block(self, block: fmt.Block) -> bytes:
-        section = self.container.header.model
-        session = self.session
-        binary_size = block.raw_length - block.text_length
-        binary = block.binary_payload
-        if block.binary_codec == fmt.BINARY_ZSTD:
-            binary = zstd_decompress(binary, binary_size)
-        if len(binary) != binary_size:
-            raise CorruptError("corrupt container: binary segments have the wrong length")
-        lengths = list(block.stream_tokens)
-        context = session.context(len(lengths), section.ctx)
-        predictor = LLMPredictor(session.llama.n_vocab, len(lengths))
-        progress = None
-        if self.progress:
-            per_token = block.raw_length / max(1, block.n_tokens)
-            progress = lambda running: self.progress(running * per_token)  # noqa: E731
-        try:
-            lockstep = Lockstep(context, session.llama.bos, section.ctx, section.slide, predictor, progress)
-        except ValueError as exc:
-            raise CorruptError(f"corrupt container: {exc}") from None
-        streams = lockstep.decode(block.coded, lengths)
-        text = session.tokenizer.decode(np.concatenate(streams).tolist()) if streams else b""
-        if len(text) != block.text_length:
-            raise CorruptError("corrupt container: decoded text has the wrong length (damaged data, or different logits)")
-        out, text_at, binary_at = [], 0, 0
-        for is_text, length in block.segments:
-            if is_text:
-                out.append(text[text_at:text_at + length])
-                text_at += length
-            else:
-                out.append(binary[binary_at:binary_at + length])
-                binary_at += length
-        return b"".join(out)
+    info = model_files.locate(model)
+    if info.sha256 != section.sha256:
+        raise ModelMismatchError(
+            f"this file was made with model {section.name} (sha256 {section.sha256.hex()[:16]}…), "
+            f"not {info.name} (sha256 {info.sha256.hex()[:16]}…); pass the right one with --model"
+        )
+    if section.engine != engine_name():
+        raise BackendMismatchError(f"this file was made with {section.engine}; this is {engine_name()}, whose logits may differ")
+    try:
+        make_predictor(section.predictor, 16, 1)
+    except (ValueError, TypeError) as exc:
+        raise UnsupportedVersionError(f"this file uses predictor settings this nacrith does not know ({exc})") from None
+    if section.backend not in ("cpu", "cuda"):
+        raise BackendMismatchError(f"this file was made on an unknown backend {section.backend!r}")
+    if section.backend == "cuda" and not gpu_available():
+        raise BackendMismatchError("this file was made on a CUDA GPU; this llama.cpp has no GPU support, and CPU logits differ")
+    return info.path
 
 
-def decompress_to(blob, destination: BinaryIO, progress: Progress | None = None, model: str | None = None, threads: int | None = None, session=None) -> int:
-    """Decode the container in the bytes-like ``blob`` into ``destination``; returns the size.
+def decode_parsed(parsed: fmt.Container, destination: BinaryIO, progress: Progress | None = None, model: str | None = None,
+                  threads: int | None = None, session=None, workers: int | str = 1) -> int:
+    """Decode a container parsed with :func:`nacrith.container.parse` into ``destination``.
 
     Everything is validated before the first byte is written except the final checksum:
-    on :class:`CorruptError` the caller must discard what was written.
+    on :class:`CorruptError` the caller must discard what was written. Returns the size.
     """
-    return decode_parsed(fmt.parse(blob), destination, progress, model, threads, session)
-
-
-def decode_parsed(parsed: fmt.Container, destination: BinaryIO, progress: Progress | None = None, model: str | None = None, threads: int | None = None, session=None) -> int:
-    """Like :func:`decompress_to` for a container already parsed with :func:`nacrith.container.parse`."""
-    decompressor = Decompressor(parsed, model=model, threads=threads, progress=progress, session=session)
+    model_path = check_decodable(parsed, model)
+    section = parsed.header.model
+    gpu = section is not None and section.backend == "cuda"
+    if session is not None and parsed.uses_model and session.backend != section.backend:
+        raise BackendMismatchError(f"this file was made on {section.backend}, the session runs on {session.backend}")
     digest = hashlib.sha256()
-    for data in decompressor.blocks():
-        digest.update(data)
-        destination.write(data)
+    from .workers import plan_workers
+
+    plan = plan_workers(workers, gpu, max((len(b.stream_tokens) for b in parsed.blocks), default=1), section.ctx if section else 0, threads)
+    model_blocks = sum(block.kind == fmt.MODEL for block in parsed.blocks)
+    if plan.processes <= 1 or model_blocks <= 1 or session is not None:
+        factory = LocalSession(model_path, gpu, plan.threads if threads is None else threads, session)
+        decoded = (decode_block(block, section, factory, progress) for block in parsed.blocks)
+        for data in decoded:
+            digest.update(data)
+            destination.write(data)
+    else:
+        from .workers import WorkerPool
+
+        with WorkerPool(plan, model_path, progress) as pool:
+            for data in pool.decode(parsed.blocks, section):
+                digest.update(data)
+                destination.write(data)
     if digest.digest()[: fmt.CHECKSUM_BYTES] != parsed.trailer.checksum:
         raise CorruptError("checksum mismatch: the restored data differs from the original (damaged file, or different logits on this machine)")
     return parsed.trailer.total_length
 
 
-def decompress(blob: bytes, progress: Progress | None = None, model: str | None = None, threads: int | None = None) -> bytes:
+def decompress_to(blob, destination: BinaryIO, progress: Progress | None = None, model: str | None = None,
+                  threads: int | None = None, session=None, workers: int | str = 1) -> int:
+    """Decode the container in the bytes-like ``blob`` into ``destination``; returns the size."""
+    return decode_parsed(fmt.parse(blob), destination, progress, model, threads, session, workers)
+
+
+def decompress(blob: bytes, progress: Progress | None = None, model: str | None = None, threads: int | None = None, workers: int | str = 1) -> bytes:
     """Restore the original bytes from a nacrith container.
 
     ``model`` overrides the model file ($NACRITH_MODEL or the embedded default); it must be
     the one the container names.
     """
     out = io.BytesIO()
-    decompress_to(blob, out, progress, model, threads)
+    decompress_to(blob, out, progress, model, threads, workers=workers)
     return out.getvalue()

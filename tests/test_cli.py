@@ -134,3 +134,17 @@ def test_help_states_keep_semantics():
     result = run("compress", "--help")
     assert result.returncode == 0
     assert b"Keep the input file (the default" in result.stdout
+
+
+def test_ensemble_flags_are_recorded(text_file: Path, tmp_path: Path):
+    llm = tmp_path / "llm.nc"
+    partial = tmp_path / "partial.nc"
+    assert run("compress", "--llm-only", "-o", llm, text_file).returncode == 0
+    assert run("compress", "--no-ngram", "--no-skip", "-o", partial, text_file).returncode == 0
+    for path, expected in ((llm, None), (partial, {"ngram": False, "skip": False})):
+        facts = json.loads(run("info", "--json", path).stdout)
+        if facts["model"] is None:  # the model lost to zstd on this short text: nothing recorded
+            continue
+        assert facts["model"]["predictor"].get("set") == expected
+        restored = run("decompress", "-c", path)  # no flags needed
+        assert restored.returncode == 0 and restored.stdout == TEXT

@@ -1,0 +1,141 @@
+"""Throughput: raw llama.cpp lockstep decode against nacrith end to end, in the same run.
+
+The raw run makes exactly the engine calls nacrith makes for the same text, streams and
+window (one token per stream per llama_decode, the same slides) and reads every logit row
+into numpy, but does no prediction or coding. nacrith then compresses and decompresses the
+same text with the same settings. With ``--workers N`` both sides run N processes at once
+(one context each), the raw side on N equal slices of the text.
+
+Usage: python bench/throughput.py [FILE] [--bytes N] [--streams N] [--ctx N] [--workers N] [--gpu] [--tag NAME]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, ROOT, add_settings_arguments, machine, settings_from_arguments  # noqa: E402
+
+from nacrith import container as fmt  # noqa: E402
+from nacrith import pipeline  # noqa: E402
+
+
+def raw_decode(args) -> tuple[int, float]:
+    """(tokens, seconds) of the engine calls alone for one block of text."""
+    data, settings, main_gpu = args
+    import numpy as np
+
+    from nacrith.lockstep import KEEP, split_streams
+    from nacrith.segment import split_segments
+    from nacrith.session import Session
+
+    session = Session(settings.model, gpu=settings.gpu, threads=settings.threads, main_gpu=main_gpu)
+    offset, tokens = 0, []
+    for is_text, length in split_segments(data, session.tokenizer.has_byte_token):
+        if is_text:
+            tokens += session.tokenizer.encode(data[offset:offset + length])
+        offset += length
+    n_streams = max(1, min(settings.streams, len(tokens) // settings.min_stream_tokens))
+    lengths = split_streams(len(tokens), n_streams)
+    starts = np.cumsum([0] + lengths[:-1])
+    context = session.context(len(lengths), settings.ctx)
+    context.reset()
+    token_array = np.asarray(tokens, np.int32)
+    previous = np.full(len(lengths), session.llama.bos, np.int32)
+    position, running = 0, len(lengths)
+    began = time.perf_counter()
+    for step in range(lengths[0]):
+        while lengths[running - 1] <= step:
+            running -= 1
+        if position == settings.ctx:
+            for stream in range(running):
+                context.slide(stream, KEEP, settings.slide)
+            position -= settings.slide
+        logits = context.step(previous[:running], np.full(running, position, np.int32))
+        logits.max()  # read every logit, as the predictor must
+        previous[:running] = token_array[starts[:running] + step]
+        position += 1
+    return len(tokens), time.perf_counter() - began
+
+
+def slices(data: bytes, parts: int) -> list[bytes]:
+    size = -(-len(data) // parts)
+    return [data[i:i + size] for i in range(0, len(data), size)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("file", nargs="?", type=Path, default=ROOT / "corpora" / "data" / "alice29.txt")
+    parser.add_argument("--bytes", type=int, default=40_000, help="prefix of the file to use")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--tag", default="cpu")
+    add_settings_arguments(parser)
+    args = parser.parse_args()
+    data = args.file.read_bytes()[: args.bytes]
+    parts = slices(data, args.workers)
+    block = len(parts[0])
+    settings = settings_from_arguments(args, fallback=False, block_size=block)
+
+    from nacrith.workers import plan_workers
+
+    plan = plan_workers(args.workers, settings.gpu, settings.streams, settings.ctx, settings.threads)
+    raw_settings = settings if settings.threads else pipeline.Settings(**{**settings.__dict__, "threads": plan.threads})
+    began = time.perf_counter()
+    if args.workers == 1:
+        results = [raw_decode((parts[0], raw_settings, plan.devices[0] or 0))]
+    else:
+        with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+            results = pool.map(raw_decode, [(part, raw_settings, device or 0) for part, device in zip(parts, plan.devices)])
+    raw_wall = time.perf_counter() - began
+    tokens = sum(n for n, _ in results)
+    # raw: the slowest process decides (model loading excluded, as below)
+    raw_rate = tokens / max(seconds for _, seconds in results)
+
+    packed = io.BytesIO()
+    began = time.perf_counter()
+    pipeline.compress_stream(io.BytesIO(data), packed, settings, workers=args.workers)
+    compress_time = time.perf_counter() - began
+    blob = packed.getvalue()
+    restored = io.BytesIO()
+    began = time.perf_counter()
+    pipeline.decompress_to(blob, restored, workers=args.workers)
+    decompress_time = time.perf_counter() - began
+    coded_tokens = sum(b.n_tokens for b in fmt.parse(blob).blocks)
+    row = {
+        "file": args.file.name,
+        "bytes": len(data),
+        "tokens": coded_tokens,
+        "streams": settings.streams,
+        "ctx": settings.ctx,
+        "workers": args.workers,
+        "backend": settings.backend,
+        "predictor": settings.predictor_name,
+        "raw_tok_s": raw_rate,
+        "raw_wall_s": raw_wall,
+        "compress_tok_s": coded_tokens / compress_time,
+        "decompress_tok_s": coded_tokens / decompress_time,
+        "compress_KB_s": len(data) / compress_time / 1000,
+        "decompress_KB_s": len(data) / decompress_time / 1000,
+        "compress_ratio_to_raw": coded_tokens / compress_time / raw_rate,
+        "decompress_ratio_to_raw": coded_tokens / decompress_time / raw_rate,
+        "bpb": 8 * len(blob) / len(data),
+        "exact": restored.getvalue() == data,
+        "machine": machine(),
+    }
+    print(json.dumps(row, indent=1))
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"throughput-{args.tag}.json"
+    rows = json.loads(path.read_text()) if path.exists() else []
+    rows.append(row)
+    path.write_text(json.dumps(rows, indent=1))
+    return 0 if row["exact"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,387 @@
+"""The online ensemble: language model + bias head + token n-gram + match model, mixed.
+
+For stream ``s`` the model's logits first get the adaptive log-space **bias head**: one
+value per vocabulary token (a separate table after tokens ending a line, ending with a
+space, or else), moved after each token by ``-lr * (p - onehot(token))``, the gradient of
+the code length. By default all streams of a block share it (they are parallel cursors
+through the same document), which measured far better than one per stream.
+
+The **mixer** then combines that distribution with the cheap predictors. Linear mixing
+(the default, as in the Nacrith paper)::
+
+    p(t) = s_llm * p_llm(t) + sum_k s_k * n_k(t) / N_k + s_match * [t == match]
+
+with ``s = softmax(w)``; ``n_k(t)`` counts how often ``t`` followed the current order-``k``
+context (the **token n-gram**, orders 1..max_order) and ``match`` is the **match model**'s
+prediction. Geometric mixing (``mix="geometric"``) adds ``w_k * ln(1 + n_k(t))`` and
+``w_match * [t == match]`` to the logits instead. The weights ``w`` come from one of
+several sets, chosen by the highest n-gram order whose context was seen and by the match
+length, and learn online by one gradient step of the code length after each token. Both
+terms are zero outside a few candidate tokens, so they cost almost nothing.
+
+**Confidence skip**: when, from this stream's past alone, the top cheap candidate (highest
+n-gram order, or the match model) has been right often enough at its confidence level,
+the stream does not ask for logits this step (its token still enters the KV cache in the
+same batch). Its distribution is then built from the cheap candidates alone.
+
+Everything is computed in the same order on both sides, with float32 full-vocabulary
+arithmetic, float64 scalars and no BLAS calls, so compression and decompression agree bit
+for bit.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+from .llm import LogitTable
+from .match import MatchIndex, MatchState
+from .ngram import NGramTables
+
+MATCH_BUCKETS = (1, 4, 16)  # match length bounds
+N_MATCH_BUCKETS = len(MATCH_BUCKETS) + 2  # no match, then lengths 0, 1-3, 4-15, 16+
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    """Which parts run, and their constants. Stored in the container's header.
+
+    The defaults were tuned on alice29.txt and asyoulik.txt by replaying the model's logits
+    through each candidate setting (see bench/ablation.py for the resulting table).
+    """
+
+    ngram: bool = True
+    max_order: int = 6
+    match: bool = True
+    match_min: int = 6
+    bias: bool = True
+    bias_lr: float = 0.16
+    bias_classes: int = 3  # separate bias after tokens ending in a newline, a space, or else
+    mixer: bool = True
+    mix: str = "linear"  # measured better than "geometric" on both tuning files
+    mixer_lr: float = 0.1
+    llm_weight_lr: float = 0.0  # geometric only: learning the model's weight (a temperature) did not pay
+    ngram_weight: float = -3.0  # initial raw weight of each n-gram order (the model's is 1; softmax for linear)
+    match_weight: float = -3.0  # initial raw weight of the match model
+    skip: bool = True
+    skip_confidence: float = 0.995
+    skip_min_trials: int = 32
+    share: bool = True  # one n-gram table, match index and bias head for all streams of a block
+
+    @property
+    def llm_only(self) -> bool:
+        return not (self.ngram or self.match or self.bias)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "EnsembleConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown predictor settings: {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+
+# Frozen presets: containers name one and list only the fields that differ from it. Never
+# change a preset once released; add a new one (and make it the default) instead.
+PRESETS = {
+    "v1": EnsembleConfig(
+        ngram=True, max_order=6, match=True, match_min=6, bias=True, bias_lr=0.16, bias_classes=3, mixer=True,
+        mix="linear", mixer_lr=0.1, llm_weight_lr=0.0, ngram_weight=-3.0, match_weight=-3.0, skip=True,
+        skip_confidence=0.995, skip_min_trials=32, share=True,
+    ),
+}
+
+
+def token_classes(pieces: list[bytes] | None, n_vocab: int) -> np.ndarray:
+    """Per token: 0 when its piece ends a line, 1 when it ends with a space or tab, else 2."""
+    classes = np.full(n_vocab, 2, np.int64)
+    for token, piece in enumerate(pieces or []):
+        if piece.endswith(b"\n"):
+            classes[token] = 0
+        elif piece.endswith((b" ", b"\t")):
+            classes[token] = 1
+    return classes
+
+
+class StreamState:
+    """The cheap predictors and mixer weights of one stream."""
+
+    def __init__(self, config: EnsembleConfig, n_features: int, n_sets: int, ngram: NGramTables | None, match: MatchIndex | None):
+        self.history: list[int] = []
+        self.ngram = ngram
+        self.match = MatchState(match, self.history) if match is not None else None
+        initial = [1.0] + [config.ngram_weight] * (n_features - 2) + [config.match_weight]
+        self.weights = [list(initial) for _ in range(n_sets)]
+        self.skip_hits: dict[int, list[int]] = {}  # confidence bucket -> [hits, trials]
+        # per-step scratch, filled by prepare()
+        self.candidates: np.ndarray = np.empty(0, np.int64)
+        self.features: np.ndarray = np.empty((0, n_features - 1))
+        self.weight_set = 0
+        self.top = -1
+        self.top_bucket = -1
+        self.skip = False
+
+    def update(self, token: int) -> None:
+        if self.ngram:
+            self.ngram.update(self.history, token)
+        self.history.append(token)
+        if self.match:
+            self.match.update(token)
+
+
+class EnsemblePredictor:
+    """Ensemble predictions for the streams of one block (see the module docstring)."""
+
+    def __init__(self, n_vocab: int, n_streams: int, config: EnsembleConfig, pieces: list[bytes] | None = None):
+        self.config = config
+        self.n_vocab = n_vocab
+        self.table = LogitTable(n_vocab, n_streams)
+        self.orders = config.max_order if config.ngram else 0
+        self.n_features = 1 + self.orders + 1  # llm, orders, match
+        self.n_sets = (self.orders + 1) * N_MATCH_BUCKETS
+        self.streams = []
+        ngram = match = None
+        for _ in range(n_streams):
+            if ngram is None or not config.share:
+                ngram = NGramTables(config.max_order) if config.ngram else None
+                match = MatchIndex(config.match_min) if config.match else None
+            self.streams.append(StreamState(config, self.n_features, self.n_sets, ngram, match))
+        self.bias_classes = config.bias_classes
+        tables = (1 if config.share else n_streams) * self.bias_classes
+        self.bias = np.zeros((tables, n_vocab), np.float32) if config.bias else None
+        self.token_class = token_classes(pieces, n_vocab) if self.bias_classes > 1 else None
+        self._bias_row = np.zeros(n_streams, np.int64)  # bias table of each stream this step
+        self.scores = np.empty((n_streams, n_vocab), np.float32)
+        self.scratch = np.empty((n_streams, n_vocab), np.float32)
+        self._learn_llm_weight = config.mixer and config.mix == "geometric" and config.llm_weight_lr > 0
+        self.logits_seen = np.empty((n_streams, n_vocab), np.float32) if self._learn_llm_weight else None
+        self._rows: np.ndarray | None = None
+        self.skipped = 0
+        self.steps = 0
+        self._running = 0
+        self._want: np.ndarray | None = None
+        self._probabilities: np.ndarray | None = None
+
+    @property
+    def settings(self) -> dict:
+        return {"llm": "exp2-q64", "ensemble": self.config.to_dict()}
+
+    # --- step 1: cheap features, and which streams skip the model ---------------------
+
+    def want_logits(self, running: int):
+        self._running = running
+        want = np.ones(running, np.int8)
+        for index in range(running):
+            state = self.streams[index]
+            if self.token_class is not None:
+                previous = self.token_class[state.history[-1]] if state.history else 0
+                self._bias_row[index] = (0 if self.config.share else index) * self.bias_classes + previous
+            elif not self.config.share:
+                self._bias_row[index] = index
+            self._prepare(state)
+            if state.skip:
+                want[index] = 0
+        self._want = want
+        return None if want.all() else want
+
+    def _prepare(self, state: StreamState) -> None:
+        """Collect candidates and features of the stream's next token."""
+        columns: dict[int, list[float]] = {}
+        n_cheap = self.n_features - 1
+        highest = 0
+        top, top_count, top_total = -1, 0, 0
+        if state.ngram:
+            for order, followers in enumerate(state.ngram.contexts(state.history), start=1):
+                if not followers:
+                    continue
+                highest = order
+                total = sum(followers.values())
+                for token, count in followers.items():
+                    row = columns.get(token)
+                    if row is None:
+                        row = columns[token] = [0.0] * n_cheap
+                    row[order - 1] = self._ngram_feature(count, total)
+                best = max(followers, key=followers.__getitem__)
+                top, top_count, top_total = best, followers[best], total
+        match_bucket = 0
+        if state.match:
+            predicted = state.match.predicted()
+            if predicted >= 0:
+                match_bucket = 1 + sum(state.match.length >= bound for bound in MATCH_BUCKETS)
+                row = columns.get(predicted)
+                if row is None:
+                    row = columns[predicted] = [0.0] * n_cheap
+                row[-1] = math.log1p(min(state.match.length, 64)) + 1.0 if self.config.mix == "geometric" else 1.0
+        state.weight_set = highest * N_MATCH_BUCKETS + match_bucket
+        state.candidates = np.fromiter(columns, np.int64, len(columns))
+        state.features = np.array(list(columns.values()), np.float64).reshape(len(columns), n_cheap)
+        # confidence of the top cheap candidate, for the skip decision
+        if match_bucket >= 2:
+            state.top, state.top_bucket = state.match.predicted(), 100 + match_bucket
+        elif top >= 0 and highest >= 2:
+            state.top = top
+            state.top_bucket = highest * 10 + min(9, int(10 * top_count / top_total)) if top_total >= 2 else -1
+        else:
+            state.top, state.top_bucket = -1, -1
+        state.skip = self.config.skip and self._skip_probability(state) >= self.config.skip_confidence
+
+    def _ngram_feature(self, count: int, total: int) -> float:
+        if self.config.mix == "geometric":
+            return math.log1p(count)
+        return count / total
+
+    def _skip_probability(self, state: StreamState) -> float:
+        """Estimated probability that the top cheap candidate is right (0 when unknown)."""
+        if state.top_bucket < 0:
+            return 0.0
+        hits, trials = state.skip_hits.get(state.top_bucket, (0, 0))
+        if trials < self.config.skip_min_trials:
+            return 0.0
+        return (hits + 0.5) / (trials + 1.0)
+
+    # --- step 2: the distributions --------------------------------------------------------
+
+    def probabilities(self, logits: np.ndarray, running: int) -> np.ndarray:
+        want = self._want
+        wanted = np.flatnonzero(want)
+        scores = self.scores[: len(wanted)]  # row j belongs to stream wanted[j]
+        self._model_scores(logits, wanted, scores)
+        if self.config.mix == "geometric":
+            for row, index in enumerate(wanted):
+                state = self.streams[index]
+                if len(state.candidates):
+                    weights = np.asarray(state.weights[state.weight_set][1:], np.float64)
+                    # explicit products and sums (no BLAS): the same bits on every machine
+                    scores[row, state.candidates] += (state.features * weights).sum(axis=1).astype(np.float32)
+        model_rows = self.table.probabilities(scores)
+        if len(wanted) == running:
+            probabilities = model_rows
+        else:  # some streams skipped the model: assemble the full set of rows
+            if self._rows is None:
+                self._rows = np.empty((len(self.streams), self.n_vocab), np.float64)
+            probabilities = self._rows[:running]
+            probabilities[wanted] = model_rows
+            for index in np.flatnonzero(want == 0):
+                self._skip_row(self.streams[index], probabilities[index])
+        if self.config.mix == "linear":
+            self._linear_mix(probabilities, wanted)
+        self._probabilities = probabilities
+        self.steps += running
+        self.skipped += running - len(wanted)
+        return probabilities
+
+    def _model_scores(self, logits: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
+        """``out = w_llm * logits + bias`` for the given stream rows."""
+        if self._learn_llm_weight:
+            self.logits_seen[rows] = logits
+        if self._learn_llm_weight:  # otherwise the model's weight stays at its initial 1
+            scale = np.array([self.streams[i].weights[self.streams[i].weight_set][0] for i in rows], np.float32)
+            np.multiply(logits, scale[:, None], out=out)
+        else:
+            np.copyto(out, logits)
+        if self.bias is not None:
+            np.add(out, self.bias if len(self.bias) == 1 else self.bias[self._bias_row[rows]], out=out)
+
+    def _linear_mix(self, probabilities: np.ndarray, rows: np.ndarray) -> None:
+        """Replace model rows by ``w_llm * p_llm + sum w_i * q_i`` (unnormalised by a common factor)."""
+        for index in rows:
+            state = self.streams[index]
+            row = probabilities[index]
+            weights = self._simplex(state.weights[state.weight_set])
+            total = row.sum()
+            row *= weights[0] / total
+            if len(state.candidates):
+                row[state.candidates] += (state.features * weights[1:]).sum(axis=1)
+
+    @staticmethod
+    def _simplex(raw: list[float]) -> np.ndarray:
+        """Mixing weights on the simplex (softmax of the raw weights)."""
+        values = np.array(raw, np.float64)
+        values = np.exp(values - values.max())
+        return values / values.sum()
+
+    def _skip_row(self, state: StreamState, row: np.ndarray) -> None:
+        """A skipped stream's distribution: the top candidate, then other candidates, then anything."""
+        confidence = self._skip_probability(state)
+        rest = 1.0 - confidence
+        row.fill(0.5 * rest / self.n_vocab)
+        if len(state.candidates):
+            weight = state.features.sum(axis=1) + 1e-3
+            row[state.candidates] += 0.5 * rest * weight / weight.sum()
+        row[state.top] += confidence
+
+    # --- step 3: learning from the coded symbols ----------------------------------------
+
+    def update(self, symbols: np.ndarray) -> None:
+        running = self._running
+        probabilities = self._probabilities
+        want = self._want
+        totals = probabilities.sum(axis=1)
+        learning = np.flatnonzero(want)
+        if self.config.mixer and len(learning):
+            self._learn_weights(learning, symbols, probabilities, totals)
+        if self.bias is not None and len(learning):
+            self._learn_bias(learning, symbols, probabilities, totals)
+        for index in range(running):
+            state = self.streams[index]
+            token = int(symbols[index])
+            if state.top_bucket >= 0:
+                counts = state.skip_hits.setdefault(state.top_bucket, [0, 0])
+                counts[0] += state.top == token
+                counts[1] += 1
+            state.update(token)
+
+    def _learn_weights(self, rows: np.ndarray, symbols: np.ndarray, probabilities: np.ndarray, totals: np.ndarray) -> None:
+        lr = self.config.mixer_lr
+        geometric = self.config.mix == "geometric"
+        if self._learn_llm_weight:  # expected logit under p, for the gradient of w_llm
+            expected_logit = (probabilities[rows] * self.logits_seen[rows]).sum(axis=1) / totals[rows]
+        for position, index in enumerate(rows):
+            state = self.streams[index]
+            weights = state.weights[state.weight_set]
+            token = int(symbols[index])
+            p_candidates = probabilities[index, state.candidates] / totals[index] if len(state.candidates) else np.empty(0)
+            hit = np.flatnonzero(state.candidates == token)
+            observed = state.features[hit[0]] if len(hit) else np.zeros(self.n_features - 1)
+            if geometric:
+                # d(-ln p(x))/dw_i = E_p[f_i] - f_i(x)
+                expected = (p_candidates[:, None] * state.features).sum(axis=0) if len(state.candidates) else np.zeros(self.n_features - 1)
+                if self._learn_llm_weight:
+                    weights[0] -= self.config.llm_weight_lr * float(expected_logit[position] - self.logits_seen[index, token])
+                for i in range(1, self.n_features):
+                    weights[i] -= lr * float(expected[i - 1] - observed[i - 1])
+            else:
+                # p(x) = sum_i s_i q_i(x), s = softmax(w): d(-ln p)/dw_i = s_i (1 - q_i(x) / p(x))
+                simplex = self._simplex(weights)
+                p_token = probabilities[index, token] / totals[index]
+                q = np.concatenate(([self._llm_share(index, token, simplex)], observed))
+                for i in range(self.n_features):
+                    weights[i] -= lr * float(simplex[i] * (1.0 - q[i] / max(p_token, 1e-300)))
+
+    def _llm_share(self, index: int, token: int, simplex: np.ndarray) -> float:
+        """The model's own normalised probability of ``token`` in a linear-mixed row."""
+        probabilities = self._probabilities[index]
+        state = self.streams[index]
+        mixed = probabilities[token]
+        hit = np.flatnonzero(state.candidates == token)
+        extra = float((state.features[hit[0]] * simplex[1:]).sum()) if len(hit) else 0.0
+        return (mixed - extra) / simplex[0]
+
+    def _learn_bias(self, rows: np.ndarray, symbols: np.ndarray, probabilities: np.ndarray, totals: np.ndarray) -> None:
+        """One gradient step of the code length per learning stream: ``bias -= lr * (p - onehot)``."""
+        lr = self.config.bias_lr
+        scale = (lr / totals[rows]).astype(np.float32)
+        step = self.scratch[: len(rows)]
+        np.multiply(probabilities[rows], scale[:, None], out=step, casting="unsafe")
+        tables = self._bias_row[rows]
+        if self.config.share:  # several streams may share a table: add their steps up
+            for table in np.unique(tables):
+                self.bias[table] -= step[tables == table].sum(axis=0, dtype=np.float32)
+            np.add.at(self.bias, (tables, symbols[rows]), np.float32(lr))
+        else:
+            self.bias[tables] -= step
+            self.bias[tables, symbols[rows]] += np.float32(lr)

@@ -1,0 +1,185 @@
+"""Worker processes: several llama.cpp contexts coding blocks at once, on CPU cores or GPUs.
+
+Each worker is a process holding one model and its contexts on one device (a GPU chosen
+by ``main_gpu``, no layer splitting; or the CPU with its share of the cores). The parent
+reads the input block by block, keeps at most two blocks per worker in flight, and writes
+finished blocks in input order, so memory stays at a few blocks whatever the input size.
+
+Blocks are independent and a block's streams always run together in one context, so the
+container does not depend on how many workers made it, and a file may be decoded with any
+worker count on the backend that made it.
+"""
+from __future__ import annotations
+
+import collections
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, replace
+from typing import Callable, Iterable, Iterator
+
+from . import container as fmt
+from .engine import default_threads
+
+IN_FLIGHT_PER_WORKER = 2
+MAX_PROCESSES_PER_GPU = 4  # measured: one GPU saturates near 30k tokens/s with 2-4 processes
+GPU_MEMORY_MARGIN = 1 << 30  # per worker, for llama.cpp's compute buffers and CUDA itself
+BYTES_PER_KV_CELL = 64 << 10  # upper bound for the small models nacrith runs (SmolLM2-135M: 23 KiB)
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """How many processes to run, with how many CPU threads each, on which GPUs."""
+
+    processes: int
+    threads: int
+    devices: tuple  # main_gpu per process; None for the CPU
+
+
+def plan_workers(requested, gpu: bool, streams: int, ctx: int, threads: int | None = None) -> WorkerPlan:
+    """Resolve ``--workers N|auto`` for the CPU or the GPUs."""
+    cores = default_threads()
+    if gpu:
+        from .devices import gpus
+
+        found = gpus()
+        if not found:
+            raise RuntimeError("no GPU visible to llama.cpp")
+        if requested == "auto":
+            per_worker = BYTES_PER_KV_CELL * streams * max(ctx, 1) + GPU_MEMORY_MARGIN
+            per_gpu = [max(1, min(MAX_PROCESSES_PER_GPU, device.free_bytes // per_worker)) for device in found]
+            devices = tuple(device.index for device, count in zip(found, per_gpu) for _ in range(count))
+            devices = devices[: max(1, cores // 2)] or devices[:1]
+        else:
+            devices = tuple(found[i % len(found)].index for i in range(int(requested)))
+        return WorkerPlan(len(devices), threads or max(1, cores // len(devices)), devices)
+    # CPU: llama.cpp already uses every core of one process, so "auto" keeps one process
+    # unless there are cores to spare for a second (see bench/results for the measurement).
+    processes = 1 if requested == "auto" and cores < 8 else (max(1, cores // 4) if requested == "auto" else int(requested))
+    if processes < 1:
+        raise ValueError("workers must be at least 1")
+    return WorkerPlan(processes, threads or max(1, cores // processes), (None,) * processes)
+
+
+# --- inside a worker ------------------------------------------------------------------
+
+_worker: dict = {}
+
+
+def _initialize(model_path, threads: int, devices, progress_queue) -> None:
+    _worker.update(model_path=model_path, threads=threads, device=devices.get(), progress_queue=progress_queue, session=None, pending=0.0, sent=time.monotonic())
+
+
+def _session():
+    if _worker["session"] is None:
+        from .session import Session
+
+        device = _worker["device"]
+        _worker["session"] = Session(_worker["model_path"], gpu=device is not None, threads=_worker["threads"], main_gpu=device or 0)
+    return _worker["session"]
+
+
+def _progress(amount: float) -> None:
+    """Report progress to the parent at most a few times a second."""
+    _worker["pending"] += amount
+    now = time.monotonic()
+    if now - _worker["sent"] > 0.25:
+        _worker["progress_queue"].put(_worker["pending"])
+        _worker["pending"], _worker["sent"] = 0.0, now
+
+
+def _flush_progress() -> None:
+    if _worker["progress_queue"] is not None and _worker["pending"]:
+        _worker["progress_queue"].put(_worker["pending"])
+        _worker["pending"] = 0.0
+
+
+def _compress_job(data: bytes, settings):
+    from .pipeline import compress_block
+
+    progress = _progress if _worker["progress_queue"] is not None else None
+    try:
+        return compress_block(data, settings, _session, progress)
+    finally:
+        _flush_progress()
+
+
+def _decode_job(block: fmt.Block, section):
+    from .pipeline import decode_block
+
+    progress = _progress if _worker["progress_queue"] is not None else None
+    try:
+        return decode_block(block, section, _session, progress)
+    finally:
+        _flush_progress()
+
+
+# --- in the parent ---------------------------------------------------------------------
+
+
+class WorkerPool:
+    """A pool of worker processes that returns results in submission order."""
+
+    def __init__(self, plan: WorkerPlan, model_path, progress: Callable[[float], None] | None = None):
+        context = multiprocessing.get_context("spawn")  # llama.cpp's threads do not survive fork
+        self.plan = plan
+        self.progress = progress
+        self.progress_queue = context.Queue() if progress else None
+        devices = context.Queue()
+        for device in plan.devices:
+            devices.put(device)
+        model = None if model_path is None else os.fspath(model_path)
+        self.executor = ProcessPoolExecutor(plan.processes, mp_context=context, initializer=_initialize, initargs=(model, plan.threads, devices, self.progress_queue))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+    def compress(self, blocks: Iterable[bytes], settings) -> Iterator[tuple[bytes, object]]:
+        """(block, EncodedBlock) for each input block, in order."""
+        return self._ordered(((_compress_job, (block, settings), block) for block in blocks))
+
+    def decode(self, blocks: Iterable[fmt.Block], section) -> Iterator[bytes]:
+        """The decoded bytes of each parsed block, in order."""
+        jobs = ((_decode_job, (replace(block, payload=bytes(block.payload)), section), None) for block in blocks)
+        return (result for _, result in self._ordered(jobs))
+
+    def _ordered(self, jobs) -> Iterator[tuple]:
+        waiting: collections.deque = collections.deque()
+        limit = IN_FLIGHT_PER_WORKER * self.plan.processes
+        jobs = iter(jobs)
+        exhausted = False
+        while waiting or not exhausted:
+            while not exhausted and len(waiting) < limit:
+                job = next(jobs, None)
+                if job is None:
+                    exhausted = True
+                    break
+                function, arguments, keep = job
+                waiting.append((keep, self.executor.submit(function, *arguments)))
+            if waiting:
+                keep, future = waiting.popleft()
+                yield keep, self._result(future)
+
+    def _result(self, future):
+        while True:
+            try:
+                result = future.result(timeout=0.2)
+                self._drain()
+                return result
+            except FutureTimeout:
+                self._drain()
+
+    def _drain(self) -> None:
+        if self.progress_queue is None:
+            return
+        while True:
+            try:
+                amount = self.progress_queue.get_nowait()
+            except Exception:  # queue.Empty
+                return
+            self.progress(amount)
