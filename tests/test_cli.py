@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 NACRITH = [sys.executable, "-m", "nacrith.cli"]
-TEXT = b"It was the best of times, it was the worst of times, it was the age of wisdom.\n" * 4
+TEXT = (
+    b"It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
+    b"foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, "
+    b"it was the season of Darkness, it was the spring of hope, it was the winter of despair, we had "
+    b"everything before us, we had nothing before us, we were all going direct to Heaven, we were all going "
+    b"direct the other way--in short, the period was so far like the present period, that some of its "
+    b"noisiest authorities insisted on its being received, for good or for evil, in the superlative degree "
+    b"of comparison only.\n"
+)
 
 
 def run(*args, stdin: bytes | None = None, cwd=None, env=None) -> subprocess.CompletedProcess:
@@ -143,8 +151,8 @@ def test_ensemble_flags_are_recorded(text_file: Path, tmp_path: Path):
     assert run("compress", "--no-ngram", "--no-skip", "-o", partial, text_file).returncode == 0
     for path, expected in ((llm, None), (partial, {"ngram": False, "skip": False})):
         facts = json.loads(run("info", "--json", path).stdout)
-        if facts["model"] is None:  # the model lost to zstd on this short text: nothing recorded
-            continue
+        assert facts["model"] is not None  # prose: the model beats zstd
         assert facts["model"]["predictor"].get("set") == expected
+        assert ("ensemble" in facts["model"]["predictor"]) == (expected is not None)
         restored = run("decompress", "-c", path)  # no flags needed
         assert restored.returncode == 0 and restored.stdout == TEXT
