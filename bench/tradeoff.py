@@ -5,7 +5,7 @@ predictor, the model forced on (no zstd fallback), slide = ctx/4, and writes
 ``bench/results/tradeoff-<tag>.md`` and ``.json``. The defaults in nacrith/pipeline.py
 are chosen from this table.
 
-Usage: python bench/tradeoff.py [FILE] [--streams 4,16,64] [--ctx 512,1024,2048] [--tag cpu] [--gpu]
+Usage: python bench/tradeoff.py [FILE] [--pairs 4x1024,16x512,...] [--tag cpu] [--gpu]
 """
 from __future__ import annotations
 
@@ -28,27 +28,26 @@ from nacrith.session import Session  # noqa: E402
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("file", nargs="?", type=Path, default=ROOT / "corpora" / "data" / "alice29.txt")
-    parser.add_argument("--streams", default="4,16,64")
-    parser.add_argument("--ctx", default="512,1024,2048")
+    parser.add_argument("--pairs", default="16x512,16x1024,16x2048,4x1024,64x1024", help="STREAMSxCTX,...")
     parser.add_argument("--tag", default="cpu")
     parser.add_argument("--gpu", action="store_true")
     args = parser.parse_args()
     data = args.file.read_bytes()
     session = Session(gpu=args.gpu)
     rows = []
-    for ctx in [int(x) for x in args.ctx.split(",")]:
-        for streams in [int(x) for x in args.streams.split(",")]:
-            settings = pipeline.Settings(streams=streams, ctx=ctx, slide=ctx // 4, fallback=False, gpu=args.gpu, block_size=max(len(data), 1))
-            packed = io.BytesIO()
-            began = time.perf_counter()
-            pipeline.compress_stream(io.BytesIO(data), packed, settings, session=session)
-            seconds = time.perf_counter() - began
-            parsed = fmt.parse(packed.getvalue())
-            tokens = sum(block.n_tokens for block in parsed.blocks)
-            row = {"streams": streams, "streams_used": len(parsed.blocks[0].stream_tokens), "ctx": ctx, "slide": ctx // 4,
-                   "bytes": len(packed.getvalue()), "bpb": 8 * len(packed.getvalue()) / len(data), "seconds": seconds, "tok_s": tokens / seconds}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    for pair in args.pairs.split(","):
+        streams, ctx = (int(x) for x in pair.split("x"))
+        settings = pipeline.Settings(streams=streams, ctx=ctx, slide=ctx // 4, fallback=False, gpu=args.gpu, block_size=max(len(data), 1))
+        packed = io.BytesIO()
+        began = time.perf_counter()
+        pipeline.compress_stream(io.BytesIO(data), packed, settings, session=session)
+        seconds = time.perf_counter() - began
+        parsed = fmt.parse(packed.getvalue())
+        tokens = sum(block.n_tokens for block in parsed.blocks)
+        row = {"streams": streams, "streams_used": len(parsed.blocks[0].stream_tokens), "ctx": ctx, "slide": ctx // 4,
+               "bytes": len(packed.getvalue()), "bpb": 8 * len(packed.getvalue()) / len(data), "seconds": seconds, "tok_s": tokens / seconds}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"tradeoff-{args.tag}.json").write_text(json.dumps({"file": args.file.name, "machine": machine(), "rows": rows}, indent=1))
     streams_list = sorted({r["streams"] for r in rows})
@@ -57,8 +56,8 @@ def main() -> int:
     for ctx in sorted({r["ctx"] for r in rows}):
         cells = []
         for streams in streams_list:
-            row = next(r for r in rows if r["ctx"] == ctx and r["streams"] == streams)
-            cells.append(f"{row['bpb']:.4f} / {row['tok_s']:.0f}")
+            row = next((r for r in rows if r["ctx"] == ctx and r["streams"] == streams), None)
+            cells.append("–" if row is None else f"{row['bpb']:.4f} / {row['tok_s']:.0f}")
         lines.append(f"| {ctx} | " + " | ".join(cells) + " |")
     (RESULTS / f"tradeoff-{args.tag}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {RESULTS}/tradeoff-{args.tag}.md")

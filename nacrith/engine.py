@@ -46,9 +46,13 @@ def llama_cpp_version() -> str:
 
 
 def gpu_available() -> bool:
-    """True when this llama.cpp build can offload layers to a GPU."""
+    """True when this llama.cpp build can offload layers and sees at least one GPU."""
     _init_backend()
-    return bool(L.llama_supports_gpu_offload())
+    if not L.llama_supports_gpu_offload():
+        return False
+    from .devices import gpus
+
+    return bool(gpus())
 
 
 def default_threads() -> int:

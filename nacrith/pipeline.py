@@ -197,7 +197,7 @@ def _model_block(data: bytes, settings: Settings, session_factory: Callable, pro
 
 def _lockstep(session, n_streams: int, ctx: int, slide: int, predictor: dict, progress: Progress | None, bytes_per_token: float) -> Lockstep:
     context = session.context(n_streams, ctx)
-    model = make_predictor(predictor, session.llama.n_vocab, n_streams, session.tokenizer.pieces)
+    model = make_predictor(predictor, session.llama.n_vocab, n_streams, session.tokenizer.pieces, session.threads or 1)
     per_step = None
     if progress:
         per_step = lambda running: progress(running * bytes_per_token)  # noqa: E731

@@ -41,3 +41,15 @@ def test_same_input_same_container(session):
     first = pack(session, TEXT, fallback=False, **SMALL)
     pack(session, TEXT[::-1], fallback=False, **SMALL)  # other work in between
     assert pack(session, TEXT, fallback=False, **SMALL) == first
+
+
+def test_worker_processes_make_the_same_container(tmp_path):
+    """Blocks coded in two worker processes: byte-identical to one process, and decodable either way."""
+    import nacrith
+
+    data = TEXT * 4
+    options = dict(fallback=False, block_size=len(TEXT), streams=2, **SMALL)
+    one = nacrith.compress(data, workers=1, **options)
+    two = nacrith.compress(data, workers=2, **options)
+    assert one == two
+    assert nacrith.decompress(two, workers=2) == data

@@ -44,15 +44,16 @@ def ensemble_config(settings: dict) -> EnsembleConfig | None:
     return EnsembleConfig.from_dict(values)
 
 
-def make_predictor(settings: dict, n_vocab: int, n_streams: int, pieces: list[bytes] | None = None):
+def make_predictor(settings: dict, n_vocab: int, n_streams: int, pieces: list[bytes] | None = None, threads: int = 1):
     """The predictor a container's settings describe; ValueError for unknown settings.
 
-    ``pieces`` (the tokenizer's piece table) lets the bias head tell line and word ends.
+    ``pieces`` (the tokenizer's piece table) lets the bias head tell line and word ends;
+    ``threads`` spreads the full-vocabulary arithmetic (results do not depend on it).
     """
     config = ensemble_config(settings)
     if config is None:
-        return LLMPredictor(n_vocab, n_streams)
-    return EnsemblePredictor(n_vocab, n_streams, config, pieces)
+        return LLMPredictor(n_vocab, n_streams, threads)
+    return EnsemblePredictor(n_vocab, n_streams, config, pieces, threads)
 
 
 __all__ = ["EnsembleConfig", "EnsemblePredictor", "LLMPredictor", "ensemble_config", "make_predictor", "predictor_settings"]

@@ -136,10 +136,10 @@ class StreamState:
 class EnsemblePredictor:
     """Ensemble predictions for the streams of one block (see the module docstring)."""
 
-    def __init__(self, n_vocab: int, n_streams: int, config: EnsembleConfig, pieces: list[bytes] | None = None):
+    def __init__(self, n_vocab: int, n_streams: int, config: EnsembleConfig, pieces: list[bytes] | None = None, threads: int = 1):
         self.config = config
         self.n_vocab = n_vocab
-        self.table = LogitTable(n_vocab, n_streams)
+        self.table = LogitTable(n_vocab, n_streams, threads)
         self.orders = config.max_order if config.ngram else 0
         self.n_features = 1 + self.orders + 1  # llm, orders, match
         self.n_sets = (self.orders + 1) * N_MATCH_BUCKETS
@@ -283,8 +283,13 @@ class EnsemblePredictor:
             np.multiply(logits, scale[:, None], out=out)
         else:
             np.copyto(out, logits)
-        if self.bias is not None:
-            np.add(out, self.bias if len(self.bias) == 1 else self.bias[self._bias_row[rows]], out=out)
+        if self.bias is None:
+            return
+        if len(self.bias) == 1:
+            np.add(out, self.bias, out=out)
+            return
+        for row, table in enumerate(self._bias_row[rows]):  # row by row: no 50 MB gather at 256 streams
+            np.add(out[row], self.bias[table], out=out[row])
 
     def _linear_mix(self, probabilities: np.ndarray, rows: np.ndarray) -> None:
         """Replace model rows by ``w_llm * p_llm + sum w_i * q_i`` (unnormalised by a common factor)."""
@@ -372,16 +377,15 @@ class EnsemblePredictor:
         return (mixed - extra) / simplex[0]
 
     def _learn_bias(self, rows: np.ndarray, symbols: np.ndarray, probabilities: np.ndarray, totals: np.ndarray) -> None:
-        """One gradient step of the code length per learning stream: ``bias -= lr * (p - onehot)``."""
-        lr = self.config.bias_lr
-        scale = (lr / totals[rows]).astype(np.float32)
-        step = self.scratch[: len(rows)]
-        np.multiply(probabilities[rows], scale[:, None], out=step, casting="unsafe")
-        tables = self._bias_row[rows]
-        if self.config.share:  # several streams may share a table: add their steps up
-            for table in np.unique(tables):
-                self.bias[table] -= step[tables == table].sum(axis=0, dtype=np.float32)
-            np.add.at(self.bias, (tables, symbols[rows]), np.float32(lr))
-        else:
-            self.bias[tables] -= step
-            self.bias[tables, symbols[rows]] += np.float32(lr)
+        """One gradient step of the code length per learning stream: ``bias -= lr * (p - onehot)``.
+
+        Applied stream by stream in stream order (streams may share a table), so the
+        arithmetic is the same on both sides and no step-sized temporary is needed.
+        """
+        lr = np.float32(self.config.bias_lr)
+        step = self.scratch[0]
+        for index in rows:
+            table = self.bias[self._bias_row[index]]
+            np.multiply(probabilities[index], self.config.bias_lr / totals[index], out=step, casting="unsafe")
+            np.subtract(table, step, out=table)
+            table[symbols[index]] += lr

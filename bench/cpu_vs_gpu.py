@@ -1,0 +1,48 @@
+"""Bits per byte of the GPU path against the CPU path at the same settings, same machine.
+
+Usage: python bench/cpu_vs_gpu.py FILE [--bytes N] [--streams N] [--llm-only]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, add_settings_arguments, machine, settings_from_arguments  # noqa: E402
+
+from nacrith import pipeline  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("file", type=Path)
+    parser.add_argument("--bytes", type=int, default=65536)
+    add_settings_arguments(parser)
+    args = parser.parse_args()
+    data = args.file.read_bytes()[: args.bytes]
+    rows = []
+    for gpu in (False, True):
+        settings = settings_from_arguments(args, gpu=gpu, fallback=False, block_size=len(data))
+        packed = io.BytesIO()
+        began = time.perf_counter()
+        pipeline.compress_stream(io.BytesIO(data), packed, settings)
+        seconds = time.perf_counter() - began
+        exact = pipeline.decompress(packed.getvalue()) == data
+        rows.append({"backend": settings.backend, "bytes": len(data), "streams": settings.streams, "predictor": settings.predictor_name,
+                     "compressed": len(packed.getvalue()), "bpb": 8 * len(packed.getvalue()) / len(data), "compress_s": seconds, "exact": exact})
+        print(json.dumps(rows[-1]), flush=True)
+    difference = rows[1]["bpb"] / rows[0]["bpb"] - 1
+    summary = {"file": args.file.name, "rows": rows, "gpu_vs_cpu_bpb": difference, "machine": machine()}
+    print(f"GPU bpb vs CPU bpb: {100 * difference:+.2f}%")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "cpu-vs-gpu-gpu.json").write_text(json.dumps(summary, indent=1))
+    return 0 if all(row["exact"] for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
