@@ -131,7 +131,7 @@ def output_for(name: str, decompressing: bool, output: str | None, to_stdout: bo
     return Path(name[: -len(SUFFIX)])
 
 
-def compress_one(name: str, settings: pipeline.Settings, output: str | None, to_stdout: bool, force: bool, quiet: bool, verbose: bool, remove: bool) -> None:
+def compress_one(name: str, settings: pipeline.Settings, workers, output: str | None, to_stdout: bool, force: bool, quiet: bool, verbose: bool, remove: bool) -> None:
     target = output_for(name, False, output, to_stdout)
     if target is None and sys.stdout.isatty() and not force:
         raise UsageError("compressed data not written to a terminal; use -o FILE or -f")
@@ -143,7 +143,7 @@ def compress_one(name: str, settings: pipeline.Settings, output: str | None, to_
     with source:
         with progress_bar(input_size(source), quiet, "compress") as progress:
             with atomic_output(target, force, None if name == "-" else Path(name)) as out:
-                summary = pipeline.compress_stream(source, out, settings, progress)
+                summary = pipeline.compress_stream(source, out, settings, progress, workers=workers)
     if verbose or (not quiet and target is not None and sys.stderr.isatty()):
         bits = 8 * summary.compressed_size / summary.original_size if summary.original_size else 0.0
         click.echo(f"{name}: {summary.original_size} -> {summary.compressed_size} bytes, {bits:.3f} bits/byte", err=True)
@@ -151,7 +151,7 @@ def compress_one(name: str, settings: pipeline.Settings, output: str | None, to_
         Path(name).unlink()
 
 
-def decompress_one(name: str, model: str | None, threads: int | None, output: str | None, to_stdout: bool, force: bool, quiet: bool, verbose: bool, remove: bool) -> None:
+def decompress_one(name: str, model: str | None, threads: int | None, workers, gpu_ids, output: str | None, to_stdout: bool, force: bool, quiet: bool, verbose: bool, remove: bool) -> None:
     target = output_for(name, True, output, to_stdout)
     if target is not None and target.exists() and not force:
         raise UsageError(f"{target} already exists; use -f to overwrite")
@@ -164,7 +164,7 @@ def decompress_one(name: str, model: str | None, threads: int | None, output: st
         parsed = fmt.parse(blob)
         with progress_bar(parsed.trailer.total_length, quiet, "decompress") as progress:
             with atomic_output(target, force, None if name == "-" else Path(name)) as out:
-                size = pipeline.decode_parsed(parsed, out, progress, model=model, threads=threads)
+                size = pipeline.decode_parsed(parsed, out, progress, model=model, threads=threads, workers=workers, gpu_ids=gpu_ids)
     if verbose:
         click.echo(f"{name}: {len(blob)} -> {size} bytes", err=True)
     if remove and name != "-" and target is not None:
@@ -202,8 +202,34 @@ COMMON = [
     click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary."),
     click.option("-v", "--verbose", is_flag=True, help="Print a summary line per file."),
     click.option("--model", metavar="PATH", envvar="NACRITH_MODEL", help="GGUF model file (default: $NACRITH_MODEL, else the embedded SmolLM2-135M)."),
-    click.option("--threads", type=click.IntRange(min=1), help="CPU threads for llama.cpp (default: all cores)."),
+    click.option("--threads", type=click.IntRange(min=1), help="CPU threads per worker (default: the cores shared among workers)."),
+    click.option("--workers", default="1", show_default=True, callback=lambda ctx, param, value: parse_workers(value), help="Worker processes, or 'auto' (from cores, GPUs and GPU memory)."),
+    click.option("--gpus", default="none", show_default=True, callback=lambda ctx, param, value: parse_gpus(value),
+                 help="Compress on GPUs: 'all', a list like 0,1, or 'none'. GPU-made files decode only on a GPU (logits differ). Decompression uses the backend a file was made on; this only picks which GPUs."),
 ]
+
+
+def parse_workers(value: str):
+    if value == "auto":
+        return value
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise click.BadParameter("expected a positive number or 'auto'")
+
+
+def parse_gpus(value: str):
+    """'none' -> None; 'all' -> (); '0,2' -> (0, 2)."""
+    if value == "none":
+        return None
+    if value == "all":
+        return ()
+    try:
+        ids = tuple(int(part) for part in value.split(","))
+    except ValueError:
+        raise click.BadParameter("expected 'all', 'none' or GPU numbers like 0,1") from None
+    if any(i < 0 for i in ids):
+        raise click.BadParameter("GPU numbers start at 0")
+    return ids
 
 
 def with_common(function):
@@ -239,18 +265,19 @@ def main_group():
 @click.option("--no-bias", is_flag=True, help="Ensemble without the adaptive bias head.")
 @click.option("--no-mixer", is_flag=True, help="Fixed mixing weights instead of learned ones.")
 @click.option("--no-skip", is_flag=True, help="Always use the model's logits (no confidence skip).")
-def compress_command(files, output, to_stdout, force, keep, remove, quiet, verbose, model, threads, streams, ctx, slide, block_size, llm_only, no_ngram, no_match, no_bias, no_mixer, no_skip):
+def compress_command(files, output, to_stdout, force, keep, remove, quiet, verbose, model, threads, workers, gpus, streams, ctx, slide, block_size, llm_only, no_ngram, no_match, no_bias, no_mixer, no_skip):
     """Compress FILES (or standard input) to FILE.nc.
 
     Decompression needs no options: the file records how it was made.
     """
     ensemble = None if llm_only else ensemble_config(no_ngram, no_match, no_bias, no_mixer, no_skip)
-    settings = pipeline.Settings(model=model, streams=streams, ctx=ctx, slide=slide, block_size=block_size, threads=threads, ensemble=ensemble)
+    settings = pipeline.Settings(model=model, streams=streams, ctx=ctx, slide=slide, block_size=block_size, threads=threads, ensemble=ensemble,
+                                 gpu=gpus is not None, gpu_ids=gpus or None)
     try:
         settings.validate()
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
-    run_each(files, output, lambda name: compress_one(name, settings, output, to_stdout, force, quiet, verbose, remove))
+    run_each(files, output, lambda name: compress_one(name, settings, workers, output, to_stdout, force, quiet, verbose, remove))
 
 
 def ensemble_config(no_ngram: bool, no_match: bool, no_bias: bool, no_mixer: bool, no_skip: bool):
@@ -270,9 +297,9 @@ def ensemble_config(no_ngram: bool, no_match: bool, no_bias: bool, no_mixer: boo
 @main_group.command("decompress")
 @click.argument("files", nargs=-1)
 @with_common
-def decompress_command(files, output, to_stdout, force, keep, remove, quiet, verbose, model, threads):
+def decompress_command(files, output, to_stdout, force, keep, remove, quiet, verbose, model, threads, workers, gpus):
     """Restore FILES.nc (or standard input) to FILE."""
-    run_each(files, output, lambda name: decompress_one(name, model, threads, output, to_stdout, force, quiet, verbose, remove))
+    run_each(files, output, lambda name: decompress_one(name, model, threads, workers, gpus or None, output, to_stdout, force, quiet, verbose, remove))
 
 
 def describe(name: str) -> dict:

@@ -32,12 +32,27 @@ _quiet_logger = L.llama_log_callback(lambda level, text, user_data: None)
 
 
 def _init_backend() -> None:
+    """Initialise llama.cpp once, quietly: its device probing writes to stderr directly.
+
+    ``NACRITH_LLAMA_LOG=1`` keeps llama.cpp's own messages.
+    """
     global _backend_ready
-    if not _backend_ready:
+    if _backend_ready:
+        return
+    if os.environ.get("NACRITH_LLAMA_LOG"):
         L.llama_backend_init()
-        if not os.environ.get("NACRITH_LLAMA_LOG"):
+    else:
+        saved = os.dup(2)
+        try:
+            with open(os.devnull, "wb") as devnull:
+                os.dup2(devnull.fileno(), 2)
             L.llama_log_set(_quiet_logger, ctypes.c_void_p())
-        _backend_ready = True
+            L.llama_backend_init()
+            L.llama_supports_gpu_offload()  # makes the GPU backends probe their devices now
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+    _backend_ready = True
 
 
 def llama_cpp_version() -> str:

@@ -61,6 +61,7 @@ class Settings:
     use_model: bool = True  # False: zstd/stored blocks only
     fallback: bool = True  # False: text blocks always use the model (for tests and measurements)
     ensemble: EnsembleConfig | None = DEFAULT_ENSEMBLE  # None: the language model alone
+    gpu_ids: tuple | None = None  # with gpu: which GPUs the workers may use (None: all); not recorded
 
     def validate(self) -> "Settings":
         if self.streams < 1:
@@ -347,15 +348,15 @@ class ContainerWriter:
 class LocalSession:
     """A session created on first use in this process (for work without worker processes)."""
 
-    def __init__(self, model: str | None, gpu: bool, threads: int | None, session=None):
-        self.model, self.gpu, self.threads = model, gpu, threads
+    def __init__(self, model: str | None, gpu: bool, threads: int | None, session=None, main_gpu: int | None = None):
+        self.model, self.gpu, self.threads, self.main_gpu = model, gpu, threads, main_gpu or 0
         self.session = session
 
     def __call__(self):
         if self.session is None:
             from .session import Session  # loads llama.cpp only when a block needs it
 
-            self.session = Session(self.model, gpu=self.gpu, threads=self.threads)
+            self.session = Session(self.model, gpu=self.gpu, threads=self.threads, main_gpu=self.main_gpu)
         return self.session
 
 
@@ -370,9 +371,9 @@ def compress_stream(source: BinaryIO, destination: BinaryIO, settings: Settings,
     blocks = read_blocks(source, settings.block_size)
     from .workers import plan_workers
 
-    plan = plan_workers(workers, settings.gpu, settings.streams, settings.ctx, settings.threads)
+    plan = plan_workers(workers, settings.gpu, settings.streams, settings.ctx, settings.threads, settings.gpu_ids)
     if plan.processes <= 1 or session is not None:
-        factory = LocalSession(settings.model, settings.gpu, plan.threads if settings.threads is None else settings.threads, session)
+        factory = LocalSession(settings.model, settings.gpu, plan.threads if settings.threads is None else settings.threads, session, plan.devices[0])
         for block in blocks:
             writer.add(block, compress_block(block, settings, factory, progress))
     else:
@@ -431,7 +432,7 @@ def check_decodable(parsed: fmt.Container, model: str | None = None):
 
 
 def decode_parsed(parsed: fmt.Container, destination: BinaryIO, progress: Progress | None = None, model: str | None = None,
-                  threads: int | None = None, session=None, workers: int | str = 1) -> int:
+                  threads: int | None = None, session=None, workers: int | str = 1, gpu_ids=None) -> int:
     """Decode a container parsed with :func:`nacrith.container.parse` into ``destination``.
 
     Everything is validated before the first byte is written except the final checksum:
@@ -445,10 +446,10 @@ def decode_parsed(parsed: fmt.Container, destination: BinaryIO, progress: Progre
     digest = hashlib.sha256()
     from .workers import plan_workers
 
-    plan = plan_workers(workers, gpu, max((len(b.stream_tokens) for b in parsed.blocks), default=1), section.ctx if section else 0, threads)
+    plan = plan_workers(workers, gpu, max((len(b.stream_tokens) for b in parsed.blocks), default=1), section.ctx if section else 0, threads, gpu_ids)
     model_blocks = sum(block.kind == fmt.MODEL for block in parsed.blocks)
     if plan.processes <= 1 or model_blocks <= 1 or session is not None:
-        factory = LocalSession(model_path, gpu, plan.threads if threads is None else threads, session)
+        factory = LocalSession(model_path, gpu, plan.threads if threads is None else threads, session, plan.devices[0])
         decoded = (decode_block(block, section, factory, progress) for block in parsed.blocks)
         for data in decoded:
             digest.update(data)
@@ -466,9 +467,9 @@ def decode_parsed(parsed: fmt.Container, destination: BinaryIO, progress: Progre
 
 
 def decompress_to(blob, destination: BinaryIO, progress: Progress | None = None, model: str | None = None,
-                  threads: int | None = None, session=None, workers: int | str = 1) -> int:
+                  threads: int | None = None, session=None, workers: int | str = 1, gpu_ids=None) -> int:
     """Decode the container in the bytes-like ``blob`` into ``destination``; returns the size."""
-    return decode_parsed(fmt.parse(blob), destination, progress, model, threads, session, workers)
+    return decode_parsed(fmt.parse(blob), destination, progress, model, threads, session, workers, gpu_ids)
 
 
 def decompress(blob: bytes, progress: Progress | None = None, model: str | None = None, threads: int | None = None, workers: int | str = 1) -> bytes:
