@@ -117,7 +117,7 @@ class StreamState:
         initial = [1.0] + [config.ngram_weight] * (n_features - 2) + [config.match_weight]
         self.weights = [list(initial) for _ in range(n_sets)]
         self.skip_hits: dict[int, list[int]] = {}  # confidence bucket -> [hits, trials]
-        # per-step scratch, filled by prepare()
+        # this step's candidates and features, filled by EnsemblePredictor._prepare
         self.candidates: np.ndarray = np.empty(0, np.int64)
         self.features: np.ndarray = np.empty((0, n_features - 1))
         self.weight_set = 0
@@ -156,19 +156,15 @@ class EnsemblePredictor:
         self.token_class = token_classes(pieces, n_vocab) if self.bias_classes > 1 else None
         self._bias_row = np.zeros(n_streams, np.int64)  # bias table of each stream this step
         self.scores = np.empty((n_streams, n_vocab), np.float32)
-        self.scratch = np.empty((n_streams, n_vocab), np.float32)
+        self._step = np.empty(n_vocab, np.float32)  # one stream's bias step
         self._learn_llm_weight = config.mixer and config.mix == "geometric" and config.llm_weight_lr > 0
         self.logits_seen = np.empty((n_streams, n_vocab), np.float32) if self._learn_llm_weight else None
         self._rows: np.ndarray | None = None
-        self.skipped = 0
+        self.skipped = 0  # stream steps that did without the model (statistics)
         self.steps = 0
         self._running = 0
         self._want: np.ndarray | None = None
         self._probabilities: np.ndarray | None = None
-
-    @property
-    def settings(self) -> dict:
-        return {"llm": "exp2-q64", "ensemble": self.config.to_dict()}
 
     # --- step 1: cheap features, and which streams skip the model ---------------------
 
@@ -276,9 +272,8 @@ class EnsemblePredictor:
 
     def _model_scores(self, logits: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
         """``out = w_llm * logits + bias`` for the given stream rows."""
-        if self._learn_llm_weight:
-            self.logits_seen[rows] = logits
         if self._learn_llm_weight:  # otherwise the model's weight stays at its initial 1
+            self.logits_seen[rows] = logits
             scale = np.array([self.streams[i].weights[self.streams[i].weight_set][0] for i in rows], np.float32)
             np.multiply(logits, scale[:, None], out=out)
         else:
@@ -383,7 +378,7 @@ class EnsemblePredictor:
         arithmetic is the same on both sides and no step-sized temporary is needed.
         """
         lr = np.float32(self.config.bias_lr)
-        step = self.scratch[0]
+        step = self._step
         for index in rows:
             table = self.bias[self._bias_row[index]]
             np.multiply(probabilities[index], self.config.bias_lr / totals[index], out=step, casting="unsafe")

@@ -1,0 +1,59 @@
+"""Worker processes on the CPU: the same input compressed and decompressed with --workers 1, 2, auto.
+
+The container must be byte-identical whatever the worker count; the table gives wall
+times and tokens/s. Usage: python bench/workers.py [FILE] [--bytes N] [--block-size N] [--workers 1,2,auto]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, ROOT, machine  # noqa: E402
+
+from nacrith import container as fmt  # noqa: E402
+from nacrith import pipeline  # noqa: E402
+from nacrith.workers import plan_workers  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("file", nargs="?", type=Path, default=ROOT / "corpora" / "data" / "lcet10.txt")
+    parser.add_argument("--bytes", type=int, default=100_000)
+    parser.add_argument("--block-size", type=int, default=50_000)
+    parser.add_argument("--workers", default="1,2,auto")
+    parser.add_argument("--tag", default="cpu")
+    args = parser.parse_args()
+    data = args.file.read_bytes()[: args.bytes]
+    settings = pipeline.Settings(block_size=args.block_size, fallback=False)
+    rows, containers = [], set()
+    for workers in args.workers.split(","):
+        workers = workers if workers == "auto" else int(workers)
+        plan = plan_workers(workers, False, settings.streams, settings.ctx)
+        packed = io.BytesIO()
+        began = time.perf_counter()
+        pipeline.compress_stream(io.BytesIO(data), packed, settings, workers=workers)
+        compress_s = time.perf_counter() - began
+        restored = io.BytesIO()
+        began = time.perf_counter()
+        pipeline.decompress_to(packed.getvalue(), restored, workers=workers)
+        decompress_s = time.perf_counter() - began
+        tokens = sum(block.n_tokens for block in fmt.parse(packed.getvalue()).blocks)
+        containers.add(packed.getvalue())
+        rows.append({"workers": workers, "processes": plan.processes, "threads_each": plan.threads, "compress_s": compress_s, "decompress_s": decompress_s,
+                     "compress_tok_s": tokens / compress_s, "decompress_tok_s": tokens / decompress_s, "bytes": len(packed.getvalue()), "exact": restored.getvalue() == data})
+        print(json.dumps(rows[-1]), flush=True)
+    summary = {"file": args.file.name, "input_bytes": len(data), "block_size": args.block_size, "identical_containers": len(containers) == 1, "machine": machine(), "rows": rows}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"workers-{args.tag}.json").write_text(json.dumps(summary, indent=1))
+    print("identical containers:", len(containers) == 1)
+    return 0 if len(containers) == 1 and all(row["exact"] for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
