@@ -150,11 +150,17 @@ def markdown(results: list[dict], speed: list[dict]) -> str:
             bpb = result["configs"][name]["bpb"]
             cells.append(f"{bpb:.4f}" + ("" if name == "llm only" else f" ({100 * (bpb / llm - 1):+.1f}%)"))
         lines.append(f"| {result['file']} | {result['tokens']} | " + " | ".join(cells) + " |")
-    lines += ["", "Predictor CPU time per configuration as a share of the model step's time (same run), and how often skip fired:", "",
-              "| file | model step s | " + " | ".join(names) + " | skip fired |", "|---|---:|" + "---:|" * len(names) + "---:|"]
+    lines += ["", "Predictor CPU time per token (µs) and as a share of the model step's time, both measured in the same run, and how often skip fired:", "",
+              "| file | model step µs/token | " + " | ".join(names) + " | skip fired |", "|---|---:|" + "---:|" * len(names) + "---:|"]
     for result in results:
-        cells = [f"{100 * result['configs'][name]['predictor_share_of_model']:.1f}%" for name in names]
-        lines.append(f"| {result['file']} | {result['model_s']:.1f} | " + " | ".join(cells) + f" | {100 * result['configs']['all (default)']['skipped']:.1f}% |")
+        per_token = 1e6 / result["tokens"]
+        cells = [f"{per_token * result['configs'][name]['predictor_s']:.0f} ({100 * result['configs'][name]['predictor_share_of_model']:.1f}%)" for name in names]
+        lines.append(f"| {result['file']} | {per_token * result['model_s']:.0f} | " + " | ".join(cells) + f" | {100 * result['configs']['all (default)']['skipped']:.1f}% |")
+    lines += ["", "Tokens per second each configuration would run at on its own without skip savings (tokens / (model step time + its predictor time)); real skip-on/off speeds are below:", "",
+              "| file | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for result in results:
+        cells = [f"{result['tokens'] / (result['model_s'] + result['configs'][name]['predictor_s']):.0f}" for name in names]
+        lines.append(f"| {result['file']} | " + " | ".join(cells) + " |")
     if speed:
         lines += ["", "Real compressions, skip off and on:", "", "| file | configuration | container bytes | bpb | seconds | tokens/s |", "|---|---|---:|---:|---:|---:|"]
         for row in speed:
