@@ -30,9 +30,8 @@ from common import RESULTS, ROOT, machine  # noqa: E402
 
 from nacrith import pipeline  # noqa: E402
 from nacrith.coder import RangeEncoder  # noqa: E402
-from nacrith.lockstep import Lockstep, split_streams  # noqa: E402
+from nacrith.lockstep import Lockstep  # noqa: E402
 from nacrith.predictors import EnsembleConfig, EnsemblePredictor, LLMPredictor  # noqa: E402
-from nacrith.segment import split_segments  # noqa: E402
 from nacrith.session import Session  # noqa: E402
 
 DATA = ROOT / "corpora" / "data"
@@ -44,6 +43,7 @@ CONFIGS = {
     "+match": EnsembleConfig(**{**OFF, "match": True}),
     "+bias": EnsembleConfig(**{**OFF, "bias": True}),
     "+ngram+match+mixer": EnsembleConfig(**{**OFF, "ngram": True, "match": True, "mixer": True}),
+    "all but match": replace(EnsembleConfig(), match=False),
     "all but skip": replace(EnsembleConfig(), skip=False),
     "all (default)": EnsembleConfig(),
 }
@@ -88,19 +88,13 @@ class Tee:
             self.seconds[name] += time.perf_counter() - began
 
 
-def measure_file(session: Session, path: Path, limit: int | None, settings: pipeline.Settings) -> dict:
+def measure_file(session: Session, path: Path, limit: int | None, settings: pipeline.Settings, configs: dict) -> dict:
     data = path.read_bytes()[:limit]
-    offset, tokens = 0, []
-    for is_text, length in split_segments(data, session.tokenizer.has_byte_token):
-        if is_text:
-            tokens += session.tokenizer.encode(data[offset:offset + length])
-        offset += length
-    n_streams = max(1, min(settings.streams, len(tokens) // settings.min_stream_tokens))
-    lengths = split_streams(len(tokens), n_streams)
-    bounds = np.cumsum([0] + lengths)
-    streams = [np.asarray(tokens[bounds[i]:bounds[i + 1]], np.int32) for i in range(len(lengths))]
+    tokens = pipeline.text_tokens(data, session.tokenizer)
+    streams = pipeline.lockstep_streams(tokens, settings)
+    lengths = [len(stream) for stream in streams]
     vocab = session.llama.n_vocab
-    predictors = {name: (LLMPredictor(vocab, len(lengths)) if config is None else EnsemblePredictor(vocab, len(lengths), config, session.tokenizer.pieces)) for name, config in CONFIGS.items()}
+    predictors = {name: (LLMPredictor(vocab, len(lengths)) if config is None else EnsemblePredictor(vocab, len(lengths), config, session.tokenizer.pieces)) for name, config in configs.items()}
     tee = Tee(predictors, None)
     context = session.context(len(lengths), settings.ctx)
     began = time.perf_counter()
@@ -119,9 +113,9 @@ def measure_file(session: Session, path: Path, limit: int | None, settings: pipe
     return result
 
 
-def speed_runs(path: Path, settings: pipeline.Settings) -> list[dict]:
-    """Real compressions with skip on and off: tokens/s and size."""
-    data = path.read_bytes()
+def speed_runs(path: Path, settings: pipeline.Settings, repeat: int = 1) -> list[dict]:
+    """Real compressions with skip on and off: tokens/s and size (the file ``repeat`` times over)."""
+    data = path.read_bytes() * repeat
     rows = []
     for name, config in (("all but skip", replace(EnsembleConfig(), skip=False)), ("all (default)", EnsembleConfig())):
         run = replace(settings, ensemble=config, fallback=False)
@@ -134,12 +128,12 @@ def speed_runs(path: Path, settings: pipeline.Settings) -> list[dict]:
         from nacrith import container as fmt
 
         tokens = sum(block.n_tokens for block in fmt.parse(packed.getvalue()).blocks)
-        rows.append({"config": name, "file": path.name, "bytes": len(packed.getvalue()), "bpb": 8 * len(packed.getvalue()) / len(data), "seconds": seconds, "tok_s": tokens / seconds})
+        rows.append({"config": name, "file": path.name + (f" x{repeat}" if repeat > 1 else ""), "bytes": len(packed.getvalue()), "bpb": 8 * len(packed.getvalue()) / len(data), "seconds": seconds, "tok_s": tokens / seconds})
     return rows
 
 
 def markdown(results: list[dict], speed: list[dict]) -> str:
-    names = list(CONFIGS)
+    names = list(results[0]["configs"]) if results else []
     lines = ["# Ensemble ablation", "", f"Machine: {machine()}.", "",
              "Coded size in bits per byte (range-coder payload only, no container framing), one model pass feeding every configuration:", "",
              "| file | tokens | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
@@ -155,7 +149,7 @@ def markdown(results: list[dict], speed: list[dict]) -> str:
     for result in results:
         per_token = 1e6 / result["tokens"]
         cells = [f"{per_token * result['configs'][name]['predictor_s']:.0f} ({100 * result['configs'][name]['predictor_share_of_model']:.1f}%)" for name in names]
-        lines.append(f"| {result['file']} | {per_token * result['model_s']:.0f} | " + " | ".join(cells) + f" | {100 * result['configs']['all (default)']['skipped']:.1f}% |")
+        lines.append(f"| {result['file']} | {per_token * result['model_s']:.0f} | " + " | ".join(cells) + f" | {100 * max(c['skipped'] for c in result['configs'].values()):.1f}% |")
     lines += ["", "Tokens per second each configuration would run at on its own without skip savings (tokens / (model step time + its predictor time)); real skip-on/off speeds are below:", "",
               "| file | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for result in results:
@@ -172,20 +166,27 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", nargs="*", help="file names in corpora/data (default: the issue's list)")
     parser.add_argument("--speed", nargs="*", default=[], help="files for real skip on/off runs")
+    parser.add_argument("--speed-repeat", type=int, default=1, help="repeat each --speed file this many times (repetitive text, where skip fires)")
+    parser.add_argument("--configs", help="comma-separated configuration names (default: all)")
     parser.add_argument("--tag", default="cpu")
     args = parser.parse_args()
     settings = pipeline.Settings()
+    chosen = args.configs.split(",") if args.configs else list(CONFIGS)
+    unknown = set(chosen) - set(CONFIGS)
+    if unknown:
+        parser.error(f"unknown configurations: {', '.join(sorted(unknown))}")
+    configs = {name: CONFIGS[name] for name in ["llm only"] + [n for n in chosen if n != "llm only"]}
     files = [(name, None) for name in args.files] if args.files else FILES
     session = Session()
     results = []
     for name, limit in files:
-        result = measure_file(session, DATA / name, limit, settings)
+        result = measure_file(session, DATA / name, limit, settings, configs)
         results.append(result)
         print(json.dumps({k: v for k, v in result.items() if k != "configs"}), {n: round(c["bpb"], 4) for n, c in result["configs"].items()}, flush=True)
     session.close()
     speed = []
     for name in args.speed:
-        speed += speed_runs(DATA / name, settings)
+        speed += speed_runs(DATA / name, settings, args.speed_repeat)
         print(speed[-2:], flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"ablation-{args.tag}.json").write_text(json.dumps({"results": results, "speed": speed}, indent=1))

@@ -31,22 +31,15 @@ def raw_decode(args) -> tuple[int, float]:
     data, settings, main_gpu = args
     import numpy as np
 
-    from nacrith.lockstep import KEEP, split_streams
-    from nacrith.segment import split_segments
+    from nacrith.lockstep import KEEP
     from nacrith.session import Session
 
     session = Session(settings.model, gpu=settings.gpu, threads=settings.threads, main_gpu=main_gpu)
-    offset, tokens = 0, []
-    for is_text, length in split_segments(data, session.tokenizer.has_byte_token):
-        if is_text:
-            tokens += session.tokenizer.encode(data[offset:offset + length])
-        offset += length
-    n_streams = max(1, min(settings.streams, len(tokens) // settings.min_stream_tokens))
-    lengths = split_streams(len(tokens), n_streams)
-    starts = np.cumsum([0] + lengths[:-1])
+    streams = pipeline.lockstep_streams(pipeline.text_tokens(data, session.tokenizer), settings)
+    lengths = [len(stream) for stream in streams]
+    tokens, starts = np.concatenate(streams), np.cumsum([0] + lengths[:-1])
     context = session.context(len(lengths), settings.ctx)
     context.reset()
-    token_array = np.asarray(tokens, np.int32)
     previous = np.full(len(lengths), session.llama.bos, np.int32)
     position, running = 0, len(lengths)
     began = time.perf_counter()
@@ -59,9 +52,9 @@ def raw_decode(args) -> tuple[int, float]:
             position -= settings.slide
         logits = context.step(previous[:running], np.full(running, position, np.int32))
         logits.max()  # read every logit, as the predictor must
-        previous[:running] = token_array[starts[:running] + step]
+        previous[:running] = tokens[starts[:running] + step]
         position += 1
-    return len(tokens), time.perf_counter() - began
+    return sum(lengths), time.perf_counter() - began
 
 
 def slices(data: bytes, parts: int) -> list[bytes]:

@@ -178,10 +178,8 @@ def _model_block(data: bytes, settings: Settings, session_factory: Callable, pro
         packed = zstd_compress(binary)
         if len(packed) < len(binary):
             binary_codec, binary_payload = fmt.BINARY_ZSTD, packed
-    n_streams = max(1, min(settings.streams, len(tokens) // settings.min_stream_tokens))
-    lengths = split_streams(len(tokens), n_streams)
-    bounds = np.cumsum([0] + lengths)
-    streams = [tokens[bounds[i]:bounds[i + 1]] for i in range(len(lengths))]
+    streams = lockstep_streams(tokens, settings)
+    lengths = [len(stream) for stream in streams]
     lockstep = _lockstep(session, len(lengths), settings.ctx, settings.slide, settings.predictor, progress, len(data) / max(1, len(tokens)))
     coded = lockstep.encode(streams)
     return fmt.Block(
@@ -194,6 +192,28 @@ def _model_block(data: bytes, settings: Settings, session_factory: Callable, pro
         stream_tokens=tuple(lengths),
         coded_length=len(coded),
     )
+
+
+def text_tokens(data: bytes, tokenizer) -> np.ndarray:
+    """The tokens of ``data``'s text segments, in order (what a model block codes)."""
+    tokens, offset = [], 0
+    for is_text, length in split_segments(data, tokenizer.has_byte_token):
+        if is_text:
+            tokens += tokenizer.encode(data[offset:offset + length])
+        offset += length
+    return np.asarray(tokens, np.int32)
+
+
+def lockstep_streams(tokens: np.ndarray, settings: Settings) -> list[np.ndarray]:
+    """A block's tokens cut into its contiguous lockstep streams.
+
+    At most ``settings.streams`` of them, fewer when that would leave a stream shorter than
+    ``settings.min_stream_tokens``; the lengths are those of :func:`split_streams`.
+    """
+    n_streams = max(1, min(settings.streams, len(tokens) // settings.min_stream_tokens))
+    lengths = split_streams(len(tokens), n_streams)
+    bounds = np.cumsum([0] + lengths)
+    return [tokens[bounds[i]:bounds[i + 1]] for i in range(len(lengths))]
 
 
 def _lockstep(session, n_streams: int, ctx: int, slide: int, predictor: dict, progress: Progress | None, bytes_per_token: float) -> Lockstep:

@@ -1,0 +1,118 @@
+"""Where a token's time goes at a high stream count: model step, predictor, range coder, rest.
+
+Runs the real lockstep encoder of one block for ``--steps`` steps of ``--streams`` streams,
+with timers around each part:
+
+* model step: ``llama_decode`` plus reading the logits rows (``LockstepContext.step``);
+* want: the predictor choosing which streams need the model (skip decision);
+* probabilities: logits to float64 rows (the LLM table, and the ensemble's mixing);
+* coder: constriction's range coder;
+* update: the predictor learning from the coded tokens;
+* rest: the lockstep loop itself (Python), the difference to the wall time.
+
+On a GPU the model step shrinks; everything else is CPU work in the worker process and is
+what bounds one worker's tokens per second. Usage:
+    python bench/profile.py [FILE] [--streams 256] [--steps 24] [--bytes 400000]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, ROOT, machine  # noqa: E402
+
+from nacrith import lockstep as lockstep_module  # noqa: E402
+from nacrith import pipeline  # noqa: E402
+from nacrith.predictors import make_predictor, predictor_settings  # noqa: E402
+from nacrith.predictors.ensemble import EnsembleConfig  # noqa: E402
+from nacrith.session import Session  # noqa: E402
+
+PARTS = ("model step", "want", "probabilities", "coder", "update")
+
+
+class Timers:
+    def __init__(self):
+        self.seconds = dict.fromkeys(PARTS, 0.0)
+
+    def wrap(self, part: str, function):
+        def timed(*args, **kwargs):
+            began = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds[part] += time.perf_counter() - began
+        return timed
+
+
+def profile(session: Session, streams: list, settings: pipeline.Settings, ensemble: EnsembleConfig | None) -> dict:
+    timers = Timers()
+    predictor = make_predictor(predictor_settings(ensemble), session.llama.n_vocab, len(streams), session.tokenizer.pieces, session.threads or 1)
+    for method, part in (("want_logits", "want"), ("probabilities", "probabilities"), ("update", "update")):
+        setattr(predictor, method, timers.wrap(part, getattr(predictor, method)))
+    context = session.context(len(streams), settings.ctx)
+    context.step = timers.wrap("model step", context.step)
+
+    class TimedEncoder(lockstep_module.RangeEncoder):
+        encode = timers.wrap("coder", lockstep_module.RangeEncoder.encode)
+
+    original = lockstep_module.RangeEncoder
+    lockstep_module.RangeEncoder = TimedEncoder
+    try:
+        began = time.perf_counter()
+        lockstep_module.Lockstep(context, session.llama.bos, settings.ctx, settings.slide, predictor).encode(streams)
+        wall = time.perf_counter() - began
+    finally:
+        lockstep_module.RangeEncoder = original
+        del context.step  # the session caches the context: unwrap it
+    tokens = sum(len(stream) for stream in streams)
+    per_token = {part: 1e6 * seconds / tokens for part, seconds in timers.seconds.items()}
+    per_token["rest"] = 1e6 * wall / tokens - sum(per_token.values())
+    return {"predictor": "llm only" if ensemble is None else "ensemble (default)", "tokens": tokens, "wall_s": wall,
+            "tok_s": tokens / wall, "us_per_token": per_token}
+
+
+def markdown(rows: list[dict], args, streams: int) -> str:
+    columns = list(PARTS) + ["rest"]
+    lines = ["# Where a token's time goes", "", f"{args.file.name}, {streams} lockstep streams x {args.steps} steps, ctx {args.ctx}, one process. Machine: {machine()}.", "",
+             "Microseconds per token (share of the total):", "",
+             "| predictor | " + " | ".join(columns) + " | total | tokens/s |", "|---|" + "---:|" * (len(columns) + 2)]
+    for row in rows:
+        total = sum(row["us_per_token"].values())
+        cells = [f"{row['us_per_token'][part]:.0f} ({100 * row['us_per_token'][part] / total:.0f}%)" for part in columns]
+        lines.append(f"| {row['predictor']} | " + " | ".join(cells) + f" | {total:.0f} | {row['tok_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("file", nargs="?", type=Path, default=ROOT / "corpora" / "data" / "bible.txt")
+    parser.add_argument("--bytes", type=int, default=400_000)
+    parser.add_argument("--streams", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--ctx", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--tag", default="cpu")
+    args = parser.parse_args()
+    settings = pipeline.Settings(streams=args.streams, ctx=args.ctx, slide=args.ctx // 4, min_stream_tokens=1)
+    session = Session(threads=args.threads)
+    tokens = pipeline.text_tokens(args.file.read_bytes()[: args.bytes], session.tokenizer)
+    streams = [stream[: args.steps] for stream in pipeline.lockstep_streams(tokens, settings)]
+    rows = []
+    for ensemble in (None, EnsembleConfig()):
+        rows.append(profile(session, streams, settings, ensemble))
+        print(json.dumps(rows[-1]), flush=True)
+    session.close()
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"profile-{args.tag}.json").write_text(json.dumps({"file": args.file.name, "streams": len(streams), "steps": args.steps, "machine": machine(), "rows": rows}, indent=1))
+    (RESULTS / f"profile-{args.tag}.md").write_text(markdown(rows, args, len(streams)))
+    print(f"wrote {RESULTS}/profile-{args.tag}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
