@@ -313,7 +313,7 @@ def describe(name: str) -> dict:
     kinds = [fmt.BLOCK_KINDS[block.kind] for block in parsed.blocks]
     return {
         "file": name,
-        "format_version": fmt.VERSION,
+        "format_version": parsed.header.version,
         "original_size": original,
         "compressed_size": size,
         "bits_per_byte": round(8 * size / original, 4) if original else None,
@@ -359,7 +359,7 @@ def info_command(files, as_json):
             click.echo(f"  window      ctx {model['ctx']}, slide {model['slide']}")
             click.echo(f"  predictor   {json.dumps(model['predictor'], sort_keys=True)}")
         else:
-            click.echo("  model       none (zstd/stored blocks only)")
+            click.echo("  model       none (zstd/xz/stored blocks only)")
 
     run_each(files, None, show)
 

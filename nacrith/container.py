@@ -1,4 +1,4 @@
-"""The nacrith container, format version 1, byte by byte.
+"""The nacrith container, format version 2, byte by byte.
 
 Integers marked *varint* are unsigned LEB128 (7 bits per byte, low group first, high bit
 set on every byte but the last, at most 10 bytes). *str* is a varint byte length followed
@@ -9,7 +9,7 @@ by that many UTF-8 bytes. *u32* is 4 bytes little-endian. CRC-32 is zlib's.
     file     := header block* trailer          (nothing may follow the trailer)
 
     header   := magic "NCRT" (4 bytes)
-                version                 u8      = 1
+                version                 u8      = 2 (1 is read too: the same without xz)
                 body_length             varint
                 body                    body_length bytes:
                     flags               varint  bit 0: a model section follows
@@ -26,15 +26,16 @@ by that many UTF-8 bytes. *u32* is 4 bytes little-endian. CRC-32 is zlib's.
     block    := tag "B" (1 byte)
                 body_length             varint
                 body:
-                    kind                u8      0 stored, 1 zstd, 2 model
+                    kind                u8      0 stored, 1 zstd, 2 model, 3 xz
                     raw_length          varint  bytes of the original this block restores
                     kind 0: nothing more (payload: raw_length bytes)
                     kind 1: zstd_length varint  (payload: one zstd frame)
+                    kind 3: xz_length   varint  (payload: one raw LZMA2 stream, see below)
                     kind 2:
                         n_segments      varint  text and binary segments alternate
                         first_is_text   u8      0 or 1
                         segment_length  varint  x n_segments (they sum to raw_length)
-                        binary_codec    u8      0 stored, 1 zstd: all binary segments, joined
+                        binary_codec    u8      0 stored, 1 zstd, 2 xz: all binary segments, joined
                         binary_length   varint  bytes of the binary payload
                         n_streams       varint
                         stream_tokens   varint  x n_streams, non-increasing
@@ -50,6 +51,11 @@ by that many UTF-8 bytes. *u32* is 4 bytes little-endian. CRC-32 is zlib's.
                 checksum                8 bytes the first 8 bytes of SHA-256(original)
                 crc32                   u32     of the tag, n_blocks, total_length, checksum
 
+*xz* data is a raw LZMA2 stream (no .xz framing: the container has its own lengths and
+CRCs) made with liblzma's preset 9e, whose only filter property, the dictionary size, is
+fixed at 64 MiB; decode it with ``lzma.LZMADecompressor(FORMAT_RAW, filters=XZ_FILTERS)``.
+Version 2 added the xz codec; version 1 files are read unchanged.
+
 :func:`parse` checks every CRC, every length and the trailer's totals before returning,
 so a decoder can refuse a damaged file before any model work.
 """
@@ -57,6 +63,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import lzma
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -64,14 +71,17 @@ from dataclasses import dataclass, field
 from .errors import CorruptError, NotNacrithError, TruncatedError, UnsupportedVersionError
 
 MAGIC = b"NCRT"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 BLOCK_TAG = b"B"
 TRAILER_TAG = b"E"
 CHECKSUM_BYTES = 8
 
-STORED, ZSTD, MODEL = 0, 1, 2
-BLOCK_KINDS = {STORED: "stored", ZSTD: "zstd", MODEL: "model"}
-BINARY_STORED, BINARY_ZSTD = 0, 1
+STORED, ZSTD, MODEL, XZ = 0, 1, 2, 3
+BLOCK_KINDS = {STORED: "stored", ZSTD: "zstd", MODEL: "model", XZ: "xz"}
+BINARY_STORED, BINARY_ZSTD, BINARY_XZ = 0, 1, 2
+BINARY_CODECS = {BINARY_STORED: "stored", BINARY_ZSTD: "zstd", BINARY_XZ: "xz"}
+XZ_FILTERS = ({"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME},)  # dict_size 64 MiB
 
 
 def checksum(data) -> bytes:
@@ -170,6 +180,7 @@ class Header:
     """The file header: the model section is None when no block uses the model."""
 
     model: ModelSection | None = None
+    version: int = VERSION  # the version read (written files are always VERSION)
 
 
 def write_header(header: Header) -> bytes:
@@ -200,8 +211,8 @@ def read_header(data) -> tuple[Header, int]:
         raise NotNacrithError("not a nacrith file (bad magic bytes)")
     reader = Reader(data, 4, what="header")
     version = reader.u8()
-    if version != VERSION:
-        raise UnsupportedVersionError(f"unsupported container version {version} (this nacrith reads version {VERSION})")
+    if version not in READABLE_VERSIONS:
+        raise UnsupportedVersionError(f"unsupported container version {version} (this nacrith reads versions {', '.join(map(str, READABLE_VERSIONS))})")
     body_length = reader.varint()
     body_start = reader.offset
     reader.take(body_length)
@@ -226,7 +237,7 @@ def read_header(data) -> tuple[Header, int]:
         raise UnsupportedVersionError(f"container uses unknown header flags 0x{flags:x}")
     if body.offset != crc_end:
         raise CorruptError("corrupt container: header has trailing bytes")
-    return Header(model), reader.offset
+    return Header(model, version), reader.offset
 
 
 # --- blocks -------------------------------------------------------------------------
@@ -265,7 +276,7 @@ class Block:
 def write_block(block: Block) -> bytes:
     body = bytearray([block.kind])
     put_varint(body, block.raw_length)
-    if block.kind == ZSTD:
+    if block.kind in (ZSTD, XZ):
         put_varint(body, len(block.payload))
     elif block.kind == MODEL:
         put_varint(body, len(block.segments))
@@ -302,7 +313,7 @@ def read_block(data, offset: int) -> tuple[Block, int]:
     fields: dict = {}
     if kind == STORED:
         payload_length = raw_length
-    elif kind == ZSTD:
+    elif kind in (ZSTD, XZ):
         payload_length = body.varint()
     elif kind == MODEL:
         fields = _read_model_fields(body, raw_length)
@@ -330,7 +341,7 @@ def _read_model_fields(body: Reader, raw_length: int) -> dict:
     if sum(length for _, length in segments) != raw_length or any(length == 0 for _, length in segments):
         raise CorruptError("corrupt container: segment lengths do not add up to the block length")
     binary_codec = body.u8()
-    if binary_codec not in (BINARY_STORED, BINARY_ZSTD):
+    if binary_codec not in BINARY_CODECS:
         raise CorruptError(f"corrupt container: unknown binary codec {binary_codec}")
     binary_length = body.varint()
     n_streams = body.varint()
@@ -416,6 +427,8 @@ def parse(data) -> Container:
         raise CorruptError("corrupt container: block lengths do not add up to the original length")
     if any(block.kind == MODEL for block in blocks) and header.model is None:
         raise CorruptError("corrupt container: a model block but no model section")
+    if header.version < 2 and any(block.kind == XZ or block.binary_codec == BINARY_XZ for block in blocks):
+        raise CorruptError("corrupt container: xz data in a version 1 file")
     return Container(header, blocks, trailer)
 
 

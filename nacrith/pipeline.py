@@ -5,8 +5,9 @@ The input is cut into blocks of ``block_size`` bytes, each coded on its own:
 * its text segments (:mod:`nacrith.segment`) are tokenized exactly, joined, cut into
   lockstep streams and range-coded with the predictor's distributions
   (:mod:`nacrith.lockstep`);
-* its binary segments are joined and compressed with zstd (or stored when that is smaller);
-* the block is then stored as whichever of "model", "zstd" or "stored" is smallest.
+* its binary segments are joined and compressed with zstd -19 or xz -9e (or stored), whichever
+  is smallest;
+* the block is then stored as whichever of "model", "zstd", "xz" or "stored" is smallest.
 
 Blocks are independent, so worker processes (:mod:`nacrith.workers`) can code several at
 once; the container (:mod:`nacrith.container`) records everything decoding needs. Decoding
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import lzma
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -32,6 +34,9 @@ from .predictors import EnsembleConfig, make_predictor, predictor_settings
 from .segment import split_segments
 
 ZSTD_LEVEL = 19
+XZ_WORTH_TRYING = 0.97  # try xz only where zstd saved at least 3%: on noise it only costs time
+PLAIN_KINDS = {fmt.BINARY_STORED: fmt.STORED, fmt.BINARY_ZSTD: fmt.ZSTD, fmt.BINARY_XZ: fmt.XZ}  # whole-block kinds
+BINARY_CODEC_OF_KIND = {kind: codec for codec, kind in PLAIN_KINDS.items()}
 
 # Defaults, chosen from bench/tradeoff.py and bench/ablation.py on the 2-core development
 # machine (see README).
@@ -103,6 +108,47 @@ def zstd_compress(data: bytes) -> bytes:
     return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True, write_checksum=False).compress(data)
 
 
+def xz_compress(data: bytes) -> bytes:
+    """A raw LZMA2 stream of ``data`` (the container's xz codec)."""
+    return lzma.compress(data, format=lzma.FORMAT_RAW, filters=fmt.XZ_FILTERS)
+
+
+def xz_decompress(stream, expected: int) -> bytes:
+    decompressor = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=fmt.XZ_FILTERS)
+    try:
+        data = decompressor.decompress(bytes(stream), max_length=expected + 1)
+    except lzma.LZMAError as exc:
+        raise CorruptError(f"corrupt container: xz data does not decode ({exc})") from None
+    if len(data) != expected:
+        raise CorruptError("corrupt container: xz data has the wrong length")
+    return data
+
+
+def pack_binary(data: bytes) -> tuple[int, bytes]:
+    """The smallest of stored, zstd and xz for ``data``: (binary codec, payload).
+
+    xz is only tried where zstd found something to squeeze (it is slow on noise).
+    """
+    best = (fmt.BINARY_STORED, data)
+    packed = zstd_compress(data)
+    if len(packed) < len(data):
+        best = (fmt.BINARY_ZSTD, packed)
+        if len(packed) < XZ_WORTH_TRYING * len(data):
+            packed = xz_compress(data)
+            if len(packed) < len(best[1]):
+                best = (fmt.BINARY_XZ, packed)
+    return best
+
+
+def unpack_binary(codec: int, payload, expected: int) -> bytes:
+    """The inverse of :func:`pack_binary`."""
+    if codec == fmt.BINARY_ZSTD:
+        return zstd_decompress(payload, expected)
+    if codec == fmt.BINARY_XZ:
+        return xz_decompress(payload, expected)
+    return bytes(payload)
+
+
 def zstd_decompress(frame, expected: int) -> bytes:
     try:
         data = zstandard.ZstdDecompressor().decompress(frame, max_output_size=max(expected, 1))
@@ -149,10 +195,11 @@ def compress_block(data: bytes, settings: Settings, session_factory: Callable, p
     ``session_factory()`` returns the :class:`~nacrith.session.Session` to use; it is only
     called when the block has text for the model.
     """
-    candidates = [fmt.Block(fmt.STORED, len(data), data)]
     if settings.fallback or not settings.use_model:
-        candidates.append(fmt.Block(fmt.ZSTD, len(data), zstd_compress(data)))
-    plain = min(candidates, key=lambda block: len(block.payload))
+        codec, payload = pack_binary(data)
+        plain = fmt.Block(PLAIN_KINDS[codec], len(data), payload)
+    else:
+        plain = fmt.Block(fmt.STORED, len(data), data)
     model_block = _model_block(data, settings, session_factory, progress) if settings.use_model and data else None
     if model_block is not None and (len(model_block.payload) < len(plain.payload) or not settings.fallback):
         alternative = fmt.write_block(plain) if settings.fallback else None
@@ -173,11 +220,7 @@ def _model_block(data: bytes, settings: Settings, session_factory: Callable, pro
         offset += length
     tokens = np.asarray([token for part in text_parts for token in session.tokenizer.encode(part)], np.int32)
     binary = b"".join(binary_parts)
-    binary_codec, binary_payload = fmt.BINARY_STORED, binary
-    if binary:
-        packed = zstd_compress(binary)
-        if len(packed) < len(binary):
-            binary_codec, binary_payload = fmt.BINARY_ZSTD, packed
+    binary_codec, binary_payload = pack_binary(binary)
     streams = lockstep_streams(tokens, settings)
     lengths = [len(stream) for stream in streams]
     lockstep = _lockstep(session, len(lengths), settings.ctx, settings.slide, settings.predictor, progress, len(data) / max(1, len(tokens)))
@@ -229,8 +272,8 @@ def decode_block(block: fmt.Block, section: fmt.ModelSection | None, session_fac
     """The original bytes of one parsed block."""
     if block.kind == fmt.STORED:
         data = bytes(block.payload)
-    elif block.kind == fmt.ZSTD:
-        data = zstd_decompress(block.payload, block.raw_length)
+    elif block.kind in (fmt.ZSTD, fmt.XZ):
+        data = unpack_binary(BINARY_CODEC_OF_KIND[block.kind], block.payload, block.raw_length)
     else:
         data = _decode_model_block(block, section, session_factory(), progress)
     if len(data) != block.raw_length:
@@ -242,9 +285,7 @@ def decode_block(block: fmt.Block, section: fmt.ModelSection | None, session_fac
 
 def _decode_model_block(block: fmt.Block, section: fmt.ModelSection, session, progress: Progress | None) -> bytes:
     binary_size = block.raw_length - block.text_length
-    binary = block.binary_payload
-    if block.binary_codec == fmt.BINARY_ZSTD:
-        binary = zstd_decompress(binary, binary_size)
+    binary = unpack_binary(block.binary_codec, block.binary_payload, binary_size)
     if len(binary) != binary_size:
         raise CorruptError("corrupt container: binary segments have the wrong length")
     lengths = list(block.stream_tokens)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import random
 
 import pytest
 
@@ -41,3 +42,9 @@ def roundtrip(session):
         return blob
 
     return run
+
+
+def sparse_binary(n: int = 20000) -> bytes:
+    """Mostly zero bytes: xz's adaptive coder beats zstd's Huffman codes here."""
+    rng = random.Random(5)
+    return bytes(0 if rng.random() < 0.98 else rng.choice(b"\x01\x02\x03\x04") for _ in range(n))

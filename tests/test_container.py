@@ -14,7 +14,7 @@ from nacrith.errors import (
     UnsupportedVersionError,
 )
 
-from .conftest import SMALL, pack, unpack
+from .conftest import SMALL, pack, sparse_binary, unpack
 
 TEXT = b"The quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. " * 2
 MIXED = TEXT + bytes(range(256)) * 2 + TEXT
@@ -91,6 +91,29 @@ def test_unknown_version(session, model_blob):
     damaged[4] = 9  # the version is checked before the header CRC
     with pytest.raises(UnsupportedVersionError, match="version 9"):
         unpack(session, bytes(damaged))
+
+
+def as_version_1(blob: bytes) -> bytes:
+    """``blob`` relabelled as a format version 1 file (header CRC recomputed)."""
+    import zlib
+
+    _, header_end = fmt.read_header(blob)
+    header = bytearray(blob[: header_end - 4])
+    header[4] = 1
+    return bytes(header) + zlib.crc32(header).to_bytes(4, "little") + blob[header_end:]
+
+
+def test_version_1_files_still_decode(session):
+    v1 = as_version_1(pack(session, TEXT, fallback=False, **SMALL))  # text only: nothing version 1 lacked
+    assert fmt.parse(v1).header.version == 1
+    assert unpack(session, v1) == TEXT
+
+
+def test_xz_in_a_version_1_file_is_refused(session):
+    blob = pack(session, sparse_binary())
+    assert fmt.parse(blob).blocks[0].kind == fmt.XZ
+    with pytest.raises(CorruptError, match="version 1"):
+        unpack(session, as_version_1(blob))
 
 
 def test_damage_behind_valid_crcs_is_caught(session, model_blob):

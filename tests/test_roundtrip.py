@@ -7,7 +7,7 @@ import pytest
 
 from nacrith import container as fmt
 
-from .conftest import SMALL
+from .conftest import SMALL, sparse_binary
 
 PROSE = (
     b"Alice was beginning to get very tired of sitting by her sister on the bank, and of "
@@ -71,6 +71,21 @@ def test_binary_only_needs_no_model(roundtrip):
     parsed = fmt.parse(blob)
     assert parsed.header.model is None
     assert all(block.kind in (fmt.STORED, fmt.ZSTD) for block in parsed.blocks)
+
+
+def test_binary_takes_xz_when_smaller(roundtrip):
+    import zstandard
+
+    data = sparse_binary()
+    blob = roundtrip(data)
+    assert [block.kind for block in fmt.parse(blob).blocks] == [fmt.XZ]
+    assert len(blob) < len(zstandard.ZstdCompressor(level=19).compress(data))
+
+
+def test_binary_segments_take_xz_when_smaller(roundtrip):
+    blob = roundtrip(PROSE * 2 + sparse_binary() + PROSE * 2, fallback=False)
+    block = fmt.parse(blob).blocks[0]
+    assert block.kind == fmt.MODEL and block.binary_codec == fmt.BINARY_XZ
 
 
 NOVEL = (
