@@ -32,7 +32,6 @@ from nacrith import pipeline  # noqa: E402
 from nacrith.coder import RangeEncoder  # noqa: E402
 from nacrith.lockstep import Lockstep  # noqa: E402
 from nacrith.predictors import EnsembleConfig, EnsemblePredictor, LLMPredictor  # noqa: E402
-from nacrith.predictors.ensemble import PRESETS  # noqa: E402
 from nacrith.session import Session  # noqa: E402
 
 DATA = ROOT / "corpora" / "data"
@@ -44,8 +43,7 @@ CONFIGS = {
     "+match": EnsembleConfig(**{**OFF, "match": True}),
     "+bias": EnsembleConfig(**{**OFF, "bias": True}),
     "+ngram+match+mixer": EnsembleConfig(**{**OFF, "ngram": True, "match": True, "mixer": True}),
-    "all + match (v1)": PRESETS["v1"],
-    "all but match": replace(PRESETS["v1"], match=False),  # = v2, the default since the match model was dropped
+    "all but match": replace(EnsembleConfig(), match=False),
     "all but skip": replace(EnsembleConfig(), skip=False),
     "all (default)": EnsembleConfig(),
 }

@@ -261,16 +261,16 @@ def main_group():
 @click.option("--block-size", type=click.IntRange(min=1), default=pipeline.DEFAULT_BLOCK_SIZE, show_default=True, help="Bytes per independently coded block.")
 @click.option("--llm-only", is_flag=True, help="The language model alone, no ensemble.")
 @click.option("--no-ngram", is_flag=True, help="Ensemble without the token n-gram model.")
-@click.option("--match/--no-match", default=None, help="Add (or leave out) the long-range match model; off by default, it measured no gain.")
+@click.option("--no-match", is_flag=True, help="Ensemble without the long-range match model.")
 @click.option("--no-bias", is_flag=True, help="Ensemble without the adaptive bias head.")
 @click.option("--no-mixer", is_flag=True, help="Fixed mixing weights instead of learned ones.")
 @click.option("--no-skip", is_flag=True, help="Always use the model's logits (no confidence skip).")
-def compress_command(files, output, to_stdout, force, keep, remove, quiet, verbose, model, threads, workers, gpus, streams, ctx, slide, block_size, llm_only, no_ngram, match, no_bias, no_mixer, no_skip):
+def compress_command(files, output, to_stdout, force, keep, remove, quiet, verbose, model, threads, workers, gpus, streams, ctx, slide, block_size, llm_only, no_ngram, no_match, no_bias, no_mixer, no_skip):
     """Compress FILES (or standard input) to FILE.nc.
 
     Decompression needs no options: the file records how it was made.
     """
-    ensemble = None if llm_only else ensemble_config(no_ngram, match, no_bias, no_mixer, no_skip)
+    ensemble = None if llm_only else ensemble_config(no_ngram, no_match, no_bias, no_mixer, no_skip)
     settings = pipeline.Settings(model=model, streams=streams, ctx=ctx, slide=slide, block_size=block_size, threads=threads, ensemble=ensemble,
                                  gpu=gpus is not None, gpu_ids=gpus or None)
     try:
@@ -280,14 +280,13 @@ def compress_command(files, output, to_stdout, force, keep, remove, quiet, verbo
     run_each(files, output, lambda name: compress_one(name, settings, workers, output, to_stdout, force, quiet, verbose, remove))
 
 
-def ensemble_config(no_ngram: bool, match: bool | None, no_bias: bool, no_mixer: bool, no_skip: bool):
-    """The default ensemble with the parts named switched off, and the match model on or off
-    when ``match`` says so (None if nothing is left)."""
+def ensemble_config(no_ngram: bool, no_match: bool, no_bias: bool, no_mixer: bool, no_skip: bool):
+    """The default ensemble with the parts named switched off (None if nothing is left)."""
     base = pipeline.Settings().ensemble or EnsembleConfig()
     config = replace(
         base,
         ngram=base.ngram and not no_ngram,
-        match=base.match if match is None else match,
+        match=base.match and not no_match,
         bias=base.bias and not no_bias,
         mixer=base.mixer and not no_mixer,
         skip=base.skip and not no_skip,

@@ -76,16 +76,6 @@ def test_container_records_parts_and_decodes_without_flags(session):
     assert unpack(session, blob) == TEXT * 3
 
 
-def test_preset_v1_containers_decode(session):
-    """Files of the earlier default (v1, with the match model) decode without flags."""
-    from nacrith.predictors.ensemble import PRESETS
-
-    assert ensemble_config({"llm": "exp2-q64", "ensemble": "v1"}) == PRESETS["v1"]  # as stop-5 builds wrote it
-    blob = pack(session, TEXT * 2, fallback=False, ensemble=PRESETS["v1"], **SMALL)
-    assert ensemble_config(fmt.parse(blob).header.model.predictor) == PRESETS["v1"]
-    assert unpack(session, blob) == TEXT * 2
-
-
 def test_llm_only_container(session):
     blob = pack(session, TEXT, fallback=False, ensemble=None, **SMALL)
     assert "ensemble" not in fmt.parse(blob).header.model.predictor
@@ -93,7 +83,7 @@ def test_llm_only_container(session):
 
 
 def test_presets_are_frozen():
-    """Containers name presets v1 and v2: their values must never change."""
+    """Containers name preset v1: its values must never change."""
     from nacrith.predictors.ensemble import PRESETS
 
     assert PRESETS["v1"].to_dict() == {
@@ -102,9 +92,7 @@ def test_presets_are_frozen():
         "ngram_weight": -3.0, "match_weight": -3.0, "skip": True, "skip_confidence": 0.995,
         "skip_min_trials": 32, "share": True,
     }
-    assert PRESETS["v2"].to_dict() == {**PRESETS["v1"].to_dict(), "match": False}
-    assert predictor_settings(EnsembleConfig()) == {"llm": "exp2-q64", "ensemble": "v2"}
-    assert predictor_settings(PRESETS["v1"]) == {"llm": "exp2-q64", "ensemble": "v2", "set": {"match": True}}
+    assert predictor_settings(EnsembleConfig()) == {"llm": "exp2-q64", "ensemble": "v1"}
     assert ensemble_config({"llm": "exp2-q64", "ensemble": "v1", "set": {"skip": False}}).skip is False
     with pytest.raises(ValueError):
         ensemble_config({"llm": "exp2-q64", "ensemble": "v9"})

@@ -53,7 +53,7 @@ class EnsembleConfig:
 
     ngram: bool = True
     max_order: int = 6
-    match: bool = False  # measured no gain (bench/results/ablation-match*.md): off since preset v2
+    match: bool = True
     match_min: int = 6
     bias: bool = True
     bias_lr: float = 0.16
@@ -93,15 +93,7 @@ PRESETS = {
         mix="linear", mixer_lr=0.1, llm_weight_lr=0.0, ngram_weight=-3.0, match_weight=-3.0, skip=True,
         skip_confidence=0.995, skip_min_trials=32, share=True,
     ),
-    # v2 = v1 without the match model, which cost bits on cp.html and fields.c and gained
-    # nothing measurable elsewhere
-    "v2": EnsembleConfig(
-        ngram=True, max_order=6, match=False, match_min=6, bias=True, bias_lr=0.16, bias_classes=3, mixer=True,
-        mix="linear", mixer_lr=0.1, llm_weight_lr=0.0, ngram_weight=-3.0, match_weight=-3.0, skip=True,
-        skip_confidence=0.995, skip_min_trials=32, share=True,
-    ),
 }
-DEFAULT_PRESET = "v2"  # the preset new containers name; must equal EnsembleConfig()'s values
 
 
 def token_classes(pieces: list[bytes] | None, n_vocab: int) -> np.ndarray:
