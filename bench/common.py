@@ -1,10 +1,12 @@
-"""Helpers shared by the bench scripts: settings from the command line, machine facts."""
+"""Helpers shared by the bench scripts: settings from the command line, timed round trips, machine facts."""
 from __future__ import annotations
 
 import argparse
+import io
 import platform
 import sys
-from dataclasses import replace
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -12,6 +14,7 @@ ROOT = HERE.parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(ROOT))
 
+from nacrith import container as fmt  # noqa: E402
 from nacrith import pipeline  # noqa: E402
 from nacrith.predictors import EnsembleConfig  # noqa: E402
 
@@ -47,3 +50,37 @@ def machine() -> str:
 
     info = L.llama_print_system_info().decode().strip().rstrip("|").strip()
     return f"{platform.machine()}, {default_threads()} cores; llama.cpp: {info}"
+
+
+@dataclass(frozen=True)
+class RoundTrip:
+    """One timed compression and decompression of the same bytes."""
+
+    blob: bytes
+    exact: bool
+    compress_s: float
+    decompress_s: float
+    tokens: int  # tokens coded by the model
+
+    @property
+    def compress_tok_s(self) -> float:
+        return self.tokens / self.compress_s
+
+    @property
+    def decompress_tok_s(self) -> float:
+        return self.tokens / self.decompress_s
+
+
+def round_trip(data: bytes, settings: pipeline.Settings, workers=1) -> RoundTrip:
+    """Compress ``data`` and decompress the result through the pipeline (model loading included)."""
+    packed = io.BytesIO()
+    began = time.perf_counter()
+    pipeline.compress_stream(io.BytesIO(data), packed, settings, workers=workers)
+    compress_s = time.perf_counter() - began
+    blob = packed.getvalue()
+    restored = io.BytesIO()
+    began = time.perf_counter()
+    pipeline.decompress_to(blob, restored, threads=settings.threads, workers=workers)
+    decompress_s = time.perf_counter() - began
+    tokens = sum(block.n_tokens for block in fmt.parse(blob).blocks)
+    return RoundTrip(blob, restored.getvalue() == data, compress_s, decompress_s, tokens)

@@ -12,17 +12,15 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import HERE, RESULTS, add_settings_arguments, machine, settings_from_arguments  # noqa: E402
+from common import HERE, RESULTS, add_settings_arguments, machine, round_trip, settings_from_arguments  # noqa: E402
 
 from nacrith import container as fmt  # noqa: E402
 from nacrith import pipeline  # noqa: E402
@@ -48,29 +46,19 @@ def classical_size(command: list[str], path: Path) -> int | None:
 def measure(path: Path, settings: pipeline.Settings, workers) -> dict:
     """Compress and decompress ``path`` through the pipeline (model loading included)."""
     data = path.read_bytes()
-    start = time.perf_counter()
-    packed = io.BytesIO()
-    pipeline.compress_stream(io.BytesIO(data), packed, settings, workers=workers)
-    compress_time = time.perf_counter() - start
-    blob = packed.getvalue()
-    start = time.perf_counter()
-    restored = io.BytesIO()
-    pipeline.decompress_to(blob, restored, threads=settings.threads, workers=workers)
-    decompress_time = time.perf_counter() - start
-    parsed = fmt.parse(blob)
-    tokens = sum(block.n_tokens for block in parsed.blocks)
+    trip = round_trip(data, settings, workers)
     row = {
         "file": path.name,
         "size": len(data),
-        "nacrith": len(blob),
-        "bpb": 8 * len(blob) / len(data) if data else 0.0,
-        "exact": restored.getvalue() == data,
-        "compress_s": compress_time,
-        "decompress_s": decompress_time,
-        "tokens": tokens,
-        "compress_tok_s": tokens / compress_time,
-        "decompress_tok_s": tokens / decompress_time,
-        "block_kinds": sorted(fmt.BLOCK_KINDS[block.kind] for block in parsed.blocks),
+        "nacrith": len(trip.blob),
+        "bpb": 8 * len(trip.blob) / len(data) if data else 0.0,
+        "exact": trip.exact,
+        "compress_s": trip.compress_s,
+        "decompress_s": trip.decompress_s,
+        "tokens": trip.tokens,
+        "compress_tok_s": trip.compress_tok_s,
+        "decompress_tok_s": trip.decompress_tok_s,
+        "block_kinds": sorted(fmt.BLOCK_KINDS[block.kind] for block in fmt.parse(trip.blob).blocks),
     }
     for name, command in CLASSICAL.items():
         row[name] = classical_size(command, path)

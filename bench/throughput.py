@@ -11,7 +11,6 @@ Usage: python bench/throughput.py [FILE] [--bytes N] [--streams N] [--ctx N] [--
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import multiprocessing
 import sys
@@ -20,9 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, ROOT, add_settings_arguments, machine, settings_from_arguments  # noqa: E402
+from common import RESULTS, ROOT, add_settings_arguments, machine, round_trip, settings_from_arguments  # noqa: E402
 
-from nacrith import container as fmt  # noqa: E402
 from nacrith import pipeline  # noqa: E402
 
 
@@ -90,20 +88,11 @@ def main() -> int:
     # raw: the slowest process decides (model loading excluded, as below)
     raw_rate = tokens / max(seconds for _, seconds in results)
 
-    packed = io.BytesIO()
-    began = time.perf_counter()
-    pipeline.compress_stream(io.BytesIO(data), packed, settings, workers=args.workers)
-    compress_time = time.perf_counter() - began
-    blob = packed.getvalue()
-    restored = io.BytesIO()
-    began = time.perf_counter()
-    pipeline.decompress_to(blob, restored, workers=args.workers)
-    decompress_time = time.perf_counter() - began
-    coded_tokens = sum(b.n_tokens for b in fmt.parse(blob).blocks)
+    trip = round_trip(data, settings, args.workers)
     row = {
         "file": args.file.name,
         "bytes": len(data),
-        "tokens": coded_tokens,
+        "tokens": trip.tokens,
         "streams": settings.streams,
         "ctx": settings.ctx,
         "workers": args.workers,
@@ -111,14 +100,14 @@ def main() -> int:
         "predictor": settings.predictor_name,
         "raw_tok_s": raw_rate,
         "raw_wall_s": raw_wall,
-        "compress_tok_s": coded_tokens / compress_time,
-        "decompress_tok_s": coded_tokens / decompress_time,
-        "compress_KB_s": len(data) / compress_time / 1000,
-        "decompress_KB_s": len(data) / decompress_time / 1000,
-        "compress_ratio_to_raw": coded_tokens / compress_time / raw_rate,
-        "decompress_ratio_to_raw": coded_tokens / decompress_time / raw_rate,
-        "bpb": 8 * len(blob) / len(data),
-        "exact": restored.getvalue() == data,
+        "compress_tok_s": trip.compress_tok_s,
+        "decompress_tok_s": trip.decompress_tok_s,
+        "compress_KB_s": len(data) / trip.compress_s / 1000,
+        "decompress_KB_s": len(data) / trip.decompress_s / 1000,
+        "compress_ratio_to_raw": trip.compress_tok_s / raw_rate,
+        "decompress_ratio_to_raw": trip.decompress_tok_s / raw_rate,
+        "bpb": 8 * len(trip.blob) / len(data),
+        "exact": trip.exact,
         "machine": machine(),
     }
     print(json.dumps(row, indent=1))

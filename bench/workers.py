@@ -6,17 +6,14 @@ times and tokens/s. Usage: python bench/workers.py [FILE] [--bytes N] [--block-s
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, ROOT, machine  # noqa: E402
+from common import RESULTS, ROOT, machine, round_trip  # noqa: E402
 
-from nacrith import container as fmt  # noqa: E402
 from nacrith import pipeline  # noqa: E402
 from nacrith.workers import plan_workers  # noqa: E402
 
@@ -35,18 +32,10 @@ def main() -> int:
     for workers in args.workers.split(","):
         workers = workers if workers == "auto" else int(workers)
         plan = plan_workers(workers, False, settings.streams, settings.ctx)
-        packed = io.BytesIO()
-        began = time.perf_counter()
-        pipeline.compress_stream(io.BytesIO(data), packed, settings, workers=workers)
-        compress_s = time.perf_counter() - began
-        restored = io.BytesIO()
-        began = time.perf_counter()
-        pipeline.decompress_to(packed.getvalue(), restored, workers=workers)
-        decompress_s = time.perf_counter() - began
-        tokens = sum(block.n_tokens for block in fmt.parse(packed.getvalue()).blocks)
-        containers.add(packed.getvalue())
-        rows.append({"workers": workers, "processes": plan.processes, "threads_each": plan.threads, "compress_s": compress_s, "decompress_s": decompress_s,
-                     "compress_tok_s": tokens / compress_s, "decompress_tok_s": tokens / decompress_s, "bytes": len(packed.getvalue()), "exact": restored.getvalue() == data})
+        trip = round_trip(data, settings, workers)
+        containers.add(trip.blob)
+        rows.append({"workers": workers, "processes": plan.processes, "threads_each": plan.threads, "compress_s": trip.compress_s, "decompress_s": trip.decompress_s,
+                     "compress_tok_s": trip.compress_tok_s, "decompress_tok_s": trip.decompress_tok_s, "bytes": len(trip.blob), "exact": trip.exact})
         print(json.dumps(rows[-1]), flush=True)
     summary = {"file": args.file.name, "input_bytes": len(data), "block_size": args.block_size, "identical_containers": len(containers) == 1, "machine": machine(), "rows": rows}
     RESULTS.mkdir(exist_ok=True)
