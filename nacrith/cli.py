@@ -327,6 +327,7 @@ def describe(name: str) -> dict:
             "sha256": section.sha256.hex(),
             "engine": section.engine,
             "backend": section.backend,
+            "attention": section.attention,
             "ctx": section.ctx,
             "slide": section.slide,
             "predictor": section.predictor,
@@ -355,7 +356,7 @@ def info_command(files, as_json):
         click.echo(f"  streams     {facts['streams']} ({facts['tokens']} tokens, {facts['text_bytes']} text bytes)")
         if model:
             click.echo(f"  model       {model['name']} sha256 {model['sha256']}")
-            click.echo(f"  engine      {model['engine']} on {model['backend']}")
+            click.echo(f"  engine      {model['engine']} on {model['backend']}, flash attention {model['attention']}")
             click.echo(f"  window      ctx {model['ctx']}, slide {model['slide']}")
             click.echo(f"  predictor   {json.dumps(model['predictor'], sort_keys=True)}")
         else:

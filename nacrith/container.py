@@ -1,4 +1,4 @@
-"""The nacrith container, format version 2, byte by byte.
+"""The nacrith container, format version 3, byte by byte.
 
 Integers marked *varint* are unsigned LEB128 (7 bits per byte, low group first, high bit
 set on every byte but the last, at most 10 bytes). *str* is a varint byte length followed
@@ -9,7 +9,7 @@ by that many UTF-8 bytes. *u32* is 4 bytes little-endian. CRC-32 is zlib's.
     file     := header block* trailer          (nothing may follow the trailer)
 
     header   := magic "NCRT" (4 bytes)
-                version                 u8      = 2 (1 is read too: the same without xz)
+                version                 u8      = 3 (1 and 2 are read too, see below)
                 body_length             varint
                 body                    body_length bytes:
                     flags               varint  bit 0: a model section follows
@@ -18,6 +18,8 @@ by that many UTF-8 bytes. *u32* is 4 bytes little-endian. CRC-32 is zlib's.
                     model_name          str     file name, for messages only
                     engine              str     e.g. "llama.cpp (llama-cpp-python 0.3.36)"
                     backend             str     "cpu" or "cuda": logits differ between them
+                    attention           str     "stable", "off", "on" or "auto" (version 3): how
+                                                the engine runs attention (nacrith.engine)
                     ctx                 varint  tokens in a stream's window
                     slide               varint  tokens dropped when the window is full
                     predictor           str     JSON object: the predictor's settings
@@ -54,7 +56,10 @@ by that many UTF-8 bytes. *u32* is 4 bytes little-endian. CRC-32 is zlib's.
 *xz* data is a raw LZMA2 stream (no .xz framing: the container has its own lengths and
 CRCs) made with liblzma's preset 9e, whose only filter property, the dictionary size, is
 fixed at 64 MiB; decode it with ``lzma.LZMADecompressor(FORMAT_RAW, filters=XZ_FILTERS)``.
-Version 2 added the xz codec; version 1 files are read unchanged.
+Version 2 added the xz codec; version 3 added the attention field. Version 1 and 2 files are
+read unchanged, with attention "auto" (what they were made with: llama.cpp's default, which
+on the CPU gives logits that depend on the thread count past 256 tokens of a stream, so such
+files decode exactly only with the thread count that made them).
 
 :func:`parse` checks every CRC, every length and the trailer's totals before returning,
 so a decoder can refuse a damaged file before any model work.
@@ -71,8 +76,9 @@ from dataclasses import dataclass, field
 from .errors import CorruptError, NotNacrithError, TruncatedError, UnsupportedVersionError
 
 MAGIC = b"NCRT"
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+LEGACY_ATTENTION = "auto"  # versions 1 and 2 have no attention field
 BLOCK_TAG = b"B"
 TRAILER_TAG = b"E"
 CHECKSUM_BYTES = 8
@@ -173,6 +179,7 @@ class ModelSection:
     ctx: int
     slide: int
     predictor: dict = field(default_factory=dict)
+    attention: str = LEGACY_ATTENTION  # the engine's flash-attention mode
 
 
 @dataclass(frozen=True)
@@ -194,6 +201,7 @@ def write_header(header: Header) -> bytes:
         put_str(body, model.name)
         put_str(body, model.engine)
         put_str(body, model.backend)
+        put_str(body, model.attention)
         put_varint(body, model.ctx)
         put_varint(body, model.slide)
         put_str(body, json.dumps(model.predictor, sort_keys=True, separators=(",", ":")))
@@ -225,6 +233,7 @@ def read_header(data) -> tuple[Header, int]:
     if flags & 1:
         sha = body.take(32)
         name, engine, backend = body.str(), body.str(), body.str()
+        attention = body.str() if version >= 3 else LEGACY_ATTENTION
         ctx, slide = body.varint(), body.varint()
         try:
             predictor = json.loads(body.str())
@@ -232,7 +241,7 @@ def read_header(data) -> tuple[Header, int]:
             raise CorruptError("corrupt container: predictor settings are not JSON") from None
         if not isinstance(predictor, dict):
             raise CorruptError("corrupt container: predictor settings are not a JSON object")
-        model = ModelSection(sha, name, engine, backend, ctx, slide, predictor)
+        model = ModelSection(sha, name, engine, backend, ctx, slide, predictor, attention)
     if flags & ~1:
         raise UnsupportedVersionError(f"container uses unknown header flags 0x{flags:x}")
     if body.offset != crc_end:

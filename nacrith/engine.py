@@ -8,6 +8,23 @@ are reproducible only for the same calls (feeding several tokens of one sequence
 prompt-style, gives different numbers; on CUDA a stream's logits also depend on its batch
 companions).
 
+Attention and thread counts: llama.cpp's CPU flash-attention kernel has a "split-KV" path,
+taken when a decode call holds a single sequence whose KV view has 512 cells or more (more
+than 256 tokens; the view is padded to 256). It cuts the KV cache into one chunk per thread
+and merges the partial sums, so its logits depend on the thread count (measured: 1 and 2
+threads differ by up to 1.9 in a logit once a lone stream passes 256 tokens). With two or
+more sequences in the call every thread computes whole rows, and logits are bit-identical
+for any thread count. Flash attention off is thread-independent too, but slower with many
+streams (measured at 16 streams, 300 steps, 2 threads: 208 tokens/s against 236).
+
+The "stable" mode, the CPU default, is therefore: contexts of two or more streams run flash
+attention and add a companion sequence (one BOS token at position 0, logits not read) to
+any call that would hold a single token, which happens only in the last step of a block
+whose streams differ in length. llama.cpp keeps sequences in one micro-batch only when
+their ids are consecutive, so the companion is sequence 0 and stream i is sequence i + 1; one-stream contexts run without flash
+attention, as fast as with it for a single stream (121 tokens/s) and much faster than
+with a companion in every call (82). The mode a file was made with is in its header.
+
 When a stream reaches the end of its window, :meth:`LockstepContext.slide` drops tokens from
 the KV cache and shifts the rest back (``llama_memory_seq_rm`` + ``llama_memory_seq_add``),
 so kept tokens are never evaluated again.
@@ -128,13 +145,42 @@ class LlamaModel:
             pass
 
 
+ATTENTION_MODES = ("auto", "off", "on", "stable")
+_FLASH_ATTN_TYPE = {"auto": -1, "off": 0, "on": 1}  # llama.cpp's llama_flash_attn_type
+
+
+def attention_setup(attention: str, n_streams: int) -> tuple[int, bool]:
+    """(llama.cpp flash_attn_type, whether single-token calls get a companion) for a context."""
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"unknown attention mode {attention!r}")
+    if attention != "stable":
+        return _FLASH_ATTN_TYPE[attention], False
+    if n_streams == 1:
+        return _FLASH_ATTN_TYPE["off"], False
+    return _FLASH_ATTN_TYPE["on"], True
+
+
+def default_attention(backend: str) -> str:
+    """The attention mode new files use on ``backend``.
+
+    "stable" on the CPU: logits independent of the thread count (see the module docstring).
+    "auto" (llama.cpp's choice) on CUDA, where threads do not matter and files must be
+    decoded on the same kind of GPU anyway.
+    """
+    return "stable" if backend == "cpu" else "auto"
+
+
 class LockstepContext:
     """A llama.cpp context running up to ``n_streams`` sequences of at most ``ctx`` tokens.
 
-    Each sequence has its own KV cells (``kv_unified`` off), ``ctx`` of them.
+    Each sequence has its own KV cells (``kv_unified`` off), ``ctx`` of them. ``attention``
+    is one of :data:`ATTENTION_MODES`: flash attention "off", "on", llama.cpp's "auto", or
+    "stable" (thread-independent logits; see the module docstring).
     """
 
-    def __init__(self, model: LlamaModel, n_streams: int, ctx: int, threads: int | None = None):
+    def __init__(self, model: LlamaModel, n_streams: int, ctx: int, threads: int | None = None, attention: str | None = None):
+        attention = attention or default_attention(model.backend)
+        flash, paired = attention_setup(attention, n_streams)
         if n_streams < 1:
             raise ValueError("n_streams must be at least 1")
         if ctx < 8 or ctx > model.n_ctx_train:
@@ -142,16 +188,21 @@ class LockstepContext:
         self.model = model
         self.n_streams = n_streams
         self.ctx = ctx
+        self.attention = attention
+        self.paired = paired
+        self.first_seq = 1 if paired else 0  # stream i is sequence first_seq + i (0: the companion)
+        n_sequences = n_streams + (1 if paired else 0)
         threads = threads or default_threads()
         params = L.llama_context_default_params()
-        params.n_ctx = ctx * n_streams
-        params.n_batch = max(n_streams, 32)
-        params.n_ubatch = max(n_streams, 32)
-        params.n_seq_max = n_streams
+        params.n_ctx = ctx * n_sequences
+        params.n_batch = max(n_sequences, 32)
+        params.n_ubatch = max(n_sequences, 32)
+        params.n_seq_max = n_sequences
         params.n_threads = threads
         params.n_threads_batch = threads
         params.kv_unified = False
         params.no_perf = True
+        params.flash_attn_type = flash
         self.handle = L.llama_init_from_model(model.handle, params)
         if not self.handle:
             raise EngineError(f"llama.cpp could not create a context for {n_streams} streams of {ctx} tokens")
@@ -161,9 +212,9 @@ class LockstepContext:
         self._tokens = np.ctypeslib.as_array(self.batch.token, shape=(capacity,))
         self._positions = np.ctypeslib.as_array(self.batch.pos, shape=(capacity,))
         self._want = np.ctypeslib.as_array(self.batch.logits, shape=(capacity,))
-        for slot in range(capacity):  # slot i always carries sequence i
+        for slot in range(capacity):  # slot i carries stream i
             self.batch.n_seq_id[slot] = 1
-            self.batch.seq_id[slot][0] = slot
+            self.batch.seq_id[slot][0] = self.first_seq + slot
 
     def reset(self) -> None:
         """Forget every sequence (clear the KV cache)."""
@@ -187,8 +238,11 @@ class LockstepContext:
         else:
             self._want[:n] = want_logits
             n_out = int(np.count_nonzero(want_logits))
-        self.batch.n_tokens = n
-        status = L.llama_decode(self.handle, self.batch)
+        if n == 1 and self.paired:
+            status = self._decode_with_companion()
+        else:
+            self.batch.n_tokens = n
+            status = L.llama_decode(self.handle, self.batch)
         if status != 0:
             raise EngineError(f"llama_decode failed with status {status}")
         if n_out == 0:
@@ -197,11 +251,29 @@ class LockstepContext:
         view.flags.writeable = False
         return view
 
+    def _decode_with_companion(self) -> int:
+        """Decode stream 0's token after a fresh BOS on the companion sequence 0.
+
+        Two sequences (consecutive ids, in increasing order) keep llama.cpp off its
+        thread-dependent split-KV attention path; the companion is emptied first, so its
+        token always sits alone at position 0.
+        """
+        L.llama_memory_seq_rm(self.memory, 0, -1, -1)
+        self._tokens[1], self._positions[1], self._want[1] = self._tokens[0], self._positions[0], self._want[0]
+        self._tokens[0], self._positions[0], self._want[0] = self.model.bos, 0, 0
+        self.batch.seq_id[0][0], self.batch.seq_id[1][0] = 0, 1
+        self.batch.n_tokens = 2
+        try:
+            return L.llama_decode(self.handle, self.batch)
+        finally:
+            self.batch.seq_id[0][0], self.batch.seq_id[1][0] = 1, 2  # slot i carries stream i again
+
     def slide(self, stream: int, keep: int, drop: int) -> None:
         """Drop positions ``[keep, keep + drop)`` of ``stream`` and move later ones back by ``drop``."""
-        if not L.llama_memory_seq_rm(self.memory, stream, keep, keep + drop):
+        sequence = self.first_seq + stream
+        if not L.llama_memory_seq_rm(self.memory, sequence, keep, keep + drop):
             raise EngineError("llama.cpp could not remove tokens from the KV cache")
-        L.llama_memory_seq_add(self.memory, stream, keep + drop, -1, -drop)
+        L.llama_memory_seq_add(self.memory, sequence, keep + drop, -1, -drop)
 
     def close(self) -> None:
         if self.handle:

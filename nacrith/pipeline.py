@@ -28,6 +28,7 @@ import numpy as np
 import zstandard
 
 from . import container as fmt
+from .engine import ATTENTION_MODES, default_attention
 from .errors import BackendMismatchError, CorruptError, ModelMismatchError, UnsupportedVersionError
 from .lockstep import Lockstep, check_window, split_streams
 from .predictors import EnsembleConfig, make_predictor, predictor_settings
@@ -67,6 +68,7 @@ class Settings:
     fallback: bool = True  # False: text blocks always use the model (for tests and measurements)
     ensemble: EnsembleConfig | None = DEFAULT_ENSEMBLE  # None: the language model alone
     gpu_ids: tuple | None = None  # with gpu: which GPUs the workers may use (None: all); not recorded
+    attention: str | None = None  # flash attention "off", "on" or "auto"; None: the backend's default
 
     def validate(self) -> "Settings":
         if self.streams < 1:
@@ -78,11 +80,18 @@ class Settings:
         if self.threads is not None and self.threads < 1:
             raise ValueError("threads must be at least 1")
         check_window(self.ctx, self.slide)
+        if self.attention is not None and self.attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}")
         return self
 
     @property
     def backend(self) -> str:
         return "cuda" if self.gpu else "cpu"
+
+    @property
+    def attention_mode(self) -> str:
+        """The flash-attention mode recorded in the container and used by the engine."""
+        return self.attention or default_attention(self.backend)
 
     @property
     def predictor(self) -> dict:
@@ -101,7 +110,7 @@ class Settings:
     def describe(self) -> dict:
         """The settings as a JSON-ready dict."""
         values = {name: getattr(self, name) for name in ("streams", "ctx", "slide", "block_size", "min_stream_tokens", "threads", "gpu")}
-        return {**values, "predictor": self.predictor}
+        return {**values, "attention": self.attention_mode, "predictor": self.predictor}
 
 
 def zstd_compress(data: bytes) -> bytes:
@@ -173,6 +182,7 @@ def model_section(settings: Settings) -> fmt.ModelSection:
         ctx=settings.ctx,
         slide=settings.slide,
         predictor=settings.predictor,
+        attention=settings.attention_mode,
     )
 
 
@@ -223,7 +233,7 @@ def _model_block(data: bytes, settings: Settings, session_factory: Callable, pro
     binary_codec, binary_payload = pack_binary(binary)
     streams = lockstep_streams(tokens, settings)
     lengths = [len(stream) for stream in streams]
-    lockstep = _lockstep(session, len(lengths), settings.ctx, settings.slide, settings.predictor, progress, len(data) / max(1, len(tokens)))
+    lockstep = _lockstep(session, len(lengths), settings.ctx, settings.slide, settings.attention_mode, settings.predictor, progress, len(data) / max(1, len(tokens)))
     coded = lockstep.encode(streams)
     return fmt.Block(
         kind=fmt.MODEL,
@@ -259,8 +269,8 @@ def lockstep_streams(tokens: np.ndarray, settings: Settings) -> list[np.ndarray]
     return [tokens[bounds[i]:bounds[i + 1]] for i in range(len(lengths))]
 
 
-def _lockstep(session, n_streams: int, ctx: int, slide: int, predictor: dict, progress: Progress | None, bytes_per_token: float) -> Lockstep:
-    context = session.context(n_streams, ctx)
+def _lockstep(session, n_streams: int, ctx: int, slide: int, attention: str, predictor: dict, progress: Progress | None, bytes_per_token: float) -> Lockstep:
+    context = session.context(n_streams, ctx, attention)
     model = make_predictor(predictor, session.llama.n_vocab, n_streams, session.tokenizer.pieces, session.threads or 1)
     per_step = None
     if progress:
@@ -290,7 +300,7 @@ def _decode_model_block(block: fmt.Block, section: fmt.ModelSection, session, pr
         raise CorruptError("corrupt container: binary segments have the wrong length")
     lengths = list(block.stream_tokens)
     try:
-        lockstep = _lockstep(session, len(lengths), section.ctx, section.slide, section.predictor, progress, block.raw_length / max(1, block.n_tokens))
+        lockstep = _lockstep(session, len(lengths), section.ctx, section.slide, section.attention, section.predictor, progress, block.raw_length / max(1, block.n_tokens))
     except ValueError as exc:
         raise CorruptError(f"corrupt container: {exc}") from None
     streams = lockstep.decode(block.coded, lengths)
@@ -487,6 +497,8 @@ def check_decodable(parsed: fmt.Container, model: str | None = None):
         raise UnsupportedVersionError(f"this file uses predictor settings this nacrith does not know ({exc})") from None
     if section.backend not in ("cpu", "cuda"):
         raise BackendMismatchError(f"this file was made on an unknown backend {section.backend!r}")
+    if section.attention not in ATTENTION_MODES:
+        raise UnsupportedVersionError(f"this file uses an attention mode this nacrith does not know ({section.attention!r})")
     if section.backend == "cuda" and not gpu_available():
         raise BackendMismatchError("this file was made on a CUDA GPU; this llama.cpp has no GPU support, and CPU logits differ")
     return info.path

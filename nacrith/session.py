@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from . import model as model_files
-from .engine import LlamaModel, LockstepContext, llama_cpp_version
+from .engine import LlamaModel, LockstepContext, default_attention, llama_cpp_version
 from .tokenizer import Tokenizer
 
 MAX_CACHED_CONTEXTS = 2  # the usual block shape and the smaller last block
@@ -28,22 +28,26 @@ class Session:
         self.llama = LlamaModel(self.info.path, gpu=gpu, main_gpu=main_gpu)
         self.tokenizer = Tokenizer(self.llama)
         self.threads = threads
-        self._contexts: OrderedDict[tuple[int, int], LockstepContext] = OrderedDict()
+        self._contexts: OrderedDict[tuple[int, int, str], LockstepContext] = OrderedDict()
 
     @property
     def backend(self) -> str:
         return self.llama.backend
 
-    def context(self, n_streams: int, ctx: int) -> LockstepContext:
-        """A context for exactly ``n_streams`` streams of ``ctx`` tokens (cleared by the caller)."""
-        key = (n_streams, ctx)
+    def context(self, n_streams: int, ctx: int, attention: str | None = None) -> LockstepContext:
+        """A context for exactly ``n_streams`` streams of ``ctx`` tokens (cleared by the caller).
+
+        ``attention``: see :data:`nacrith.engine.ATTENTION_MODES` (None: the backend's default).
+        """
+        attention = attention or default_attention(self.backend)
+        key = (n_streams, ctx, attention)
         if key in self._contexts:
             self._contexts.move_to_end(key)
             return self._contexts[key]
         while len(self._contexts) >= MAX_CACHED_CONTEXTS:
             _, old = self._contexts.popitem(last=False)
             old.close()
-        context = LockstepContext(self.llama, n_streams, ctx, self.threads)
+        context = LockstepContext(self.llama, n_streams, ctx, self.threads, attention)
         self._contexts[key] = context
         return context
 

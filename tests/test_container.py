@@ -93,27 +93,61 @@ def test_unknown_version(session, model_blob):
         unpack(session, bytes(damaged))
 
 
-def as_version_1(blob: bytes) -> bytes:
-    """``blob`` relabelled as a format version 1 file (header CRC recomputed)."""
+def as_legacy(blob: bytes, version: int) -> bytes:
+    """``blob`` with its header rewritten in the version 1 or 2 layout (no attention field)."""
+    import json
     import zlib
 
-    _, header_end = fmt.read_header(blob)
-    header = bytearray(blob[: header_end - 4])
-    header[4] = 1
-    return bytes(header) + zlib.crc32(header).to_bytes(4, "little") + blob[header_end:]
+    header, header_end = fmt.read_header(blob)
+    body = bytearray()
+    fmt.put_varint(body, 1 if header.model else 0)
+    if header.model:
+        model = header.model
+        assert model.attention == fmt.LEGACY_ATTENTION, "versions 1 and 2 were made with attention auto"
+        body += model.sha256
+        for text in (model.name, model.engine, model.backend):
+            fmt.put_str(body, text)
+        fmt.put_varint(body, model.ctx)
+        fmt.put_varint(body, model.slide)
+        fmt.put_str(body, json.dumps(model.predictor, sort_keys=True, separators=(",", ":")))
+    out = bytearray(fmt.MAGIC) + bytes([version])
+    fmt.put_varint(out, len(body))
+    out += body
+    fmt.put_u32(out, zlib.crc32(out))
+    return bytes(out) + blob[header_end:]
 
 
-def test_version_1_files_still_decode(session):
-    v1 = as_version_1(pack(session, TEXT, fallback=False, **SMALL))  # text only: nothing version 1 lacked
-    assert fmt.parse(v1).header.version == 1
-    assert unpack(session, v1) == TEXT
+@pytest.mark.parametrize("version", [1, 2])
+def test_old_versions_still_decode(session, version):
+    """Files from before the attention field were made with llama.cpp's "auto" attention."""
+    made = pack(session, TEXT, fallback=False, attention="auto", **SMALL)  # text only: nothing version 1 lacked
+    old = as_legacy(made, version)
+    assert fmt.parse(old).header.version == version
+    assert fmt.parse(old).header.model.attention == "auto"
+    assert unpack(session, old) == TEXT
+
+
+def test_attention_mode_is_recorded_and_a_wrong_one_is_caught(session):
+    blob = pack(session, TEXT, fallback=False, **SMALL)
+    assert fmt.parse(blob).header.model.attention == "stable"  # the CPU default
+    with_auto = reheader(blob, attention="auto")  # same bits, other logits: must not pass silently
+    try:
+        restored = unpack(session, with_auto)
+    except ContainerError:
+        return
+    assert restored == TEXT  # only if the two kernels happened to agree on every coded token
+
+
+def test_unknown_attention_mode_is_refused(session, model_blob):
+    with pytest.raises(UnsupportedVersionError, match="attention"):
+        unpack(session, reheader(model_blob, attention="sparse"))
 
 
 def test_xz_in_a_version_1_file_is_refused(session):
     blob = pack(session, sparse_binary())
     assert fmt.parse(blob).blocks[0].kind == fmt.XZ
     with pytest.raises(CorruptError, match="version 1"):
-        unpack(session, as_version_1(blob))
+        unpack(session, as_legacy(blob, 1))
 
 
 def test_damage_behind_valid_crcs_is_caught(session, model_blob):

@@ -4,6 +4,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
+from nacrith.engine import LockstepContext
 from nacrith.session import Session
 
 from .conftest import SMALL, pack, unpack
@@ -26,6 +30,58 @@ def test_one_and_two_threads_agree(session):
     finally:
         one.close()
         two.close()
+
+
+# Long enough for a stream to pass 256 tokens of KV cache, where llama.cpp's CPU
+# flash-attention kernel would split a lone sequence's keys among threads.
+LONG_TEXT = " ".join(f"line {i}: the {i % 7}th of {i % 13} gardens held {i * 37 % 101} roses." for i in range(60)).encode()
+LONG = dict(ctx=512, slide=128, streams=1, fallback=False)
+
+
+def test_threads_agree_past_256_tokens():
+    one = Session(threads=1)
+    two = Session(threads=2)
+    try:
+        assert len(one.tokenizer.encode(LONG_TEXT)) > 300
+        blob1 = pack(one, LONG_TEXT, **LONG)
+        assert pack(two, LONG_TEXT, **LONG) == blob1
+        assert unpack(two, blob1) == LONG_TEXT
+    finally:
+        one.close()
+        two.close()
+
+
+def lone_tail_logits(session, n_streams: int, threads: int, attention: str, steps: int = 262, tail: int = 4) -> np.ndarray:
+    """Logits of stream 0 when all streams run ``steps`` steps, then stream 0 alone ``tail`` more."""
+    tokens = np.asarray(session.tokenizer.encode(LONG_TEXT)[: steps + tail], np.int32)
+    context = LockstepContext(session.llama, n_streams, 512, threads, attention)
+    rows = []
+    try:
+        for position, token in enumerate(tokens):
+            running = n_streams if position < steps else 1
+            logits = context.step(np.full(running, token, np.int32), np.full(running, position, np.int32))
+            rows.append(logits[0].copy())
+    finally:
+        context.close()
+    return np.array(rows)
+
+
+@pytest.mark.parametrize("n_streams", [1, 2])
+def test_stable_attention_is_thread_independent(session, n_streams):
+    """The CPU default: the same logits for 1 and 2 threads, also when one stream runs alone."""
+    assert np.array_equal(lone_tail_logits(session, n_streams, 1, "stable"), lone_tail_logits(session, n_streams, 2, "stable"))
+
+
+@pytest.mark.parametrize("n_streams", [1, 2])
+def test_plain_flash_attention_depends_on_threads(session, n_streams):
+    """Why "stable" exists: flash attention alone gives 1 and 2 threads different logits.
+
+    If a llama.cpp update makes this fail, its kernel has become thread-independent and
+    the "stable" mode may be revisited.
+    """
+    one, two = lone_tail_logits(session, n_streams, 1, "on"), lone_tail_logits(session, n_streams, 2, "on")
+    assert np.array_equal(one[:250], two[:250])  # short KV: every thread computes whole rows
+    assert not np.array_equal(one[258:], two[258:])  # a lone stream past 256 tokens
 
 
 def test_fresh_process_decodes(session, tmp_path):
