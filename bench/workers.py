@@ -31,7 +31,7 @@ def main() -> int:
     rows, containers = [], set()
     for workers in args.workers.split(","):
         workers = workers if workers == "auto" else int(workers)
-        plan = plan_workers(workers, False, settings.streams, settings.ctx)
+        plan = plan_workers(workers, False, settings.streams, settings.ctx, blocks=-(-len(data) // args.block_size))
         trip = round_trip(data, settings, workers)
         containers.add(trip.blob)
         rows.append({"workers": workers, "processes": plan.processes, "threads_each": plan.threads, "compress_s": trip.compress_s, "decompress_s": trip.decompress_s,

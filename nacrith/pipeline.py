@@ -19,7 +19,9 @@ from __future__ import annotations
 import hashlib
 import io
 import lzma
+import os
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterator
@@ -431,6 +433,19 @@ class LocalSession:
         return self.session
 
 
+def remaining_size(source: BinaryIO) -> int | None:
+    """Bytes left in ``source`` when it is a regular file or an in-memory buffer, else None."""
+    if isinstance(source, io.BytesIO):
+        return max(0, len(source.getbuffer()) - source.tell())
+    try:
+        status = os.fstat(source.fileno())
+        if stat.S_ISREG(status.st_mode):
+            return max(0, status.st_size - source.tell())
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        pass
+    return None
+
+
 def compress_stream(source: BinaryIO, destination: BinaryIO, settings: Settings, progress: Progress | None = None, session=None, workers: int | str = 1) -> Summary:
     """Compress everything ``source`` yields into ``destination``; memory stays at a few blocks.
 
@@ -442,7 +457,9 @@ def compress_stream(source: BinaryIO, destination: BinaryIO, settings: Settings,
     blocks = read_blocks(source, settings.block_size)
     from .workers import plan_workers
 
-    plan = plan_workers(workers, settings.gpu, settings.streams, settings.ctx, settings.threads, settings.gpu_ids)
+    size = remaining_size(source)
+    blocks = None if size is None else max(1, -(-size // settings.block_size))
+    plan = plan_workers(workers, settings.gpu, settings.streams, settings.ctx, settings.threads, settings.gpu_ids, blocks)
     if plan.processes <= 1 or session is not None:
         factory = LocalSession(settings.model, settings.gpu, plan.threads if settings.threads is None else settings.threads, session, plan.devices[0])
         for block in blocks:
@@ -519,8 +536,8 @@ def decode_parsed(parsed: fmt.Container, destination: BinaryIO, progress: Progre
     digest = hashlib.sha256()
     from .workers import plan_workers
 
-    plan = plan_workers(workers, gpu, max((len(b.stream_tokens) for b in parsed.blocks), default=1), section.ctx if section else 0, threads, gpu_ids)
     model_blocks = sum(block.kind == fmt.MODEL for block in parsed.blocks)
+    plan = plan_workers(workers, gpu, max((len(b.stream_tokens) for b in parsed.blocks), default=1), section.ctx if section else 0, threads, gpu_ids, max(1, model_blocks))
     if plan.processes <= 1 or model_blocks <= 1 or session is not None:
         factory = LocalSession(model_path, gpu, plan.threads if threads is None else threads, session, plan.devices[0])
         decoded = (decode_block(block, section, factory, progress) for block in parsed.blocks)

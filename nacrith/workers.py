@@ -6,8 +6,9 @@ reads the input block by block, keeps at most two blocks per worker in flight, a
 finished blocks in input order, so memory stays at a few blocks whatever the input size.
 
 Blocks are independent and a block's streams always run together in one context, so the
-container does not depend on how many workers made it, and a file may be decoded with any
-worker count on the backend that made it.
+container does not depend on how many workers made it. On the CPU logits also do not depend
+on the thread count (attention mode "stable", see :mod:`nacrith.engine`), so a file may be
+decoded with any worker count; on CUDA, with any worker count on the same kind of GPU.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ IN_FLIGHT_PER_WORKER = 2
 MAX_PROCESSES_PER_GPU = 8  # measured on an H100 at 256 streams: 8 processes reach 85% of raw decode, 4 only 58%
 GPU_MEMORY_MARGIN = 1 << 30  # per worker, for llama.cpp's compute buffers and CUDA itself
 BYTES_PER_KV_CELL = 64 << 10  # upper bound for the small models nacrith runs (SmolLM2-135M: 23 KiB)
+CPU_MEMORY_MARGIN = 512 << 20  # per CPU worker: the model's pages, compute buffers, Python
 
 
 @dataclass(frozen=True)
@@ -38,8 +40,12 @@ class WorkerPlan:
     devices: tuple  # main_gpu per process; None for the CPU
 
 
-def plan_workers(requested, gpu: bool, streams: int, ctx: int, threads: int | None = None, gpu_ids=None) -> WorkerPlan:
-    """Resolve ``--workers N|auto`` for the CPU or the GPUs (``gpu_ids``: which ones, None for all)."""
+def plan_workers(requested, gpu: bool, streams: int, ctx: int, threads: int | None = None, gpu_ids=None, blocks: int | None = None) -> WorkerPlan:
+    """Resolve ``--workers N|auto`` for the CPU or the GPUs (``gpu_ids``: which ones, None for all).
+
+    ``blocks``, when known, caps the processes: a worker without a block would only take
+    CPU threads from the others.
+    """
     cores = default_threads()
     if requested != "auto" and int(requested) < 1:
         raise ValueError("workers must be at least 1")
@@ -57,11 +63,26 @@ def plan_workers(requested, gpu: bool, streams: int, ctx: int, threads: int | No
             devices = devices[: max(1, cores // 2)] or devices[:1]
         else:
             devices = tuple(found[i % len(found)].index for i in range(int(requested)))
+        devices = devices[: max(1, blocks)] if blocks is not None else devices
         return WorkerPlan(len(devices), threads or max(1, cores // len(devices)), devices)
-    # CPU: llama.cpp already uses every core of one process, so "auto" keeps one process
-    # unless there are cores to spare for a second (see bench/results for the measurement).
-    processes = 1 if requested == "auto" and cores < 8 else (max(1, cores // 4) if requested == "auto" else int(requested))
+    # CPU: one single-threaded process per core beats one process using every core (on 2
+    # cores, 2 x 1 thread is 21-26% faster than 1 x 2: the ensemble and the range coder run
+    # in Python, one core per process), as long as memory holds a context per process.
+    processes = min(cores, _processes_fitting_in_memory(streams, ctx)) if requested == "auto" else int(requested)
+    processes = max(1, min(processes, blocks) if blocks is not None else processes)
     return WorkerPlan(processes, threads or max(1, cores // processes), (None,) * processes)
+
+
+def _processes_fitting_in_memory(streams: int, ctx: int) -> int:
+    """How many CPU workers the available memory holds (each: a KV cache and a margin)."""
+    per_worker = BYTES_PER_KV_CELL * streams * max(ctx, 1) + CPU_MEMORY_MARGIN
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 1 << 16  # not Linux: no cap
+    return max(1, available // per_worker)
 
 
 # --- inside a worker ------------------------------------------------------------------

@@ -74,3 +74,33 @@ def test_window_checks():
     with pytest.raises(ValueError):
         check_window(32, 32)
     check_window(32, 30)
+
+
+def test_cpu_worker_plan(monkeypatch):
+    from nacrith import workers
+
+    monkeypatch.setattr(workers, "default_threads", lambda: 4)
+    monkeypatch.setattr(workers, "_processes_fitting_in_memory", lambda streams, ctx: 3)
+    assert workers.plan_workers("auto", False, 16, 1024) == workers.WorkerPlan(3, 1, (None,) * 3)  # memory caps 4 cores
+    assert workers.plan_workers("auto", False, 16, 1024, blocks=2).processes == 2
+    assert workers.plan_workers(2, False, 16, 1024) == workers.WorkerPlan(2, 2, (None, None))
+    # one block: a second worker would only halve the threads of the first
+    assert workers.plan_workers(2, False, 16, 1024, blocks=1) == workers.WorkerPlan(1, 4, (None,))
+    assert workers.plan_workers(4, False, 16, 1024, threads=1, blocks=9).threads == 1
+    with pytest.raises(ValueError):
+        workers.plan_workers(0, False, 16, 1024)
+
+
+def test_remaining_size(tmp_path):
+    import io
+
+    from nacrith.pipeline import remaining_size
+
+    buffer = io.BytesIO(b"x" * 10)
+    buffer.read(3)
+    assert remaining_size(buffer) == 7
+    path = tmp_path / "f"
+    path.write_bytes(b"y" * 20)
+    with open(path, "rb") as handle:
+        assert remaining_size(handle) == 20
+    assert remaining_size(io.BufferedReader(io.BytesIO(b"z"))) is None  # a stream of unknown length
