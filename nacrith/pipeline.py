@@ -458,8 +458,8 @@ def compress_stream(source: BinaryIO, destination: BinaryIO, settings: Settings,
     from .workers import plan_workers
 
     size = remaining_size(source)
-    blocks = None if size is None else max(1, -(-size // settings.block_size))
-    plan = plan_workers(workers, settings.gpu, settings.streams, settings.ctx, settings.threads, settings.gpu_ids, blocks)
+    n_blocks = None if size is None else max(1, -(-size // settings.block_size))
+    plan = plan_workers(workers, settings.gpu, settings.streams, settings.ctx, settings.threads, settings.gpu_ids, n_blocks)
     if plan.processes <= 1 or session is not None:
         factory = LocalSession(settings.model, settings.gpu, plan.threads if settings.threads is None else settings.threads, session, plan.devices[0])
         for block in blocks:
