@@ -203,7 +203,7 @@ COMMON = [
     click.option("-v", "--verbose", is_flag=True, help="Print a summary line per file."),
     click.option("--model", metavar="PATH", envvar="NACRITH_MODEL", help="GGUF model file (default: $NACRITH_MODEL, else the embedded SmolLM2-135M)."),
     click.option("--threads", type=click.IntRange(min=1), help="CPU threads per worker (default: the cores shared among workers)."),
-    click.option("--workers", default="1", show_default=True, callback=lambda ctx, param, value: parse_workers(value), help="Worker processes, or 'auto' (from cores, GPUs and GPU memory)."),
+    click.option("--workers", default="1", show_default=True, callback=lambda ctx, param, value: parse_workers(value), help="Worker processes (never more than the input's blocks), or 'auto': one per CPU core as memory allows, or up to 8 per GPU by free GPU memory."),
     click.option("--gpus", default="none", show_default=True, callback=lambda ctx, param, value: parse_gpus(value),
                  help="Compress on GPUs: 'all', a list like 0,1, or 'none'. GPU-made files decode only on a GPU (logits differ). Decompression uses the backend a file was made on; this only picks which GPUs."),
 ]
@@ -356,7 +356,7 @@ def info_command(files, as_json):
         click.echo(f"  streams     {facts['streams']} ({facts['tokens']} tokens, {facts['text_bytes']} text bytes)")
         if model:
             click.echo(f"  model       {model['name']} sha256 {model['sha256']}")
-            click.echo(f"  engine      {model['engine']} on {model['backend']}, flash attention {model['attention']}")
+            click.echo(f"  engine      {model['engine']} on {model['backend']}, attention {model['attention']}")
             click.echo(f"  window      ctx {model['ctx']}, slide {model['slide']}")
             click.echo(f"  predictor   {json.dumps(model['predictor'], sort_keys=True)}")
         else:
