@@ -18,8 +18,9 @@ by that many UTF-8 bytes. *u32* is 4 bytes little-endian. CRC-32 is zlib's.
                     model_name          str     file name, for messages only
                     engine              str     e.g. "llama.cpp (llama-cpp-python 0.3.36)"
                     backend             str     "cpu" or "cuda": logits differ between them
-                    attention           str     "stable", "off", "on" or "auto" (version 3): how
-                                                the engine runs attention (nacrith.engine)
+                    attention           u8      (version 3) how the engine runs attention
+                                                (nacrith.engine): 0 "auto", 1 "off", 2 "on",
+                                                3 "stable"
                     ctx                 varint  tokens in a stream's window
                     slide               varint  tokens dropped when the window is full
                     predictor           str     JSON object: the predictor's settings
@@ -79,6 +80,7 @@ MAGIC = b"NCRT"
 VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 LEGACY_ATTENTION = "auto"  # versions 1 and 2 have no attention field
+ATTENTION_CODES = ("auto", "off", "on", "stable")  # the attention byte's values
 BLOCK_TAG = b"B"
 TRAILER_TAG = b"E"
 CHECKSUM_BYTES = 8
@@ -201,7 +203,9 @@ def write_header(header: Header) -> bytes:
         put_str(body, model.name)
         put_str(body, model.engine)
         put_str(body, model.backend)
-        put_str(body, model.attention)
+        if model.attention not in ATTENTION_CODES:
+            raise ValueError(f"unknown attention mode {model.attention!r}")
+        body.append(ATTENTION_CODES.index(model.attention))
         put_varint(body, model.ctx)
         put_varint(body, model.slide)
         put_str(body, json.dumps(model.predictor, sort_keys=True, separators=(",", ":")))
@@ -233,7 +237,7 @@ def read_header(data) -> tuple[Header, int]:
     if flags & 1:
         sha = body.take(32)
         name, engine, backend = body.str(), body.str(), body.str()
-        attention = body.str() if version >= 3 else LEGACY_ATTENTION
+        attention = _attention_name(body.u8()) if version >= 3 else LEGACY_ATTENTION
         ctx, slide = body.varint(), body.varint()
         try:
             predictor = json.loads(body.str())
@@ -247,6 +251,11 @@ def read_header(data) -> tuple[Header, int]:
     if body.offset != crc_end:
         raise CorruptError("corrupt container: header has trailing bytes")
     return Header(model, version), reader.offset
+
+
+def _attention_name(code: int) -> str:
+    """The attention mode of a header byte; unknown codes are refused when decoding starts."""
+    return ATTENTION_CODES[code] if code < len(ATTENTION_CODES) else f"unknown ({code})"
 
 
 # --- blocks -------------------------------------------------------------------------

@@ -139,8 +139,22 @@ def test_attention_mode_is_recorded_and_a_wrong_one_is_caught(session):
 
 
 def test_unknown_attention_mode_is_refused(session, model_blob):
+    import zlib
+
+    header, end = fmt.read_header(model_blob)
+    body = bytearray(model_blob[: end - 4])
+    at = body.index(header.model.backend.encode()) + len(header.model.backend)  # the attention byte follows
+    assert body[at] == fmt.ATTENTION_CODES.index("stable")
+    body[at] = 9
+    forged = bytes(body) + zlib.crc32(body).to_bytes(4, "little") + model_blob[end:]
     with pytest.raises(UnsupportedVersionError, match="attention"):
-        unpack(session, reheader(model_blob, attention="sparse"))
+        unpack(session, forged)
+
+
+def test_every_engine_attention_mode_has_a_code():
+    from nacrith.engine import ATTENTION_MODES
+
+    assert set(fmt.ATTENTION_CODES) == set(ATTENTION_MODES)
 
 
 def test_xz_in_a_version_1_file_is_refused(session):

@@ -57,7 +57,7 @@ class EnsembleConfig:
     match_min: int = 6
     bias: bool = True
     bias_lr: float = 0.16
-    bias_classes: int = 3  # separate bias after tokens ending in a newline, a space, or else
+    bias_classes: int = 3  # separate bias after tokens ending in a newline, a space, or else (4: and a tab)
     mixer: bool = True
     mix: str = "linear"  # measured better than "geometric" on both tuning files
     mixer_lr: float = 0.1
@@ -68,6 +68,8 @@ class EnsembleConfig:
     skip_confidence: float = 0.995
     skip_min_trials: int = 32
     share: bool = True  # one n-gram table, match index and bias head for all streams of a block
+    temperature_lr: float = 0.0  # linear mix: learn a shared scale of the model's logits
+    mixer_by_class: bool = False  # separate mixer weight sets per class of the previous token
 
     @property
     def llm_only(self) -> bool:
@@ -96,12 +98,15 @@ PRESETS = {
 }
 
 
-def token_classes(pieces: list[bytes] | None, n_vocab: int) -> np.ndarray:
-    """Per token: 0 when its piece ends a line, 1 when it ends with a space or tab, else 2."""
+def token_classes(pieces: list[bytes] | None, n_vocab: int, n_classes: int = 3) -> np.ndarray:
+    """Per token: 0 when its piece ends a line, 1 when it ends with a space (or a tab, with
+    3 classes), 3 when it ends with a tab (with 4 classes), else 2."""
     classes = np.full(n_vocab, 2, np.int64)
     for token, piece in enumerate(pieces or []):
         if piece.endswith(b"\n"):
             classes[token] = 0
+        elif piece.endswith(b"\t") and n_classes >= 4:
+            classes[token] = 3
         elif piece.endswith((b" ", b"\t")):
             classes[token] = 1
     return classes
@@ -142,7 +147,9 @@ class EnsemblePredictor:
         self.table = LogitTable(n_vocab, n_streams, threads)
         self.orders = config.max_order if config.ngram else 0
         self.n_features = 1 + self.orders + 1  # llm, orders, match
-        self.n_sets = (self.orders + 1) * N_MATCH_BUCKETS
+        self.n_classes = max(3, config.bias_classes)  # classes of the previous token
+        self.sets_per_class = (self.orders + 1) * N_MATCH_BUCKETS
+        self.n_sets = self.sets_per_class * (self.n_classes if config.mixer_by_class else 1)
         self.streams = []
         ngram = match = None
         for _ in range(n_streams):
@@ -153,7 +160,12 @@ class EnsemblePredictor:
         self.bias_classes = config.bias_classes
         tables = (1 if config.share else n_streams) * self.bias_classes
         self.bias = np.zeros((tables, n_vocab), np.float32) if config.bias else None
-        self.token_class = token_classes(pieces, n_vocab) if self.bias_classes > 1 else None
+        uses_classes = self.bias_classes > 1 or config.mixer_by_class
+        self.token_class = token_classes(pieces, n_vocab, self.n_classes) if uses_classes else None
+        self.temperature = 1.0  # the model's logit scale (learned with temperature_lr > 0)
+        self._learn_temperature = config.mix == "linear" and config.temperature_lr > 0
+        self._logits = None  # this step's model rows, for the temperature's gradient
+        self._expected_logit: np.ndarray | None = None
         self._bias_row = np.zeros(n_streams, np.int64)  # bias table of each stream this step
         self.scores = np.empty((n_streams, n_vocab), np.float32)
         self._step = np.empty(n_vocab, np.float32)  # one stream's bias step
@@ -173,18 +185,20 @@ class EnsemblePredictor:
         want = np.ones(running, np.int8)
         for index in range(running):
             state = self.streams[index]
+            previous = 0
             if self.token_class is not None:
-                previous = self.token_class[state.history[-1]] if state.history else 0
+                previous = int(self.token_class[state.history[-1]]) if state.history else 0
+            if self.bias_classes > 1:
                 self._bias_row[index] = (0 if self.config.share else index) * self.bias_classes + previous
             elif not self.config.share:
                 self._bias_row[index] = index
-            self._prepare(state)
+            self._prepare(state, previous if self.config.mixer_by_class else 0)
             if state.skip:
                 want[index] = 0
         self._want = want
         return None if want.all() else want
 
-    def _prepare(self, state: StreamState) -> None:
+    def _prepare(self, state: StreamState, weight_class: int = 0) -> None:
         """Collect candidates and features of the stream's next token."""
         columns: dict[int, list[float]] = {}
         n_cheap = self.n_features - 1
@@ -212,7 +226,7 @@ class EnsemblePredictor:
                 if row is None:
                     row = columns[predicted] = [0.0] * n_cheap
                 row[-1] = math.log1p(min(state.match.length, 64)) + 1.0 if self.config.mix == "geometric" else 1.0
-        state.weight_set = highest * N_MATCH_BUCKETS + match_bucket
+        state.weight_set = weight_class * self.sets_per_class + highest * N_MATCH_BUCKETS + match_bucket
         state.candidates = np.fromiter(columns, np.int64, len(columns))
         state.features = np.array(list(columns.values()), np.float64).reshape(len(columns), n_cheap)
         # confidence of the top cheap candidate, for the skip decision
@@ -254,6 +268,9 @@ class EnsemblePredictor:
                     # explicit products and sums (no BLAS): the same bits on every machine
                     scores[row, state.candidates] += (state.features * weights).sum(axis=1).astype(np.float32)
         model_rows = self.table.probabilities(scores)
+        if self._learn_temperature:  # E_q[logit] under the model's own rows, before mixing
+            self._logits = logits
+            self._expected_logit = np.array([float((model_rows[row] * logits[row]).sum() / model_rows[row].sum()) for row in range(len(wanted))])
         if len(wanted) == running:
             probabilities = model_rows
         else:  # some streams skipped the model: assemble the full set of rows
@@ -276,6 +293,8 @@ class EnsemblePredictor:
             self.logits_seen[rows] = logits
             scale = np.array([self.streams[i].weights[self.streams[i].weight_set][0] for i in rows], np.float32)
             np.multiply(logits, scale[:, None], out=out)
+        elif self._learn_temperature:
+            np.multiply(logits, np.float32(self.temperature), out=out)
         else:
             np.copyto(out, logits)
         if self.bias is None:
@@ -326,6 +345,11 @@ class EnsemblePredictor:
             self._learn_weights(learning, symbols, probabilities, totals)
         if self.bias is not None and len(learning):
             self._learn_bias(learning, symbols, probabilities, totals)
+        if self._learn_temperature and len(learning):
+            # d(-ln q(x))/dT = E_q[logit] - logit(x), q the model's own distribution
+            for row, index in enumerate(learning):
+                gradient = self._expected_logit[row] - float(self._logits[row, int(symbols[index])])
+                self.temperature -= self.config.temperature_lr * gradient
         for index in range(running):
             state = self.streams[index]
             token = int(symbols[index])
