@@ -56,6 +56,17 @@ def test_mixing_and_sharing_variants(session, mix, share):
     assert same
 
 
+@pytest.mark.parametrize("extra", [dict(temperature_lr=1e-4), dict(bias_hash=16), dict(temperature_lr=1e-4, bias_hash=16, share=False)])
+def test_temperature_and_context_bias_round_trip(session, extra):
+    config = EnsembleConfig(**EAGER_SKIP, **extra)
+    same, predictor, _ = code(session, TEXT + REPETITIVE[:300], config, n_streams=3)
+    assert same
+    if "temperature_lr" in extra:
+        assert predictor.temperature != 1.0  # it learned
+    if "bias_hash" in extra:
+        assert np.count_nonzero(predictor.context_bias.any(axis=1)) > 1  # several buckets were used
+
+
 def test_skip_fires_on_repetitive_text(session):
     same, predictor, _ = code(session, REPETITIVE, EnsembleConfig(**EAGER_SKIP), n_streams=1)
     assert same
@@ -91,6 +102,8 @@ def test_presets_are_frozen():
         "bias_classes": 3, "mixer": True, "mix": "linear", "mixer_lr": 0.1, "llm_weight_lr": 0.0,
         "ngram_weight": -3.0, "match_weight": -3.0, "skip": True, "skip_confidence": 0.995,
         "skip_min_trials": 32, "share": True,
+        # fields added later default to "off", so v1 files decode as they were made
+        "temperature_lr": 0.0, "bias_hash": 0,
     }
     assert predictor_settings(EnsembleConfig()) == {"llm": "exp2-q64", "ensemble": "v1"}
     assert ensemble_config({"llm": "exp2-q64", "ensemble": "v1", "set": {"skip": False}}).skip is False

@@ -6,6 +6,12 @@ space, or else), moved after each token by ``-lr * (p - onehot(token))``, the gr
 the code length. By default all streams of a block share it (they are parallel cursors
 through the same document), which measured far better than one per stream.
 
+Two further options, off in preset v1 (measured by replaying asyoulik.txt's logits: together
+0.4% fewer bits than v1, see README): ``temperature_lr`` learns one shared scale ``T`` of
+the model's logits (``T * logits + bias``) by the gradient ``E_q[logit] - logit(token)`` of
+the model's own code length, and ``bias_hash`` adds a second bias table chosen by a hash of
+the previous token (``bias_hash`` tables of the vocabulary's size), moved by the same step.
+
 The **mixer** then combines that distribution with the cheap predictors. Linear mixing
 (the default, as in the Nacrith paper)::
 
@@ -57,7 +63,7 @@ class EnsembleConfig:
     match_min: int = 6
     bias: bool = True
     bias_lr: float = 0.16
-    bias_classes: int = 3  # separate bias after tokens ending in a newline, a space, or else (4: and a tab)
+    bias_classes: int = 3  # separate bias after tokens ending in a newline, a space, or else
     mixer: bool = True
     mix: str = "linear"  # measured better than "geometric" on both tuning files
     mixer_lr: float = 0.1
@@ -69,7 +75,7 @@ class EnsembleConfig:
     skip_min_trials: int = 32
     share: bool = True  # one n-gram table, match index and bias head for all streams of a block
     temperature_lr: float = 0.0  # linear mix: learn a shared scale of the model's logits
-    mixer_by_class: bool = False  # separate mixer weight sets per class of the previous token
+    bias_hash: int = 0  # > 0: a second bias table per bucket of the previous token (hashed)
 
     @property
     def llm_only(self) -> bool:
@@ -98,15 +104,12 @@ PRESETS = {
 }
 
 
-def token_classes(pieces: list[bytes] | None, n_vocab: int, n_classes: int = 3) -> np.ndarray:
-    """Per token: 0 when its piece ends a line, 1 when it ends with a space (or a tab, with
-    3 classes), 3 when it ends with a tab (with 4 classes), else 2."""
+def token_classes(pieces: list[bytes] | None, n_vocab: int) -> np.ndarray:
+    """Per token: 0 when its piece ends a line, 1 when it ends with a space or tab, else 2."""
     classes = np.full(n_vocab, 2, np.int64)
     for token, piece in enumerate(pieces or []):
         if piece.endswith(b"\n"):
             classes[token] = 0
-        elif piece.endswith(b"\t") and n_classes >= 4:
-            classes[token] = 3
         elif piece.endswith((b" ", b"\t")):
             classes[token] = 1
     return classes
@@ -147,9 +150,7 @@ class EnsemblePredictor:
         self.table = LogitTable(n_vocab, n_streams, threads)
         self.orders = config.max_order if config.ngram else 0
         self.n_features = 1 + self.orders + 1  # llm, orders, match
-        self.n_classes = max(3, config.bias_classes)  # classes of the previous token
-        self.sets_per_class = (self.orders + 1) * N_MATCH_BUCKETS
-        self.n_sets = self.sets_per_class * (self.n_classes if config.mixer_by_class else 1)
+        self.n_sets = (self.orders + 1) * N_MATCH_BUCKETS
         self.streams = []
         ngram = match = None
         for _ in range(n_streams):
@@ -160,8 +161,9 @@ class EnsemblePredictor:
         self.bias_classes = config.bias_classes
         tables = (1 if config.share else n_streams) * self.bias_classes
         self.bias = np.zeros((tables, n_vocab), np.float32) if config.bias else None
-        uses_classes = self.bias_classes > 1 or config.mixer_by_class
-        self.token_class = token_classes(pieces, n_vocab, self.n_classes) if uses_classes else None
+        self.context_bias = np.zeros((config.bias_hash, n_vocab), np.float32) if config.bias and config.bias_hash else None
+        self._context_row = np.zeros(n_streams, np.int64)  # context bias table of each stream this step
+        self.token_class = token_classes(pieces, n_vocab) if self.bias_classes > 1 else None
         self.temperature = 1.0  # the model's logit scale (learned with temperature_lr > 0)
         self._learn_temperature = config.mix == "linear" and config.temperature_lr > 0
         self._logits = None  # this step's model rows, for the temperature's gradient
@@ -185,20 +187,21 @@ class EnsemblePredictor:
         want = np.ones(running, np.int8)
         for index in range(running):
             state = self.streams[index]
-            previous = 0
             if self.token_class is not None:
-                previous = int(self.token_class[state.history[-1]]) if state.history else 0
-            if self.bias_classes > 1:
+                previous = self.token_class[state.history[-1]] if state.history else 0
                 self._bias_row[index] = (0 if self.config.share else index) * self.bias_classes + previous
             elif not self.config.share:
                 self._bias_row[index] = index
-            self._prepare(state, previous if self.config.mixer_by_class else 0)
+            if self.context_bias is not None:  # Knuth's multiplicative hash of the previous token
+                last = state.history[-1] if state.history else -1
+                self._context_row[index] = ((last + 1) * 2654435761 % (1 << 32)) % len(self.context_bias)
+            self._prepare(state)
             if state.skip:
                 want[index] = 0
         self._want = want
         return None if want.all() else want
 
-    def _prepare(self, state: StreamState, weight_class: int = 0) -> None:
+    def _prepare(self, state: StreamState) -> None:
         """Collect candidates and features of the stream's next token."""
         columns: dict[int, list[float]] = {}
         n_cheap = self.n_features - 1
@@ -226,7 +229,7 @@ class EnsemblePredictor:
                 if row is None:
                     row = columns[predicted] = [0.0] * n_cheap
                 row[-1] = math.log1p(min(state.match.length, 64)) + 1.0 if self.config.mix == "geometric" else 1.0
-        state.weight_set = weight_class * self.sets_per_class + highest * N_MATCH_BUCKETS + match_bucket
+        state.weight_set = highest * N_MATCH_BUCKETS + match_bucket
         state.candidates = np.fromiter(columns, np.int64, len(columns))
         state.features = np.array(list(columns.values()), np.float64).reshape(len(columns), n_cheap)
         # confidence of the top cheap candidate, for the skip decision
@@ -299,6 +302,9 @@ class EnsemblePredictor:
             np.copyto(out, logits)
         if self.bias is None:
             return
+        if self.context_bias is not None:
+            for row, table in enumerate(self._context_row[rows]):
+                np.add(out[row], self.context_bias[table], out=out[row])
         if len(self.bias) == 1:
             np.add(out, self.bias, out=out)
             return
@@ -408,3 +414,7 @@ class EnsemblePredictor:
             np.multiply(probabilities[index], self.config.bias_lr / totals[index], out=step, casting="unsafe")
             np.subtract(table, step, out=table)
             table[symbols[index]] += lr
+            if self.context_bias is not None:  # the same gradient: both tables add to the scores
+                table = self.context_bias[self._context_row[index]]
+                np.subtract(table, step, out=table)
+                table[symbols[index]] += lr
