@@ -32,6 +32,7 @@ from nacrith import pipeline  # noqa: E402
 from nacrith.coder import RangeEncoder  # noqa: E402
 from nacrith.lockstep import Lockstep  # noqa: E402
 from nacrith.predictors import EnsembleConfig, EnsemblePredictor, LLMPredictor  # noqa: E402
+from nacrith.predictors.ensemble import PRESETS  # noqa: E402
 from nacrith.session import Session  # noqa: E402
 
 DATA = ROOT / "corpora" / "data"
@@ -45,6 +46,7 @@ CONFIGS = {
     "+ngram+match+mixer": EnsembleConfig(**{**OFF, "ngram": True, "match": True, "mixer": True}),
     "all but match": replace(EnsembleConfig(), match=False),
     "all but skip": replace(EnsembleConfig(), skip=False),
+    "v1 (previous default)": PRESETS["v1"],
     "all (default)": EnsembleConfig(),
 }
 

@@ -94,18 +94,21 @@ def test_llm_only_container(session):
 
 
 def test_presets_are_frozen():
-    """Containers name preset v1: its values must never change."""
+    """Containers name a preset: its values must never change."""
     from nacrith.predictors.ensemble import PRESETS
 
-    assert PRESETS["v1"].to_dict() == {
+    v1 = {
         "ngram": True, "max_order": 6, "match": True, "match_min": 6, "bias": True, "bias_lr": 0.16,
         "bias_classes": 3, "mixer": True, "mix": "linear", "mixer_lr": 0.1, "llm_weight_lr": 0.0,
         "ngram_weight": -3.0, "match_weight": -3.0, "skip": True, "skip_confidence": 0.995,
         "skip_min_trials": 32, "share": True,
-        # fields added later default to "off", so v1 files decode as they were made
+        # fields added after v1 are off in it, so v1 files decode as they were made
         "temperature_lr": 0.0, "bias_hash": 0,
     }
-    assert predictor_settings(EnsembleConfig()) == {"llm": "exp2-q64", "ensemble": "v1"}
+    assert PRESETS["v1"].to_dict() == v1
+    assert PRESETS["v2"].to_dict() == {**v1, "temperature_lr": 1e-4, "bias_hash": 256}
+    assert predictor_settings(EnsembleConfig()) == {"llm": "exp2-q64", "ensemble": "v2"}
+    assert ensemble_config({"llm": "exp2-q64", "ensemble": "v1"}) == PRESETS["v1"]  # old files
     assert ensemble_config({"llm": "exp2-q64", "ensemble": "v1", "set": {"skip": False}}).skip is False
     with pytest.raises(ValueError):
         ensemble_config({"llm": "exp2-q64", "ensemble": "v9"})

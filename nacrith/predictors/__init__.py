@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from .ensemble import PRESETS, EnsembleConfig, EnsemblePredictor
+from .ensemble import DEFAULT_PRESET, PRESETS, EnsembleConfig, EnsemblePredictor
 from .llm import LLMPredictor
 
 LLM_ONLY = dict(LLMPredictor.settings)
@@ -24,7 +24,7 @@ def predictor_settings(config: EnsembleConfig | None) -> dict:
     """
     if config is None or config.llm_only:
         return dict(LLM_ONLY)
-    name, preset = "v1", PRESETS["v1"]
+    name, preset = DEFAULT_PRESET, PRESETS[DEFAULT_PRESET]
     changed = {f.name: getattr(config, f.name) for f in fields(config) if getattr(config, f.name) != getattr(preset, f.name)}
     return {**LLM_ONLY, "ensemble": name, **({"set": changed} if changed else {})}
 
