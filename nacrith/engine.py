@@ -21,9 +21,10 @@ The "stable" mode, the CPU default, is therefore: contexts of two or more stream
 attention and add a companion sequence (one BOS token at position 0, logits not read) to
 any call that would hold a single token, which happens only in the last step of a block
 whose streams differ in length. llama.cpp keeps sequences in one micro-batch only when
-their ids are consecutive, so the companion is sequence 0 and stream i is sequence i + 1; one-stream contexts run without flash
-attention, as fast as with it for a single stream (121 tokens/s) and much faster than
-with a companion in every call (82). The mode a file was made with is in its header.
+their ids are consecutive, so the companion is sequence 0 and stream i is sequence i + 1.
+One-stream contexts run without flash attention: as fast as with it for a single stream
+(121 tokens/s) and much faster than with a companion in every call (82). The mode a file
+was made with is in its header.
 
 When a stream reaches the end of its window, :meth:`LockstepContext.slide` drops tokens from
 the KV cache and shifts the rest back (``llama_memory_seq_rm`` + ``llama_memory_seq_add``),
