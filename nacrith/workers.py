@@ -66,8 +66,9 @@ def plan_workers(requested, gpu: bool, streams: int, ctx: int, threads: int | No
         devices = devices[: max(1, blocks)] if blocks is not None else devices
         return WorkerPlan(len(devices), threads or max(1, cores // len(devices)), devices)
     # CPU: one single-threaded process per core beats one process using every core (on 2
-    # cores, 2 x 1 thread is 21-26% faster than 1 x 2: the ensemble and the range coder run
-    # in Python, one core per process), as long as memory holds a context per process.
+    # cores, 2 x 1 thread measured 6-9% faster than 1 x 2 in bench/results/workers-cpu.json,
+    # 21-26% in an earlier run: the ensemble and the range coder run in Python, one core per
+    # process), as long as memory holds a context per process.
     processes = min(cores, _processes_fitting_in_memory(streams, ctx)) if requested == "auto" else int(requested)
     processes = max(1, min(processes, blocks) if blocks is not None else processes)
     return WorkerPlan(processes, threads or max(1, cores // processes), (None,) * processes)
