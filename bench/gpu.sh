@@ -19,6 +19,8 @@ if [ ! -d "$G/site/llama_cpp" ]; then  # normally done by the first call
   python3 -m pip install -q --no-index --no-deps --no-compile --target "$G/site" .gpu/whl/*.whl
 fi
 export PYTHONPATH=$PWD:$G/site PYTHONUNBUFFERED=1
+# nacrith's optional C kernel (same bits as numpy, faster); nacrith runs without it
+python3 setup.py -q build_ext --inplace >"$OUT/kernel-build.log" 2>&1 || echo "C kernel not built (see kernel-build.log)"
 if [ -z "${NACRITH_MODEL:-}" ]; then
   [ -f "$G/model.gguf" ] || cat "$G"/model.part* > "$G/model.gguf"
   export NACRITH_MODEL=$G/model.gguf
@@ -29,6 +31,7 @@ mkdir -p corpora/data && for f in "$G"/corpora/*; do ln -sf "$f" corpora/data/; 
 sha256sum "$NACRITH_MODEL" | tee "$OUT/setup.log"
 python3 -c "import nacrith.devices as d; print(d.gpus())" 2>&1 | tee -a "$OUT/setup.log"
 nproc | tee -a "$OUT/setup.log"
+python3 -c "from nacrith.predictors.llm import _kernels; print('C kernel:', bool(_kernels))" 2>&1 | tee -a "$OUT/setup.log"
 
 step() { echo "== $*" | tee -a "$OUT/run.log"; "$@" 2>&1 | tee -a "$OUT/run.log"; }
 step timeout 150 python3 -m pytest -q -s tests/test_gpu.py

@@ -10,13 +10,17 @@ with timers around each part:
 * update: the predictor learning from the coded tokens;
 * rest: the lockstep loop itself (Python), the difference to the wall time.
 
+``--compare-numpy`` runs each predictor a second time with the numpy probability table
+instead of the C kernel, and checks that both code the same bytes.
+
 On a GPU the model step shrinks; everything else is CPU work in the worker process and is
 what bounds one worker's tokens per second. Usage:
-    python bench/profile.py [FILE] [--streams 256] [--steps 24] [--bytes 400000]
+    python bench/profile.py [FILE] [--streams 256] [--steps 24] [--bytes 400000] [--compare-numpy]
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -28,6 +32,7 @@ from common import RESULTS, ROOT, machine  # noqa: E402
 
 from nacrith import lockstep as lockstep_module  # noqa: E402
 from nacrith import pipeline  # noqa: E402
+from nacrith.predictors import llm as llm_module  # noqa: E402
 from nacrith.predictors import make_predictor, predictor_settings  # noqa: E402
 from nacrith.predictors.ensemble import EnsembleConfig  # noqa: E402
 from nacrith.session import Session  # noqa: E402
@@ -49,9 +54,13 @@ class Timers:
         return timed
 
 
-def profile(session: Session, streams: list, settings: pipeline.Settings, ensemble: EnsembleConfig | None) -> dict:
+def profile(session: Session, streams: list, settings: pipeline.Settings, ensemble: EnsembleConfig | None, kernel: bool = True) -> dict:
     timers = Timers()
+    saved_kernels = llm_module._kernels
+    if not kernel:  # the numpy reference: the same bits, for the before/after comparison
+        llm_module._kernels = None
     predictor = make_predictor(predictor_settings(ensemble), session.llama.n_vocab, len(streams), session.tokenizer.pieces, session.threads or 1)
+    llm_module._kernels = saved_kernels
     for method, part in (("want_logits", "want"), ("probabilities", "probabilities"), ("update", "update")):
         setattr(predictor, method, timers.wrap(part, getattr(predictor, method)))
     context = session.context(len(streams), settings.ctx)
@@ -64,7 +73,7 @@ def profile(session: Session, streams: list, settings: pipeline.Settings, ensemb
     lockstep_module.RangeEncoder = TimedEncoder
     try:
         began = time.perf_counter()
-        lockstep_module.Lockstep(context, session.llama.bos, settings.ctx, settings.slide, predictor).encode(streams)
+        coded = lockstep_module.Lockstep(context, session.llama.bos, settings.ctx, settings.slide, predictor).encode(streams)
         wall = time.perf_counter() - began
     finally:
         lockstep_module.RangeEncoder = original
@@ -72,19 +81,28 @@ def profile(session: Session, streams: list, settings: pipeline.Settings, ensemb
     tokens = sum(len(stream) for stream in streams)
     per_token = {part: 1e6 * seconds / tokens for part, seconds in timers.seconds.items()}
     per_token["rest"] = 1e6 * wall / tokens - sum(per_token.values())
-    return {"predictor": "llm only" if ensemble is None else "ensemble (default)", "tokens": tokens, "wall_s": wall,
-            "tok_s": tokens / wall, "us_per_token": per_token}
+    label = ("llm only" if ensemble is None else "ensemble (default)") + ("" if kernel else ", numpy table")
+    cpu_side = sum(value for part, value in per_token.items() if part != "model step")
+    return {"predictor": label, "kernel": kernel and saved_kernels is not None, "tokens": tokens, "wall_s": wall,
+            "tok_s": tokens / wall, "us_per_token": per_token, "cpu_side_us_per_token": cpu_side,
+            "coded_sha256": hashlib.sha256(coded).hexdigest()}
 
 
 def markdown(rows: list[dict], args, streams: int) -> str:
     columns = list(PARTS) + ["rest"]
     lines = ["# Where a token's time goes", "", f"{args.file.name}, {streams} lockstep streams x {args.steps} steps, ctx {args.ctx}, one process. Machine: {machine()}.", "",
              "Microseconds per token (share of the total):", "",
-             "| predictor | " + " | ".join(columns) + " | total | tokens/s |", "|---|" + "---:|" * (len(columns) + 2)]
+             "| predictor | " + " | ".join(columns) + " | total | all but the model step | tokens/s |", "|---|" + "---:|" * (len(columns) + 3)]
     for row in rows:
         total = sum(row["us_per_token"].values())
         cells = [f"{row['us_per_token'][part]:.0f} ({100 * row['us_per_token'][part] / total:.0f}%)" for part in columns]
-        lines.append(f"| {row['predictor']} | " + " | ".join(cells) + f" | {total:.0f} | {row['tok_s']:.0f} |")
+        lines.append(f"| {row['predictor']} | " + " | ".join(cells) + f" | {total:.0f} | {row['cpu_side_us_per_token']:.0f} | {row['tok_s']:.0f} |")
+    pairs = {}
+    for row in rows:
+        pairs.setdefault(row["predictor"].replace(", numpy table", ""), set()).add(row["coded_sha256"])
+    if any(not row["kernel"] for row in rows):
+        same = all(len(hashes) == 1 for hashes in pairs.values())
+        lines += ["", "Coded output with the C kernel and with the numpy table: " + ("identical" if same else "**DIFFERENT**") + " for each predictor."]
     return "\n".join(lines) + "\n"
 
 
@@ -97,6 +115,7 @@ def main() -> int:
     parser.add_argument("--ctx", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--tag", default="cpu")
+    parser.add_argument("--compare-numpy", action="store_true", help="also run each predictor with the numpy probability table")
     args = parser.parse_args()
     settings = pipeline.Settings(streams=args.streams, ctx=args.ctx, slide=args.ctx // 4, min_stream_tokens=1)
     session = Session(threads=args.threads)
@@ -104,8 +123,9 @@ def main() -> int:
     streams = [stream[: args.steps] for stream in pipeline.lockstep_streams(tokens, settings)]
     rows = []
     for ensemble in (None, EnsembleConfig()):
-        rows.append(profile(session, streams, settings, ensemble))
-        print(json.dumps(rows[-1]), flush=True)
+        for kernel in (True, False) if args.compare_numpy else (True,):
+            rows.append(profile(session, streams, settings, ensemble, kernel))
+            print(json.dumps(rows[-1]), flush=True)
     session.close()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"profile-{args.tag}.json").write_text(json.dumps({"file": args.file.name, "streams": len(streams), "steps": args.steps, "machine": machine(), "rows": rows}, indent=1))

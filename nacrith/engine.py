@@ -22,6 +22,9 @@ attention and add a companion sequence (one BOS token at position 0, logits not 
 any call that would hold a single token, which happens only in the last step of a block
 whose streams differ in length. llama.cpp keeps sequences in one micro-batch only when
 their ids are consecutive, so the companion is sequence 0 and stream i is sequence i + 1.
+A context of 256 streams (llama.cpp's limit on sequences) has no room for sequence 0: its
+streams are sequences 0-255 and the companion is sequence 1, whose stream has finished by
+the time stream 0 runs alone.
 One-stream contexts run without flash attention: as fast as with it for a single stream
 (121 tokens/s) and much faster than with a companion in every call (82). The mode a file
 was made with is in its header.
@@ -148,6 +151,7 @@ class LlamaModel:
 
 ATTENTION_MODES = ("auto", "off", "on", "stable")
 _FLASH_ATTN_TYPE = {"auto": -1, "off": 0, "on": 1}  # llama.cpp's llama_flash_attn_type
+MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ: sequences per context
 
 
 def attention_setup(attention: str, n_streams: int) -> tuple[int, bool]:
@@ -191,8 +195,11 @@ class LockstepContext:
         self.ctx = ctx
         self.attention = attention
         self.paired = paired
-        self.first_seq = 1 if paired else 0  # stream i is sequence first_seq + i (0: the companion)
-        n_sequences = n_streams + (1 if paired else 0)
+        # stream i is sequence first_seq + i; the companion is sequence 0 when there is room
+        # for it, else (256 streams) the finished stream 1's sequence
+        self.companion_seq = 0 if n_streams < MAX_SEQUENCES else 1
+        self.first_seq = 1 if paired and self.companion_seq == 0 else 0
+        n_sequences = n_streams + self.first_seq
         threads = threads or default_threads()
         params = L.llama_context_default_params()
         params.n_ctx = ctx * n_sequences
@@ -253,13 +260,17 @@ class LockstepContext:
         return view
 
     def _decode_with_companion(self) -> int:
-        """Decode stream 0's token after a fresh BOS on the companion sequence 0.
+        """Decode stream 0's token beside a fresh BOS on the companion sequence.
 
         Two sequences (consecutive ids, in increasing order) keep llama.cpp off its
         thread-dependent split-KV attention path; the companion is emptied first, so its
         token always sits alone at position 0.
         """
-        L.llama_memory_seq_rm(self.memory, 0, -1, -1)
+        L.llama_memory_seq_rm(self.memory, self.companion_seq, -1, -1)
+        if self.companion_seq == 1:  # 256 streams: slot 1 already carries sequence 1
+            self._tokens[1], self._positions[1], self._want[1] = self.model.bos, 0, 0
+            self.batch.n_tokens = 2
+            return L.llama_decode(self.handle, self.batch)
         self._tokens[1], self._positions[1], self._want[1] = self._tokens[0], self._positions[0], self._want[0]
         self._tokens[0], self._positions[0], self._want[0] = self.model.bos, 0, 0
         self.batch.seq_id[0][0], self.batch.seq_id[1][0] = 0, 1

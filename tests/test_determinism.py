@@ -109,3 +109,20 @@ def test_worker_processes_make_the_same_container(tmp_path):
     two = nacrith.compress(data, workers=2, **options)
     assert one == two
     assert nacrith.decompress(two, workers=2) == data
+
+
+def test_256_streams_fit_with_a_companion(session):
+    """256 streams is llama.cpp's limit: the companion borrows a finished stream's sequence."""
+    tokens = np.asarray(session.tokenizer.encode(TEXT)[:3], np.int32)
+    lone = []
+    for n_streams in (2, 256):
+        context = LockstepContext(session.llama, n_streams, 16, 2, "stable")
+        try:
+            assert context.first_seq + n_streams <= 256
+            context.step(np.full(n_streams, tokens[0], np.int32), np.zeros(n_streams, np.int32))
+            context.step(np.full(n_streams, tokens[1], np.int32), np.ones(n_streams, np.int32))
+            lone.append(context.step(tokens[2:3], np.full(1, 2, np.int32)).copy())  # stream 0 alone
+            assert lone[-1].shape == (1, session.llama.n_vocab)
+        finally:
+            context.close()
+    assert np.array_equal(lone[0], lone[1])  # the same logits whichever sequence keeps it company

@@ -63,6 +63,45 @@ def test_logit_table_handles_nan_and_extremes():
     assert len(set(probabilities[1])) == 1  # a NaN row degrades to uniform, still codable
 
 
+def _special_rows(n_vocab: int) -> np.ndarray:
+    """Ordinary rows, then rows with NaN, infinities, huge and tiny values, ties, constants."""
+    rng = np.random.default_rng(11)
+    rows = (rng.normal(size=(12, n_vocab)) * 6).astype(np.float32)
+    rows[1, 5 % n_vocab] = np.nan
+    rows[2, -1] = np.nan  # in the tail that is not a multiple of the vector width
+    rows[3, 0] = np.inf
+    rows[4, :] = -np.inf
+    rows[5, 1 % n_vocab] = -np.inf
+    rows[6, 2 % n_vocab] = -3e38
+    rows[7, :] = 1.5  # all tied at the maximum
+    rows[8, :] = np.inf
+    rows[9, 3 % n_vocab] = 3e38  # distances overflow the integer range
+    rows[10] *= 1e-30
+    rows[11, ::2] = -0.0
+    return rows
+
+
+@pytest.mark.skipif(not LogitTable(4, 1).use_kernel, reason="nacrith's C kernel is not built here")
+@pytest.mark.parametrize("n_vocab", [1, 7, 8, 1000, 49152])
+def test_logit_table_kernel_matches_numpy(n_vocab):
+    rows = _special_rows(n_vocab)
+    with np.errstate(invalid="ignore"):
+        reference = LogitTable(n_vocab, len(rows), use_kernel=False).probabilities(rows).copy()
+    fast = LogitTable(n_vocab, len(rows), use_kernel=True).probabilities(rows)
+    assert reference.view(np.int64).tolist() == fast.view(np.int64).tolist()  # bit for bit, NaN rows too
+    threaded = LogitTable(n_vocab, len(rows), threads=2, use_kernel=True).probabilities(rows)
+    assert np.array_equal(reference.view(np.int64), threaded.view(np.int64))
+
+
+def test_logit_table_kernel_refused_when_missing(monkeypatch):
+    from nacrith.predictors import llm
+
+    monkeypatch.setattr(llm, "_kernels", None)
+    assert not LogitTable(4, 1).use_kernel  # falls back to numpy by default
+    with pytest.raises(RuntimeError):
+        LogitTable(4, 1, use_kernel=True)
+
+
 def test_split_streams():
     assert split_streams(0, 4) == []
     assert split_streams(3, 8) == [1, 1, 1]

@@ -152,6 +152,8 @@ class StreamState:
 class EnsemblePredictor:
     """Ensemble predictions for the streams of one block (see the module docstring)."""
 
+    PRODUCT_ROWS = 8  # rows per pass of the temperature's weighted sums (3 MiB of scratch)
+
     def __init__(self, n_vocab: int, n_streams: int, config: EnsembleConfig, pieces: list[bytes] | None = None, threads: int = 1):
         self.config = config
         self.n_vocab = n_vocab
@@ -176,6 +178,7 @@ class EnsemblePredictor:
         self._learn_temperature = config.mix == "linear" and config.temperature_lr > 0
         self._logits = None  # this step's model rows, for the temperature's gradient
         self._expected_logit: np.ndarray | None = None
+        self._products: np.ndarray | None = None  # scratch rows for the temperature's E_q[logit]
         self._bias_row = np.zeros(n_streams, np.int64)  # bias table of each stream this step
         self.scores = np.empty((n_streams, n_vocab), np.float32)
         self._step = np.empty(n_vocab, np.float32)  # one stream's bias step
@@ -279,9 +282,10 @@ class EnsemblePredictor:
                     # explicit products and sums (no BLAS): the same bits on every machine
                     scores[row, state.candidates] += (state.features * weights).sum(axis=1).astype(np.float32)
         model_rows = self.table.probabilities(scores)
+        model_totals = model_rows.sum(axis=1)  # row by row, pairwise: the same bits as row.sum()
         if self._learn_temperature:  # E_q[logit] under the model's own rows, before mixing
             self._logits = logits
-            self._expected_logit = np.array([float((model_rows[row] * logits[row]).sum() / model_rows[row].sum()) for row in range(len(wanted))])
+            self._expected_logit = self._weighted_sums(model_rows, logits) / model_totals
         if len(wanted) == running:
             probabilities = model_rows
         else:  # some streams skipped the model: assemble the full set of rows
@@ -292,7 +296,7 @@ class EnsemblePredictor:
             for index in np.flatnonzero(want == 0):
                 self._skip_row(self.streams[index], probabilities[index])
         if self.config.mix == "linear":
-            self._linear_mix(probabilities, wanted)
+            self._linear_mix(probabilities, wanted, model_totals)
         self._probabilities = probabilities
         self.steps += running
         self.skipped += running - len(wanted)
@@ -319,14 +323,28 @@ class EnsemblePredictor:
         for row, table in enumerate(self._bias_row[rows]):  # row by row: no 50 MB gather at 256 streams
             np.add(out[row], self.bias[table], out=out[row])
 
-    def _linear_mix(self, probabilities: np.ndarray, rows: np.ndarray) -> None:
-        """Replace model rows by ``w_llm * p_llm + sum w_i * q_i`` (unnormalised by a common factor)."""
-        for index in rows:
+    def _weighted_sums(self, probabilities: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        """``sum(probabilities[r] * logits[r])`` per row, a few rows at a time into one buffer."""
+        if self._products is None:
+            self._products = np.empty((self.PRODUCT_ROWS, self.n_vocab), np.float64)
+        sums = np.empty(len(probabilities), np.float64)
+        for start in range(0, len(probabilities), self.PRODUCT_ROWS):
+            stop = min(start + self.PRODUCT_ROWS, len(probabilities))
+            products = self._products[: stop - start]
+            np.multiply(probabilities[start:stop], logits[start:stop], out=products)
+            products.sum(axis=1, out=sums[start:stop])
+        return sums
+
+    def _linear_mix(self, probabilities: np.ndarray, rows: np.ndarray, totals: np.ndarray) -> None:
+        """Replace model rows by ``w_llm * p_llm + sum w_i * q_i`` (unnormalised by a common factor).
+
+        ``totals[j]`` is the sum of the model row of stream ``rows[j]``.
+        """
+        for position, index in enumerate(rows):
             state = self.streams[index]
             row = probabilities[index]
             weights = self._simplex(state.weights[state.weight_set])
-            total = row.sum()
-            row *= weights[0] / total
+            row *= weights[0] / totals[position]
             if len(state.candidates):
                 row[state.candidates] += (state.features * weights[1:]).sum(axis=1)
 
