@@ -10,7 +10,7 @@ with timers around each part:
 * update: the predictor learning from the coded tokens;
 * rest: the lockstep loop itself (Python), the difference to the wall time.
 
-``--compare-numpy`` runs each predictor a second time with the numpy probability table
+``--compare-numpy`` runs each predictor a second time with the numpy code
 instead of the C kernel, and checks that both code the same bytes.
 
 On a GPU the model step shrinks; everything else is CPU work in the worker process and is
@@ -81,7 +81,7 @@ def profile(session: Session, streams: list, settings: pipeline.Settings, ensemb
     tokens = sum(len(stream) for stream in streams)
     per_token = {part: 1e6 * seconds / tokens for part, seconds in timers.seconds.items()}
     per_token["rest"] = 1e6 * wall / tokens - sum(per_token.values())
-    label = ("llm only" if ensemble is None else "ensemble (default)") + ("" if kernel else ", numpy table")
+    label = ("llm only" if ensemble is None else "ensemble (default)") + ("" if kernel else ", numpy (no C kernel)")
     cpu_side = sum(value for part, value in per_token.items() if part != "model step")
     return {"predictor": label, "kernel": kernel and saved_kernels is not None, "tokens": tokens, "wall_s": wall,
             "tok_s": tokens / wall, "us_per_token": per_token, "cpu_side_us_per_token": cpu_side,
@@ -99,10 +99,10 @@ def markdown(rows: list[dict], args, streams: int) -> str:
         lines.append(f"| {row['predictor']} | " + " | ".join(cells) + f" | {total:.0f} | {row['cpu_side_us_per_token']:.0f} | {row['tok_s']:.0f} |")
     pairs = {}
     for row in rows:
-        pairs.setdefault(row["predictor"].replace(", numpy table", ""), set()).add(row["coded_sha256"])
+        pairs.setdefault(row["predictor"].replace(", numpy (no C kernel)", ""), set()).add(row["coded_sha256"])
     if any(not row["kernel"] for row in rows):
         same = all(len(hashes) == 1 for hashes in pairs.values())
-        lines += ["", "Coded output with the C kernel and with the numpy table: " + ("identical" if same else "**DIFFERENT**") + " for each predictor."]
+        lines += ["", "Coded output with the C kernel and with numpy: " + ("identical" if same else "**DIFFERENT**") + " for each predictor."]
     return "\n".join(lines) + "\n"
 
 
@@ -115,7 +115,7 @@ def main() -> int:
     parser.add_argument("--ctx", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--tag", default="cpu")
-    parser.add_argument("--compare-numpy", action="store_true", help="also run each predictor with the numpy probability table")
+    parser.add_argument("--compare-numpy", action="store_true", help="also run each predictor with the numpy code instead of the C kernel")
     args = parser.parse_args()
     settings = pipeline.Settings(streams=args.streams, ctx=args.ctx, slide=args.ctx // 4, min_stream_tokens=1)
     session = Session(threads=args.threads)

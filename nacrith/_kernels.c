@@ -1,7 +1,8 @@
 /* Fused per-row loops of nacrith's hot path, bit-identical to the numpy code they replace.
  *
  * Each function does in one or two passes over a row what the numpy reference does in
- * several (see nacrith/kernels.py for the reference and the contract). Every operation is
+ * several (the numpy code in nacrith/predictors/llm.py and ensemble.py is the reference and
+ * the fallback; tests/test_units.py checks that both agree bit for bit). Every operation is
  * one IEEE operation of the same type and in the same order as there; the build turns off
  * floating-point contraction (no FMA) and never uses fast-math, so the results are the
  * same bits on every machine. The GIL is released while a function runs.
@@ -102,8 +103,177 @@ static PyObject *exp2_rows(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* Optional bias tables: a 2-D float32 table (empty: none) and, per row, which of its rows. */
+typedef struct {
+    Py_buffer table, rows;
+    Py_ssize_t n_rows;
+} Bias;
+
+static int bias_open(PyObject *table, PyObject *rows, Py_ssize_t cols, Py_ssize_t n_index, Bias *bias) {
+    memset(bias, 0, sizeof *bias);
+    if (PyObject_GetBuffer(table, &bias->table, PyBUF_SIMPLE | PyBUF_WRITABLE) < 0)
+        return -1;
+    if (PyObject_GetBuffer(rows, &bias->rows, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&bias->table);
+        return -1;
+    }
+    bias->n_rows = bias->table.len / (Py_ssize_t)sizeof(float) / cols;
+    if (bias->table.len % (cols * (Py_ssize_t)sizeof(float)) || (bias->n_rows && bias->rows.len < n_index * (Py_ssize_t)sizeof(int64_t))) {
+        PyErr_SetString(PyExc_ValueError, "bias table or row index of the wrong size");
+        PyBuffer_Release(&bias->table);
+        PyBuffer_Release(&bias->rows);
+        return -1;
+    }
+    const int64_t *index = (const int64_t *)bias->rows.buf;
+    for (Py_ssize_t r = 0; bias->n_rows && r < n_index; r++)
+        if (index[r] < 0 || index[r] >= bias->n_rows) {
+            PyErr_SetString(PyExc_IndexError, "bias row out of range");
+            PyBuffer_Release(&bias->table);
+            PyBuffer_Release(&bias->rows);
+            return -1;
+        }
+    return 0;
+}
+
+static void bias_close(Bias *bias) {
+    PyBuffer_Release(&bias->table);
+    PyBuffer_Release(&bias->rows);
+}
+
+static float *bias_row(const Bias *bias, Py_ssize_t r, Py_ssize_t cols) {
+    return bias->n_rows ? (float *)bias->table.buf + ((const int64_t *)bias->rows.buf)[r] * cols : NULL;
+}
+
+/* scores[i] = ((row[i] * temperature) + a[i]) + b[i], each step rounded to float32; a or b
+ * NULL adds nothing. One loop per case, so that each vectorises. */
+static void scale_and_add(const float *restrict row, const float *restrict a, const float *restrict b, float temperature,
+                          float *restrict scores, Py_ssize_t n) {
+    if (a && b)
+        for (Py_ssize_t i = 0; i < n; i++) {
+            float x = row[i] * temperature;
+            x = x + a[i];
+            scores[i] = x + b[i];
+        }
+    else if (a || b) {
+        const float *c = a ? a : b;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            float x = row[i] * temperature;
+            scores[i] = x + c[i];
+        }
+    } else
+        for (Py_ssize_t i = 0; i < n; i++)
+            scores[i] = row[i] * temperature;
+}
+
+/* scores_exp2_rows(logits, out, scratch, cols, scale, temperature, table_a, rows_a, table_b, rows_b):
+ * exp2_rows of the scores ((logits[r] * temperature) + table_a[rows_a[r]]) + table_b[rows_b[r]],
+ * each operation rounded to float32 in that order (an empty table adds nothing). scratch:
+ * float32 of at least cols values. The ensemble's _model_scores followed by the table. */
+static PyObject *scores_exp2_rows(PyObject *self, PyObject *args) {
+    Py_buffer logits, out, scratch;
+    Py_ssize_t cols;
+    float scale, temperature;
+    PyObject *table_a, *rows_a, *table_b, *rows_b;
+    if (!PyArg_ParseTuple(args, "y*w*w*nffOOOO", &logits, &out, &scratch, &cols, &scale, &temperature, &table_a, &rows_a, &table_b, &rows_b))
+        return NULL;
+    Py_ssize_t n = logits.len / (Py_ssize_t)sizeof(float);
+    Bias a, b;
+    int ok = cols > 0 && n % cols == 0 && out.len == n * (Py_ssize_t)sizeof(int64_t) && scratch.len >= cols * (Py_ssize_t)sizeof(float);
+    if (!ok)
+        PyErr_SetString(PyExc_ValueError, "scores_exp2_rows: buffer sizes do not match");
+    if (ok && bias_open(table_a, rows_a, cols, n / cols, &a) < 0)
+        ok = 0;
+    else if (ok && bias_open(table_b, rows_b, cols, n / cols, &b) < 0) {
+        bias_close(&a);
+        ok = 0;
+    }
+    if (ok) {
+        const float *in = (const float *)logits.buf;
+        int64_t *bits = (int64_t *)out.buf;
+        float *scores = (float *)scratch.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t r = 0; r < n / cols; r++) {
+            const float *row = in + r * cols;
+            const float *add_a = bias_row(&a, r, cols), *add_b = bias_row(&b, r, cols);
+            scale_and_add(row, add_a, add_b, temperature, scores, cols);
+            exp2_row(scores, bits + r * cols, (long)cols, scale);
+        }
+        Py_END_ALLOW_THREADS
+        bias_close(&a);
+        bias_close(&b);
+    }
+    PyBuffer_Release(&logits);
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&scratch);
+    if (!ok)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* learn_bias(probabilities, cols, streams, totals, symbols, lr, table_a, rows_a, table_b, rows_b):
+ * for each stream s of `streams` in order, with step = float32(probabilities[s] * (lr / totals[s])):
+ * table_a[rows_a[s]] -= step, then its symbols[s] entry += float32(lr); the same for table_b.
+ * probabilities: float64 rows; totals: float64 and symbols: int64, one per row. The
+ * ensemble's _learn_bias, one pass per stream. */
+static PyObject *learn_bias(PyObject *self, PyObject *args) {
+    Py_buffer probabilities, streams, totals, symbols;
+    Py_ssize_t cols;
+    double lr;
+    PyObject *table_a, *rows_a, *table_b, *rows_b;
+    if (!PyArg_ParseTuple(args, "y*ny*y*y*dOOOO", &probabilities, &cols, &streams, &totals, &symbols, &lr, &table_a, &rows_a, &table_b, &rows_b))
+        return NULL;
+    Py_ssize_t n_rows = cols > 0 ? probabilities.len / (Py_ssize_t)sizeof(double) / cols : 0;
+    Py_ssize_t n_learn = streams.len / (Py_ssize_t)sizeof(int64_t);
+    const int64_t *learn = (const int64_t *)streams.buf, *symbol = (const int64_t *)symbols.buf;
+    int ok = cols > 0 && probabilities.len == n_rows * cols * (Py_ssize_t)sizeof(double) && totals.len >= n_rows * (Py_ssize_t)sizeof(double) && symbols.len >= n_rows * (Py_ssize_t)sizeof(int64_t);
+    for (Py_ssize_t k = 0; ok && k < n_learn; k++)
+        ok = learn[k] >= 0 && learn[k] < n_rows && symbol[learn[k]] >= 0 && symbol[learn[k]] < cols;
+    if (!ok)
+        PyErr_SetString(PyExc_ValueError, "learn_bias: buffer sizes or indices do not match");
+    Bias a, b;
+    if (ok && bias_open(table_a, rows_a, cols, n_rows, &a) < 0)
+        ok = 0;
+    else if (ok && bias_open(table_b, rows_b, cols, n_rows, &b) < 0) {
+        bias_close(&a);
+        ok = 0;
+    }
+    if (ok) {
+        const double *p = (const double *)probabilities.buf, *total = (const double *)totals.buf;
+        float lr32 = (float)lr;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t k = 0; k < n_learn; k++) {
+            Py_ssize_t s = learn[k];
+            const double *row = p + s * cols;
+            double factor = lr / total[s];
+            float *ta = bias_row(&a, s, cols), *tb = bias_row(&b, s, cols);
+            if (ta)
+                for (Py_ssize_t i = 0; i < cols; i++)
+                    ta[i] = ta[i] - (float)(row[i] * factor);
+            if (tb)
+                for (Py_ssize_t i = 0; i < cols; i++)
+                    tb[i] = tb[i] - (float)(row[i] * factor);
+            if (ta)
+                ta[symbol[s]] = ta[symbol[s]] + lr32;
+            if (tb)
+                tb[symbol[s]] = tb[symbol[s]] + lr32;
+        }
+        Py_END_ALLOW_THREADS
+        bias_close(&a);
+        bias_close(&b);
+    }
+    PyBuffer_Release(&probabilities);
+    PyBuffer_Release(&streams);
+    PyBuffer_Release(&totals);
+    PyBuffer_Release(&symbols);
+    if (!ok)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
-    {"exp2_rows", exp2_rows, METH_VARARGS, "Logit rows to unnormalised exp2 probability rows (see nacrith.kernels)."},
+    {"scores_exp2_rows", scores_exp2_rows, METH_VARARGS, "Biased, scaled logit rows to exp2 probability rows (see nacrith.predictors.ensemble)."},
+    {"learn_bias", learn_bias, METH_VARARGS, "One gradient step of the bias tables per stream (see nacrith.predictors.ensemble)."},
+    {"exp2_rows", exp2_rows, METH_VARARGS, "Logit rows to unnormalised exp2 probability rows (see nacrith.predictors.llm)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -112,3 +112,50 @@ def test_presets_are_frozen():
     assert ensemble_config({"llm": "exp2-q64", "ensemble": "v1", "set": {"skip": False}}).skip is False
     with pytest.raises(ValueError):
         ensemble_config({"llm": "exp2-q64", "ensemble": "v9"})
+
+
+def _replay(config: EnsembleConfig, use_kernel: bool, pieces, n_streams: int = 3, steps: int = 40, n_vocab: int = 300):
+    """Rows, symbols and final bias tables of an ensemble fed random logits (no model needed)."""
+    from nacrith.predictors import ensemble as ensemble_module
+
+    saved = ensemble_module.LogitTable.__init__.__defaults__
+    ensemble_module.LogitTable.__init__.__defaults__ = (1, use_kernel)  # threads, use_kernel
+    try:
+        predictor = ensemble_module.EnsemblePredictor(n_vocab, n_streams, config, pieces)
+    finally:
+        ensemble_module.LogitTable.__init__.__defaults__ = saved
+    rng = np.random.default_rng(5)
+    text = rng.integers(0, 40, size=(n_streams, steps))  # few distinct tokens: the n-gram and match fire
+    rows = []
+    for step in range(steps):
+        running = n_streams - (step >= steps - 3)  # the last stream stops early
+        want = predictor.want_logits(running)
+        logits = (rng.normal(size=(running, n_vocab)) * 3).astype(np.float32)
+        if step == steps - 1:
+            logits[0, 7] = np.nan  # the kernel must degrade exactly as numpy does (last step: the
+            # temperature learns from it and would turn every later row to NaN)
+        if want is not None:
+            logits = logits[want.astype(bool)]
+        probabilities = predictor.probabilities(logits, running)
+        rows.append(probabilities.copy())
+        predictor.update(text[:running, step].astype(np.int32))
+    tables = [t.copy() for t in (predictor.bias, predictor.context_bias) if t is not None]
+    return rows, tables, predictor.temperature
+
+
+@pytest.mark.parametrize("extra", [{}, {"share": False}, {"bias_hash": 0, "temperature_lr": 0.0}, {"bias_classes": 1}, {"bias": False},
+                                   {"skip_min_trials": 2, "skip_confidence": 0.5}])
+def test_ensemble_kernels_match_numpy(extra):
+    """The C kernels (scores + table in one pass, bias learning) give numpy's bits exactly."""
+    from nacrith.predictors.llm import _kernels
+
+    if _kernels is None:
+        pytest.skip("nacrith's C kernel is not built here")
+    pieces = [bytes([32 + t % 90]) + (b"\n" if t % 7 == 0 else b" " if t % 5 == 0 else b"") for t in range(300)]
+    config = replace(EnsembleConfig(), **extra)
+    with np.errstate(invalid="ignore"):
+        numpy_rows, numpy_tables, numpy_temperature = _replay(config, False, pieces)
+    kernel_rows, kernel_tables, kernel_temperature = _replay(config, True, pieces)
+    assert all(a.view(np.int64).tolist() == b.view(np.int64).tolist() for a, b in zip(numpy_rows, kernel_rows))
+    assert all(np.array_equal(a.view(np.int32), b.view(np.int32)) for a, b in zip(numpy_tables, kernel_tables))
+    assert np.array_equal([numpy_temperature], [kernel_temperature], equal_nan=True)

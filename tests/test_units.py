@@ -143,3 +143,52 @@ def test_remaining_size(tmp_path):
     with open(path, "rb") as handle:
         assert remaining_size(handle) == 20
     assert remaining_size(io.BufferedReader(io.BytesIO(b"z"))) is None  # a stream of unknown length
+
+
+def _reference_levels(scores: np.ndarray, scale: float) -> np.ndarray:
+    """The numpy steps of LogitTable for any scale, as int64 bit patterns."""
+    distance = np.subtract(scores.max(axis=1, keepdims=True), scores, dtype=np.float32)
+    distance = np.multiply(distance, np.float32(scale), dtype=np.float32)
+    with np.errstate(invalid="ignore"):
+        steps = distance.astype(np.int32).view(np.uint32)
+    steps = np.minimum(steps, np.uint32(LIMIT)).astype(np.int64)
+    return np.int64(1023 << 52) - (steps << 46)
+
+
+@pytest.mark.skipif(not LogitTable(4, 1).use_kernel, reason="nacrith's C kernel is not built here")
+@pytest.mark.parametrize("tables", ["both", "a", "b", "none"])
+def test_scores_kernel_rounds_like_numpy(tables):
+    """Scores within 0.3% of each other and a scale of 2^24 levels per unit make every float32
+    rounding of ((logits * T) + a) + b visible in the output (one ulp near 1.0 is 2 levels)."""
+    from nacrith.predictors.llm import _kernels
+
+    rng = np.random.default_rng(8)
+    n_rows, n_vocab, scale, temperature = 6, 999, float(2 ** 24), float(np.float32(0.9999))
+    logits = (1 + rng.random((n_rows, n_vocab)) * 0.001).astype(np.float32)
+    table_a = (rng.normal(size=(5, n_vocab)) * 3e-4).astype(np.float32) if tables in ("both", "a") else np.empty((0, n_vocab), np.float32)
+    table_b = (rng.normal(size=(3, n_vocab)) * 3e-4).astype(np.float32) if tables in ("both", "b") else np.empty((0, n_vocab), np.float32)
+    rows_a, rows_b = rng.integers(0, 5, n_rows), rng.integers(0, 3, n_rows)
+    scores = logits * np.float32(temperature)
+    if len(table_a):
+        scores = scores + table_a[rows_a]
+    if len(table_b):
+        scores = scores + table_b[rows_b]
+    out = np.empty((n_rows, n_vocab), np.int64)
+    _kernels.scores_exp2_rows(logits, out, np.empty(n_vocab, np.float32), n_vocab, scale, temperature, table_a, rows_a, table_b, rows_b)
+    reference = _reference_levels(scores, scale)
+    assert len(np.unique(reference)) > n_vocab  # the levels really resolve single roundings
+    assert np.array_equal(out, reference)
+
+
+def test_kernel_rejects_bad_buffers():
+    from nacrith.predictors.llm import _kernels
+
+    if _kernels is None:
+        pytest.skip("nacrith's C kernel is not built here")
+    logits = np.zeros((2, 10), np.float32)
+    with pytest.raises(ValueError):
+        _kernels.exp2_rows(logits, np.empty((2, 9), np.int64), 10, 1.0)
+    table = np.zeros((3, 10), np.float32)
+    with pytest.raises(IndexError):
+        _kernels.scores_exp2_rows(logits, np.empty((2, 10), np.int64), np.empty(10, np.float32), 10, 1.0, 1.0,
+                                  table, np.array([0, 3]), np.empty((0, 10), np.float32), np.empty(0, np.int64))

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from .llm import LogitTable
+from .llm import LogitTable, _kernels
 from .match import MatchIndex, MatchState
 from .ngram import NGramTables
 
@@ -183,6 +183,10 @@ class EnsemblePredictor:
         self.scores = np.empty((n_streams, n_vocab), np.float32)
         self._step = np.empty(n_vocab, np.float32)  # one stream's bias step
         self._learn_llm_weight = config.mixer and config.mix == "geometric" and config.llm_weight_lr > 0
+        # with the C kernel, linear mixing computes the model rows in one pass (geometric
+        # mixing adds its evidence to the scores in between, so it keeps the numpy path)
+        self._fused = self.table.use_kernel and config.mix == "linear"
+        self._no_table = np.empty((0, n_vocab), np.float32)
         self.logits_seen = np.empty((n_streams, n_vocab), np.float32) if self._learn_llm_weight else None
         self._rows: np.ndarray | None = None
         self.skipped = 0  # stream steps that did without the model (statistics)
@@ -272,16 +276,19 @@ class EnsemblePredictor:
     def probabilities(self, logits: np.ndarray, running: int) -> np.ndarray:
         want = self._want
         wanted = np.flatnonzero(want)
-        scores = self.scores[: len(wanted)]  # row j belongs to stream wanted[j]
-        self._model_scores(logits, wanted, scores)
-        if self.config.mix == "geometric":
-            for row, index in enumerate(wanted):
-                state = self.streams[index]
-                if len(state.candidates):
-                    weights = np.asarray(state.weights[state.weight_set][1:], np.float64)
-                    # explicit products and sums (no BLAS): the same bits on every machine
-                    scores[row, state.candidates] += (state.features * weights).sum(axis=1).astype(np.float32)
-        model_rows = self.table.probabilities(scores)
+        if self._fused:
+            model_rows = self._fused_model_rows(logits, wanted)
+        else:
+            scores = self.scores[: len(wanted)]  # row j belongs to stream wanted[j]
+            self._model_scores(logits, wanted, scores)
+            if self.config.mix == "geometric":
+                for row, index in enumerate(wanted):
+                    state = self.streams[index]
+                    if len(state.candidates):
+                        weights = np.asarray(state.weights[state.weight_set][1:], np.float64)
+                        # explicit products and sums (no BLAS): the same bits on every machine
+                        scores[row, state.candidates] += (state.features * weights).sum(axis=1).astype(np.float32)
+            model_rows = self.table.probabilities(scores)
         model_totals = model_rows.sum(axis=1)  # row by row, pairwise: the same bits as row.sum()
         if self._learn_temperature:  # E_q[logit] under the model's own rows, before mixing
             self._logits = logits
@@ -301,6 +308,15 @@ class EnsemblePredictor:
         self.steps += running
         self.skipped += running - len(wanted)
         return probabilities
+
+    def _fused_model_rows(self, logits: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """:meth:`_model_scores` and the probability table in one C pass per row (same bits)."""
+        temperature = self.temperature if self._learn_temperature else 1.0  # x * 1 == x: the plain copy
+        class_rows = None
+        if self.bias is not None:
+            class_rows = np.zeros(len(rows), np.int64) if len(self.bias) == 1 else self._bias_row[rows]
+        context_rows = self._context_row[rows] if self.context_bias is not None else None
+        return self.table.biased_probabilities(logits, temperature, self.context_bias, context_rows, self.bias, class_rows)
 
     def _model_scores(self, logits: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
         """``out = w_llm * logits + bias`` for the given stream rows."""
@@ -433,6 +449,11 @@ class EnsemblePredictor:
         Applied stream by stream in stream order (streams may share a table), so the
         arithmetic is the same on both sides and no step-sized temporary is needed.
         """
+        if self.table.use_kernel:  # the same steps in one C pass per stream
+            _kernels.learn_bias(probabilities, self.n_vocab, np.ascontiguousarray(rows, np.int64), np.ascontiguousarray(totals, np.float64),
+                                np.ascontiguousarray(symbols, np.int64), self.config.bias_lr, self.bias, self._bias_row,
+                                self.context_bias if self.context_bias is not None else self._no_table, self._context_row)
+            return
         lr = np.float32(self.config.bias_lr)
         step = self._step
         for index in rows:

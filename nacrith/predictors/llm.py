@@ -92,18 +92,47 @@ class LogitTable:
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """Unnormalised float64 probabilities, one row per row of ``logits``."""
-        starts = range(0, len(logits), self.CHUNK_ROWS)
+        self._run_chunks(len(logits), lambda start, worker: self._chunk(logits, start, worker))
+        return self._bits[: len(logits)].view(np.float64)
+
+    def biased_probabilities(self, logits: np.ndarray, temperature: float, table_a: np.ndarray | None, rows_a: np.ndarray,
+                             table_b: np.ndarray | None, rows_b: np.ndarray) -> np.ndarray:
+        """:meth:`probabilities` of ``((logits * temperature) + table_a[rows_a]) + table_b[rows_b]``.
+
+        Each operation is rounded to float32 in that order, as the ensemble's numpy code
+        does before calling :meth:`probabilities`; a table of None adds nothing. Needs the C
+        kernel (``use_kernel``), which does it all in one pass per row.
+        """
+        if not self.use_kernel:
+            raise RuntimeError("biased_probabilities needs nacrith's C kernel")
+        logits = np.ascontiguousarray(logits, np.float32)
+        tables = [(np.empty((0, self.n_vocab), np.float32), np.empty(0, np.int64)) if table is None else
+                  (table, np.ascontiguousarray(rows, np.int64)) for table, rows in ((table_a, rows_a), (table_b, rows_b))]
+        scale, temperature = float(_SCALE), float(np.float32(temperature))
+
+        def chunk(start: int, worker: int) -> None:
+            stop = min(start + self.CHUNK_ROWS, len(logits))
+            scratch = self._scratch[worker][0][0]  # one float32 row of this worker's scratch
+            (a, rows_a), (b, rows_b) = tables
+            _kernels.scores_exp2_rows(logits[start:stop], self._bits[start:stop], scratch, self.n_vocab, scale, temperature,
+                                      a, rows_a[start:stop] if len(a) else rows_a, b, rows_b[start:stop] if len(b) else rows_b)
+
+        self._run_chunks(len(logits), chunk)
+        return self._bits[: len(logits)].view(np.float64)
+
+    def _run_chunks(self, n_rows: int, chunk) -> None:
+        """``chunk(start, worker)`` for every CHUNK_ROWS rows, over the thread pool if threads > 1."""
+        starts = range(0, n_rows, self.CHUNK_ROWS)
         if self.threads == 1 or len(starts) < 2:
             for start in starts:
-                self._chunk(logits, start, 0)
-        else:
-            if self._pool is None:
-                from concurrent.futures import ThreadPoolExecutor
+                chunk(start, 0)
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
 
-                self._pool = ThreadPoolExecutor(self.threads)
-            groups = [list(starts)[i:: self.threads] for i in range(self.threads)]
-            list(self._pool.map(lambda worker: [self._chunk(logits, start, worker) for start in groups[worker]], range(self.threads)))
-        return self._bits[: len(logits)].view(np.float64)
+            self._pool = ThreadPoolExecutor(self.threads)
+        groups = [list(starts)[i:: self.threads] for i in range(self.threads)]
+        list(self._pool.map(lambda worker: [chunk(start, worker) for start in groups[worker]], range(self.threads)))
 
 
 class LLMPredictor:
