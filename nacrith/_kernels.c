@@ -69,7 +69,8 @@ static void exp2_row(const float *restrict row, int64_t *restrict dest, long n, 
             float distance = best - row[start + i];
             distance = distance * scale;
             /* !(distance < LIMIT) catches NaN and overflow too, as numpy's clamp does */
-            levels[i] = distance < (float)LIMIT ? (uint32_t)(int32_t)distance : (uint32_t)LIMIT;
+            uint32_t level = distance < (float)LIMIT ? (uint32_t)(int32_t)distance : (uint32_t)LIMIT;
+            levels[i] = level < (uint32_t)LIMIT ? level : (uint32_t)LIMIT;  /* a negative distance (cannot occur) too */
         }
         for (long i = 0; i < count; i++)
             dest[start + i] = ONE - (int64_t)((uint64_t)levels[i] << 46);

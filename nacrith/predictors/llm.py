@@ -34,6 +34,7 @@ STEPS_PER_BIT = 64
 LIMIT = 1000 * STEPS_PER_BIT  # 2^-1000: far below the coder's 2^-24 floor, far above denormals
 _SCALE = np.float32(STEPS_PER_BIT / math.log(2))
 _ONE = np.int64(1023 << 52)
+_LIMIT_F = np.float32(LIMIT)
 
 
 class LogitTable:
@@ -66,10 +67,13 @@ class LogitTable:
         np.max(logits, axis=1, keepdims=True, out=row_max)
         np.subtract(row_max, logits, out=distance)
         np.multiply(distance, _SCALE, out=distance)
+        # NaN and anything from LIMIT up become LIMIT before the cast: casting them to int32
+        # is platform-defined (INT_MIN on x86, saturation or 0 on ARM)
+        np.fmin(distance, _LIMIT_F, out=distance)
         with np.errstate(invalid="ignore"):
-            np.copyto(steps, distance, casting="unsafe")  # NaN/overflow become INT_MIN
+            np.copyto(steps, distance, casting="unsafe")
         unsigned = steps.view(np.uint32)
-        np.minimum(unsigned, np.uint32(LIMIT), out=unsigned)  # ... which is huge when unsigned
+        np.minimum(unsigned, np.uint32(LIMIT), out=unsigned)  # a negative distance cannot occur; if it did, LIMIT
 
     def log2_levels(self, logits: np.ndarray) -> np.ndarray:
         """Distance of each logit below its row maximum in 1/64 bits, clamped to LIMIT (int32)."""
