@@ -180,12 +180,12 @@ class EnsemblePredictor:
         self._expected_logit: np.ndarray | None = None
         self._products: np.ndarray | None = None  # scratch rows for the temperature's E_q[logit]
         self._bias_row = np.zeros(n_streams, np.int64)  # bias table of each stream this step
-        self.scores = np.empty((n_streams, n_vocab), np.float32)
-        self._step = np.empty(n_vocab, np.float32)  # one stream's bias step
         self._learn_llm_weight = config.mixer and config.mix == "geometric" and config.llm_weight_lr > 0
         # with the C kernel, linear mixing computes the model rows in one pass (geometric
         # mixing adds its evidence to the scores in between, so it keeps the numpy path)
         self._fused = self.table.use_kernel and config.mix == "linear"
+        self.scores = None if self._fused else np.empty((n_streams, n_vocab), np.float32)  # 50 MB at 256 streams
+        self._step = None if self.table.use_kernel else np.empty(n_vocab, np.float32)  # one stream's bias step
         self._no_table = np.empty((0, n_vocab), np.float32)
         self.logits_seen = np.empty((n_streams, n_vocab), np.float32) if self._learn_llm_weight else None
         self._rows: np.ndarray | None = None
@@ -289,7 +289,8 @@ class EnsemblePredictor:
                         # explicit products and sums (no BLAS): the same bits on every machine
                         scores[row, state.candidates] += (state.features * weights).sum(axis=1).astype(np.float32)
             model_rows = self.table.probabilities(scores)
-        model_totals = model_rows.sum(axis=1)  # row by row, pairwise: the same bits as row.sum()
+        # row by row, pairwise: the same bits as row.sum(); the temperature and the mix need them
+        model_totals = model_rows.sum(axis=1) if self.config.mix == "linear" else None
         if self._learn_temperature:  # E_q[logit] under the model's own rows, before mixing
             self._logits = logits
             self._expected_logit = self._weighted_sums(model_rows, logits) / model_totals
