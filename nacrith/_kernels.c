@@ -141,6 +141,18 @@ static void bias_close(Bias *bias) {
     PyBuffer_Release(&bias->rows);
 }
 
+/* Both optional tables of a call; on failure neither is left open. */
+static int biases_open(PyObject *table_a, PyObject *rows_a, PyObject *table_b, PyObject *rows_b, Py_ssize_t cols, Py_ssize_t n_index,
+                       Bias *a, Bias *b) {
+    if (bias_open(table_a, rows_a, cols, n_index, a) < 0)
+        return -1;
+    if (bias_open(table_b, rows_b, cols, n_index, b) < 0) {
+        bias_close(a);
+        return -1;
+    }
+    return 0;
+}
+
 static float *bias_row(const Bias *bias, Py_ssize_t r, Py_ssize_t cols) {
     return bias->n_rows ? (float *)bias->table.buf + ((const int64_t *)bias->rows.buf)[r] * cols : NULL;
 }
@@ -182,12 +194,8 @@ static PyObject *scores_exp2_rows(PyObject *self, PyObject *args) {
     int ok = cols > 0 && n % cols == 0 && out.len == n * (Py_ssize_t)sizeof(int64_t) && scratch.len >= cols * (Py_ssize_t)sizeof(float);
     if (!ok)
         PyErr_SetString(PyExc_ValueError, "scores_exp2_rows: buffer sizes do not match");
-    if (ok && bias_open(table_a, rows_a, cols, n / cols, &a) < 0)
+    if (ok && biases_open(table_a, rows_a, table_b, rows_b, cols, n / cols, &a, &b) < 0)
         ok = 0;
-    else if (ok && bias_open(table_b, rows_b, cols, n / cols, &b) < 0) {
-        bias_close(&a);
-        ok = 0;
-    }
     if (ok) {
         const float *in = (const float *)logits.buf;
         int64_t *bits = (int64_t *)out.buf;
@@ -232,12 +240,8 @@ static PyObject *learn_bias(PyObject *self, PyObject *args) {
     if (!ok)
         PyErr_SetString(PyExc_ValueError, "learn_bias: buffer sizes or indices do not match");
     Bias a, b;
-    if (ok && bias_open(table_a, rows_a, cols, n_rows, &a) < 0)
+    if (ok && biases_open(table_a, rows_a, table_b, rows_b, cols, n_rows, &a, &b) < 0)
         ok = 0;
-    else if (ok && bias_open(table_b, rows_b, cols, n_rows, &b) < 0) {
-        bias_close(&a);
-        ok = 0;
-    }
     if (ok) {
         const double *p = (const double *)probabilities.buf, *total = (const double *)totals.buf;
         float lr32 = (float)lr;
