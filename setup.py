@@ -1,7 +1,7 @@
 """Build of nacrith's optional C kernels (everything else is in pyproject.toml).
 
 The extension is optional: without a C compiler the install still succeeds and nacrith
-uses the numpy code that computes the same bits (see nacrith/kernels.py).
+uses the numpy code that computes the same bits (nacrith/predictors/llm.py and ensemble.py).
 """
 import sys
 

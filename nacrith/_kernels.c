@@ -104,14 +104,16 @@ static PyObject *exp2_rows(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* Optional bias tables: a 2-D float32 table (empty: none) and, per row, which of its rows. */
+/* Optional bias tables: a 2-D float32 table (None or empty: none) and, per row, which of its rows. */
 typedef struct {
     Py_buffer table, rows;
     Py_ssize_t n_rows;
 } Bias;
 
 static int bias_open(PyObject *table, PyObject *rows, Py_ssize_t cols, Py_ssize_t n_index, Bias *bias) {
-    memset(bias, 0, sizeof *bias);
+    memset(bias, 0, sizeof *bias);  /* released buffers with no object are a no-op */
+    if (table == Py_None)
+        return 0;
     if (PyObject_GetBuffer(table, &bias->table, PyBUF_SIMPLE | PyBUF_WRITABLE) < 0)
         return -1;
     if (PyObject_GetBuffer(rows, &bias->rows, PyBUF_SIMPLE) < 0) {
@@ -153,6 +155,11 @@ static int biases_open(PyObject *table_a, PyObject *rows_a, PyObject *table_b, P
     return 0;
 }
 
+static void biases_close(Bias *a, Bias *b) {
+    bias_close(a);
+    bias_close(b);
+}
+
 static float *bias_row(const Bias *bias, Py_ssize_t r, Py_ssize_t cols) {
     return bias->n_rows ? (float *)bias->table.buf + ((const int64_t *)bias->rows.buf)[r] * cols : NULL;
 }
@@ -180,7 +187,7 @@ static void scale_and_add(const float *restrict row, const float *restrict a, co
 
 /* scores_exp2_rows(logits, out, scratch, cols, scale, temperature, table_a, rows_a, table_b, rows_b):
  * exp2_rows of the scores ((logits[r] * temperature) + table_a[rows_a[r]]) + table_b[rows_b[r]],
- * each operation rounded to float32 in that order (an empty table adds nothing). scratch:
+ * each operation rounded to float32 in that order (a table of None adds nothing). scratch:
  * float32 of at least cols values. The ensemble's _model_scores followed by the table. */
 static PyObject *scores_exp2_rows(PyObject *self, PyObject *args) {
     Py_buffer logits, out, scratch;
@@ -208,8 +215,7 @@ static PyObject *scores_exp2_rows(PyObject *self, PyObject *args) {
             exp2_row(scores, bits + r * cols, (long)cols, scale);
         }
         Py_END_ALLOW_THREADS
-        bias_close(&a);
-        bias_close(&b);
+        biases_close(&a, &b);
     }
     PyBuffer_Release(&logits);
     PyBuffer_Release(&out);
@@ -221,7 +227,8 @@ static PyObject *scores_exp2_rows(PyObject *self, PyObject *args) {
 
 /* learn_bias(probabilities, cols, streams, totals, symbols, lr, table_a, rows_a, table_b, rows_b):
  * for each stream s of `streams` in order, with step = float32(probabilities[s] * (lr / totals[s])):
- * table_a[rows_a[s]] -= step, then its symbols[s] entry += float32(lr); the same for table_b.
+ * table_a[rows_a[s]] -= step, then its symbols[s] entry += float32(lr); the same for table_b
+ * (a table of None is skipped).
  * probabilities: float64 rows; totals: float64 and symbols: int64, one per row. The
  * ensemble's _learn_bias, one pass per stream. */
 static PyObject *learn_bias(PyObject *self, PyObject *args) {
@@ -263,8 +270,7 @@ static PyObject *learn_bias(PyObject *self, PyObject *args) {
                 tb[symbol[s]] = tb[symbol[s]] + lr32;
         }
         Py_END_ALLOW_THREADS
-        bias_close(&a);
-        bias_close(&b);
+        biases_close(&a, &b);
     }
     PyBuffer_Release(&probabilities);
     PyBuffer_Release(&streams);

@@ -168,10 +168,12 @@ def test_scores_kernel_rounds_like_numpy(tables):
     table_a = (rng.normal(size=(5, n_vocab)) * 3e-4).astype(np.float32) if tables in ("both", "a") else np.empty((0, n_vocab), np.float32)
     table_b = (rng.normal(size=(3, n_vocab)) * 3e-4).astype(np.float32) if tables in ("both", "b") else np.empty((0, n_vocab), np.float32)
     rows_a, rows_b = rng.integers(0, 5, n_rows), rng.integers(0, 3, n_rows)
+    if tables == "none":  # None means no table, as an empty one does
+        table_a = table_b = None
     scores = logits * np.float32(temperature)
-    if len(table_a):
+    if table_a is not None and len(table_a):
         scores = scores + table_a[rows_a]
-    if len(table_b):
+    if table_b is not None and len(table_b):
         scores = scores + table_b[rows_b]
     out = np.empty((n_rows, n_vocab), np.int64)
     _kernels.scores_exp2_rows(logits, out, np.empty(n_vocab, np.float32), n_vocab, scale, temperature, table_a, rows_a, table_b, rows_b)

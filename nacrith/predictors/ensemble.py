@@ -186,7 +186,6 @@ class EnsemblePredictor:
         self._fused = self.table.use_kernel and config.mix == "linear"
         self.scores = None if self._fused else np.empty((n_streams, n_vocab), np.float32)  # 50 MB at 256 streams
         self._step = None if self.table.use_kernel else np.empty(n_vocab, np.float32)  # one stream's bias step
-        self._no_table = np.empty((0, n_vocab), np.float32)
         self.logits_seen = np.empty((n_streams, n_vocab), np.float32) if self._learn_llm_weight else None
         self._rows: np.ndarray | None = None
         self.skipped = 0  # stream steps that did without the model (statistics)
@@ -313,11 +312,8 @@ class EnsemblePredictor:
     def _fused_model_rows(self, logits: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """:meth:`_model_scores` and the probability table in one C pass per row (same bits)."""
         temperature = self.temperature if self._learn_temperature else 1.0  # x * 1 == x: the plain copy
-        class_rows = None
-        if self.bias is not None:
-            class_rows = np.zeros(len(rows), np.int64) if len(self.bias) == 1 else self._bias_row[rows]
-        context_rows = self._context_row[rows] if self.context_bias is not None else None
-        return self.table.biased_probabilities(logits, temperature, self.context_bias, context_rows, self.bias, class_rows)
+        # one shared bias table means every _bias_row is 0 (the numpy path broadcasts it instead)
+        return self.table.biased_probabilities(logits, temperature, self.context_bias, self._context_row[rows], self.bias, self._bias_row[rows])
 
     def _model_scores(self, logits: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
         """``out = w_llm * logits + bias`` for the given stream rows."""
@@ -453,7 +449,7 @@ class EnsemblePredictor:
         if self.table.use_kernel:  # the same steps in one C pass per stream
             _kernels.learn_bias(probabilities, self.n_vocab, np.ascontiguousarray(rows, np.int64), np.ascontiguousarray(totals, np.float64),
                                 np.ascontiguousarray(symbols, np.int64), self.config.bias_lr, self.bias, self._bias_row,
-                                self.context_bias if self.context_bias is not None else self._no_table, self._context_row)
+                                self.context_bias, self._context_row)
             return
         lr = np.float32(self.config.bias_lr)
         step = self._step

@@ -110,16 +110,14 @@ class LogitTable:
         if not self.use_kernel:
             raise RuntimeError("biased_probabilities needs nacrith's C kernel")
         logits = np.ascontiguousarray(logits, np.float32)
-        tables = [(np.empty((0, self.n_vocab), np.float32), np.empty(0, np.int64)) if table is None else
-                  (table, np.ascontiguousarray(rows, np.int64)) for table, rows in ((table_a, rows_a), (table_b, rows_b))]
+        rows_a, rows_b = (np.ascontiguousarray(rows if rows is not None else (), np.int64) for rows in (rows_a, rows_b))
         scale, temperature = float(_SCALE), float(np.float32(temperature))
 
         def chunk(start: int, worker: int) -> None:
             stop = min(start + self.CHUNK_ROWS, len(logits))
             scratch = self._scratch[worker][0][0]  # one float32 row of this worker's scratch
-            (a, rows_a), (b, rows_b) = tables
             _kernels.scores_exp2_rows(logits[start:stop], self._bits[start:stop], scratch, self.n_vocab, scale, temperature,
-                                      a, rows_a[start:stop] if len(a) else rows_a, b, rows_b[start:stop] if len(b) else rows_b)
+                                      table_a, rows_a[start:stop], table_b, rows_b[start:stop])
 
         self._run_chunks(len(logits), chunk)
         return self._bits[: len(logits)].view(np.float64)
