@@ -4,9 +4,10 @@ The raw run makes exactly the engine calls nacrith makes for the same text, stre
 window (one token per stream per llama_decode, the same slides) and reads every logit row
 into numpy, but does no prediction or coding. nacrith then compresses and decompresses the
 same text with the same settings. With ``--workers N`` both sides run N processes at once
-(one context each), the raw side on N equal slices of the text.
+(one context each), the raw side on N equal slices of the text; with ``PxL`` each process
+runs L contexts in threads (lanes), the raw side too.
 
-Usage: python bench/throughput.py [FILE] [--bytes N] [--streams N] [--ctx N] [--workers N] [--gpu] [--tag NAME]
+Usage: python bench/throughput.py [FILE] [--bytes N] [--streams N] [--ctx N] [--workers N|PxL] [--gpu] [--tag NAME]
 """
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import argparse
 import json
 import multiprocessing
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -24,19 +27,22 @@ from common import RESULTS, ROOT, add_settings_arguments, machine, round_trip, s
 from nacrith import pipeline  # noqa: E402
 
 
-def raw_decode(args) -> tuple[int, float]:
+_loading = threading.Lock()  # lanes load their models one at a time
+
+
+def raw_decode(data: bytes, settings, main_gpu: int) -> tuple[int, float]:
     """(tokens, seconds) of the engine calls alone for one block of text."""
-    data, settings, main_gpu = args
     import numpy as np
 
     from nacrith.lockstep import KEEP
     from nacrith.session import Session
 
-    session = Session(settings.model, gpu=settings.gpu, threads=settings.threads, main_gpu=main_gpu)
-    streams = pipeline.lockstep_streams(pipeline.text_tokens(data, session.tokenizer), settings)
-    lengths = [len(stream) for stream in streams]
+    with _loading:
+        session = Session(settings.model, gpu=settings.gpu, threads=settings.threads, main_gpu=main_gpu)
+        streams = pipeline.lockstep_streams(pipeline.text_tokens(data, session.tokenizer), settings)
+        lengths = [len(stream) for stream in streams]
+        context = session.context(len(lengths), settings.ctx)
     tokens, starts = np.concatenate(streams), np.cumsum([0] + lengths[:-1])
-    context = session.context(len(lengths), settings.ctx)
     context.reset()
     previous = np.full(len(lengths), session.llama.bos, np.int32)
     position, running = 0, len(lengths)
@@ -55,6 +61,15 @@ def raw_decode(args) -> tuple[int, float]:
     return sum(lengths), time.perf_counter() - began
 
 
+def raw_process(args) -> list[tuple[int, float]]:
+    """raw_decode of each part side by side, one thread (lane) each, as a worker's lanes run."""
+    parts, settings, main_gpu = args
+    if len(parts) == 1:
+        return [raw_decode(parts[0], settings, main_gpu)]
+    with ThreadPoolExecutor(len(parts)) as lanes:
+        return list(lanes.map(lambda part: raw_decode(part, settings, main_gpu), parts))
+
+
 def slices(data: bytes, parts: int) -> list[bytes]:
     size = -(-len(data) // parts)
     return [data[i:i + size] for i in range(0, len(data), size)]
@@ -64,25 +79,26 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("file", nargs="?", type=Path, default=ROOT / "corpora" / "data" / "alice29.txt")
     parser.add_argument("--bytes", type=int, default=40_000, help="prefix of the file to use")
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", default="1", help="N processes, or PxL: P processes of L lanes")
     parser.add_argument("--tag", default="cpu")
     add_settings_arguments(parser)
     args = parser.parse_args()
     data = args.file.read_bytes()[: args.bytes]
-    parts = slices(data, args.workers)
+    from nacrith.workers import parse_workers, plan_workers
+
+    processes, lanes = parse_workers(args.workers)
+    parts = slices(data, processes * lanes)
     block = len(parts[0])
     settings = settings_from_arguments(args, fallback=False, block_size=block)
-
-    from nacrith.workers import plan_workers
-
     plan = plan_workers(args.workers, settings.gpu, settings.streams, settings.ctx, settings.threads)
     raw_settings = settings if settings.threads else pipeline.Settings(**{**settings.__dict__, "threads": plan.threads})
+    jobs = [(parts[p * lanes:(p + 1) * lanes], raw_settings, device or 0) for p, device in enumerate(plan.devices)]
     began = time.perf_counter()
-    if args.workers == 1:
-        results = [raw_decode((parts[0], raw_settings, plan.devices[0] or 0))]
+    if processes == 1:
+        results = raw_process(jobs[0])
     else:
-        with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
-            results = pool.map(raw_decode, [(part, raw_settings, device or 0) for part, device in zip(parts, plan.devices)])
+        with multiprocessing.get_context("spawn").Pool(processes) as pool:
+            results = [lane for process in pool.map(raw_process, jobs) for lane in process]
     raw_wall = time.perf_counter() - began
     tokens = sum(n for n, _ in results)
     # raw: the slowest process decides (model loading excluded, as below)
@@ -96,6 +112,8 @@ def main() -> int:
         "streams": settings.streams,
         "ctx": settings.ctx,
         "workers": args.workers,
+        "processes": processes,
+        "lanes": lanes,
         "backend": settings.backend,
         "predictor": settings.predictor_name,
         "raw_tok_s": raw_rate,

@@ -203,18 +203,21 @@ COMMON = [
     click.option("-v", "--verbose", is_flag=True, help="Print a summary line per file."),
     click.option("--model", metavar="PATH", envvar="NACRITH_MODEL", help="GGUF model file (default: $NACRITH_MODEL, else the embedded SmolLM2-135M)."),
     click.option("--threads", type=click.IntRange(min=1), help="CPU threads per worker (default: the cores shared among workers)."),
-    click.option("--workers", default="1", show_default=True, callback=lambda ctx, param, value: parse_workers(value), help="Worker processes (never more than the input's blocks), or 'auto': one per CPU core as memory allows, or up to 8 per GPU by free GPU memory."),
+    click.option("--workers", default="1", show_default=True, callback=lambda ctx, param, value: parse_workers(value), help="Worker processes (never more than the input's blocks), 'PxL' for P processes of L lanes (threads with a context each, coding blocks side by side), or 'auto': one per CPU core as memory allows, or up to 8 per GPU by free GPU memory."),
     click.option("--gpus", default="none", show_default=True, callback=lambda ctx, param, value: parse_gpus(value),
                  help="Compress on GPUs: 'all', a list like 0,1, or 'none'. GPU-made files decode only on a GPU (logits differ). Decompression uses the backend a file was made on; this only picks which GPUs."),
 ]
 
 
 def parse_workers(value: str):
-    if value == "auto":
-        return value
-    if value.isdigit() and int(value) >= 1:
-        return int(value)
-    raise click.BadParameter("expected a positive number or 'auto'")
+    """'auto', N, or 'PxL' (P processes of L lanes) as nacrith.workers.plan_workers takes it."""
+    from .workers import parse_workers as parse
+
+    try:
+        processes, lanes = parse(value)
+    except ValueError:
+        raise click.BadParameter("expected a positive number, 'auto' or PROCESSESxLANES like 4x2") from None
+    return processes if lanes == 1 else f"{processes}x{lanes}"
 
 
 def parse_gpus(value: str):

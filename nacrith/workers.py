@@ -9,14 +9,21 @@ Blocks are independent and a block's streams always run together in one context,
 container does not depend on how many workers made it. On the CPU logits also do not depend
 on the thread count (attention mode "stable", see :mod:`nacrith.engine`), so a file may be
 decoded with any worker count; on CUDA, with any worker count on the same kind of GPU.
+
+A worker may run several "lanes": threads with a context (and model) each, coding blocks
+side by side (``--workers PxL``: P processes of L lanes). llama.cpp releases the GIL while
+it decodes, so one lane's model step overlaps the other lanes' CPU work, and on a GPU the
+kernels of one process's contexts may run at the same time, where those of different
+processes take turns (``bench/lanes.py`` measures both).
 """
 from __future__ import annotations
 
 import collections
 import multiprocessing
 import os
+import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator
@@ -33,22 +40,43 @@ CPU_MEMORY_MARGIN = 512 << 20  # per CPU worker: the model's pages, compute buff
 
 @dataclass(frozen=True)
 class WorkerPlan:
-    """How many processes to run, with how many CPU threads each, on which GPUs."""
+    """How many processes to run, with how many lanes and CPU threads (per context) each, on which GPUs."""
 
     processes: int
     threads: int
     devices: tuple  # main_gpu per process; None for the CPU
+    lanes: int = 1  # contexts per process, each coding its own block in its own thread
+
+    @property
+    def contexts(self) -> int:
+        return self.processes * self.lanes
+
+
+def parse_workers(requested) -> tuple:
+    """(processes or "auto", lanes) from ``--workers``: N, "auto" or "PxL"."""
+    if requested == "auto":
+        return "auto", 1
+    processes, by, lanes = str(requested).partition("x")
+    try:
+        processes, lanes = int(processes), int(lanes) if by else 1
+    except ValueError:
+        raise ValueError(f"workers must be a number, 'auto' or PROCESSESxLANES, got {requested!r}") from None
+    if processes < 1 or lanes < 1:
+        raise ValueError("workers and lanes must be at least 1")
+    return processes, lanes
 
 
 def plan_workers(requested, gpu: bool, streams: int, ctx: int, threads: int | None = None, gpu_ids=None, blocks: int | None = None) -> WorkerPlan:
-    """Resolve ``--workers N|auto`` for the CPU or the GPUs (``gpu_ids``: which ones, None for all).
+    """Resolve ``--workers N|PxL|auto`` for the CPU or the GPUs (``gpu_ids``: which ones, None for all).
 
-    ``blocks``, when known, caps the processes: a worker without a block would only take
-    CPU threads from the others.
+    ``blocks``, when known, caps the contexts: a worker or lane without a block would only
+    take CPU threads from the others.
     """
     cores = default_threads()
-    if requested != "auto" and int(requested) < 1:
-        raise ValueError("workers must be at least 1")
+    requested, lanes = parse_workers(requested)
+    if blocks is not None:
+        lanes = max(1, min(lanes, blocks))
+        blocks = -(-blocks // lanes)  # the processes that the lanes leave work for
     if gpu:
         from .devices import gpus
         from .errors import EngineError
@@ -64,14 +92,14 @@ def plan_workers(requested, gpu: bool, streams: int, ctx: int, threads: int | No
         else:
             devices = tuple(found[i % len(found)].index for i in range(int(requested)))
         devices = devices[: max(1, blocks)] if blocks is not None else devices
-        return WorkerPlan(len(devices), threads or max(1, cores // len(devices)), devices)
+        return WorkerPlan(len(devices), threads or max(1, cores // (len(devices) * lanes)), devices, lanes)
     # CPU: one single-threaded process per core beats one process using every core (on 2
     # cores, 2 x 1 thread measured 6-9% faster than 1 x 2 in bench/results/workers-cpu.json,
     # 21-26% in an earlier run: the ensemble and the range coder run in Python, one core per
     # process), as long as memory holds a context per process.
     processes = min(cores, _processes_fitting_in_memory(streams, ctx)) if requested == "auto" else int(requested)
     processes = max(1, min(processes, blocks) if blocks is not None else processes)
-    return WorkerPlan(processes, threads or max(1, cores // processes), (None,) * processes)
+    return WorkerPlan(processes, threads or max(1, cores // (processes * lanes)), (None,) * processes, lanes)
 
 
 def _processes_fitting_in_memory(streams: int, ctx: int) -> int:
@@ -89,54 +117,66 @@ def _processes_fitting_in_memory(streams: int, ctx: int) -> int:
 # --- inside a worker ------------------------------------------------------------------
 
 _worker: dict = {}
+_lane = threading.local()  # each lane thread's own Session
+_lock = threading.Lock()  # model loading and progress reports, one lane at a time
 
 
-def _initialize(model_path, threads: int, devices, progress_queue) -> None:
-    _worker.update(model_path=model_path, threads=threads, device=devices.get(), progress_queue=progress_queue, session=None, pending=0.0, sent=time.monotonic())
+def _initialize(model_path, threads: int, devices, progress_queue, lanes: int = 1) -> None:
+    _worker.update(model_path=model_path, threads=threads, device=devices.get(), progress_queue=progress_queue, pending=0.0, sent=time.monotonic(),
+                   lanes=ThreadPoolExecutor(lanes, thread_name_prefix="nacrith-lane") if lanes > 1 else None)
 
 
 def _session():
-    if _worker["session"] is None:
+    session = getattr(_lane, "session", None)
+    if session is None:
         from .session import Session
 
         device = _worker["device"]
-        _worker["session"] = Session(_worker["model_path"], gpu=device is not None, threads=_worker["threads"], main_gpu=device or 0)
-    return _worker["session"]
+        with _lock:
+            session = _lane.session = Session(_worker["model_path"], gpu=device is not None, threads=_worker["threads"], main_gpu=device or 0)
+    return session
 
 
 def _progress(amount: float) -> None:
     """Report progress to the parent at most a few times a second."""
-    _worker["pending"] += amount
-    now = time.monotonic()
-    if now - _worker["sent"] > 0.25:
-        _worker["progress_queue"].put(_worker["pending"])
-        _worker["pending"], _worker["sent"] = 0.0, now
+    with _lock:
+        _worker["pending"] += amount
+        now = time.monotonic()
+        if now - _worker["sent"] > 0.25:
+            _worker["progress_queue"].put(_worker["pending"])
+            _worker["pending"], _worker["sent"] = 0.0, now
 
 
 def _flush_progress() -> None:
-    if _worker["progress_queue"] is not None and _worker["pending"]:
-        _worker["progress_queue"].put(_worker["pending"])
-        _worker["pending"] = 0.0
+    with _lock:
+        if _worker["progress_queue"] is not None and _worker["pending"]:
+            _worker["progress_queue"].put(_worker["pending"])
+            _worker["pending"] = 0.0
 
 
-def _compress_job(data: bytes, settings):
+def _in_lanes(function, items: list) -> list:
+    """``function`` applied to each item, the items side by side in the worker's lanes."""
+    lanes = _worker["lanes"]
+    try:
+        if lanes is None or len(items) == 1:
+            return [function(item) for item in items]
+        return list(lanes.map(function, items))
+    finally:
+        _flush_progress()
+
+
+def _compress_job(blocks: list, settings) -> list:
     from .pipeline import compress_block
 
     progress = _progress if _worker["progress_queue"] is not None else None
-    try:
-        return compress_block(data, settings, _session, progress)
-    finally:
-        _flush_progress()
+    return _in_lanes(lambda data: compress_block(data, settings, _session, progress), blocks)
 
 
-def _decode_job(block: fmt.Block, section):
+def _decode_job(blocks: list, section) -> list:
     from .pipeline import decode_block
 
     progress = _progress if _worker["progress_queue"] is not None else None
-    try:
-        return decode_block(block, section, _session, progress)
-    finally:
-        _flush_progress()
+    return _in_lanes(lambda block: decode_block(block, section, _session, progress), blocks)
 
 
 # --- in the parent ---------------------------------------------------------------------
@@ -154,7 +194,7 @@ class WorkerPool:
         for device in plan.devices:
             devices.put(device)
         model = None if model_path is None else os.fspath(model_path)
-        self.executor = ProcessPoolExecutor(plan.processes, mp_context=context, initializer=_initialize, initargs=(model, plan.threads, devices, self.progress_queue))
+        self.executor = ProcessPoolExecutor(plan.processes, mp_context=context, initializer=_initialize, initargs=(model, plan.threads, devices, self.progress_queue, plan.lanes))
 
     def __enter__(self):
         return self
@@ -164,29 +204,30 @@ class WorkerPool:
 
     def compress(self, blocks: Iterable[bytes], settings) -> Iterator[tuple[bytes, object]]:
         """(block, EncodedBlock) for each input block, in order."""
-        return self._ordered(((_compress_job, (block, settings), block) for block in blocks))
+        return self._ordered(blocks, lambda group: (_compress_job, (group, settings)))
 
     def decode(self, blocks: Iterable[fmt.Block], section) -> Iterator[bytes]:
         """The decoded bytes of each parsed block, in order."""
-        jobs = ((_decode_job, (replace(block, payload=bytes(block.payload)), section), None) for block in blocks)
-        return (result for _, result in self._ordered(jobs))
+        blocks = (replace(block, payload=bytes(block.payload)) for block in blocks)
+        return (result for _, result in self._ordered(blocks, lambda group: (_decode_job, (group, section))))
 
-    def _ordered(self, jobs) -> Iterator[tuple]:
+    def _ordered(self, items: Iterable, job: Callable) -> Iterator[tuple]:
+        """(item, result) for each item, in order; a job codes a group of one item per lane."""
         waiting: collections.deque = collections.deque()
         limit = IN_FLIGHT_PER_WORKER * self.plan.processes
-        jobs = iter(jobs)
+        items = iter(items)
         exhausted = False
         while waiting or not exhausted:
             while not exhausted and len(waiting) < limit:
-                job = next(jobs, None)
-                if job is None:
+                group = [item for _, item in zip(range(self.plan.lanes), items)]
+                if not group:
                     exhausted = True
                     break
-                function, arguments, keep = job
-                waiting.append((keep, self.executor.submit(function, *arguments)))
+                function, arguments = job(group)
+                waiting.append((group, self.executor.submit(function, *arguments)))
             if waiting:
-                keep, future = waiting.popleft()
-                yield keep, self._result(future)
+                group, future = waiting.popleft()
+                yield from zip(group, self._result(future))
 
     def _result(self, future):
         while True:

@@ -111,6 +111,18 @@ def test_worker_processes_make_the_same_container(tmp_path):
     assert nacrith.decompress(two, workers=2) == data
 
 
+def test_lanes_make_the_same_container():
+    """Blocks coded side by side in the lanes (threads) of one or two processes: the same bytes."""
+    import nacrith
+
+    data = TEXT * 3
+    options = dict(fallback=False, block_size=len(TEXT), streams=2, **SMALL)
+    one = nacrith.compress(data, workers=1, **options)
+    assert nacrith.compress(data, workers="1x3", **options) == one
+    assert nacrith.compress(data, workers="2x2", **options) == one
+    assert nacrith.decompress(one, workers="1x2") == data
+
+
 def test_256_streams_fit_with_a_companion(session):
     """256 streams is llama.cpp's limit: the companion borrows a finished stream's sequence."""
     tokens = np.asarray(session.tokenizer.encode(TEXT)[:3], np.int32)

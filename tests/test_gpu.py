@@ -33,8 +33,9 @@ def test_gpu_roundtrip_any_worker_count():
     blob = nacrith.compress(data, gpu=True, streams=64, min_stream_tokens=32, block_size=20_000, fallback=False, workers=2)
     parsed = fmt.parse(blob)
     assert parsed.header.model.backend == "cuda" and len(parsed.blocks) == 3
-    for workers in (1, 3):
+    for workers in (1, 3, "1x3", "2x2"):
         assert nacrith.decompress(blob, workers=workers) == data
+    assert nacrith.compress(data, gpu=True, streams=64, min_stream_tokens=32, block_size=20_000, fallback=False, workers="1x3") == blob
 
 
 def test_cpu_file_decodes_on_cpu_even_with_a_gpu():

@@ -130,6 +130,21 @@ def test_cpu_worker_plan(monkeypatch):
         workers.plan_workers(0, False, 16, 1024)
 
 
+def test_worker_plan_with_lanes(monkeypatch):
+    from nacrith import workers
+
+    monkeypatch.setattr(workers, "default_threads", lambda: 8)
+    assert workers.parse_workers("4x2") == (4, 2) and workers.parse_workers(3) == (3, 1) and workers.parse_workers("auto") == ("auto", 1)
+    for bad in ("0x2", "2x0", "x2", "2x", "2y2", "-1"):
+        with pytest.raises(ValueError):
+            workers.parse_workers(bad)
+    # threads are shared among every context of every process
+    assert workers.plan_workers("2x2", False, 16, 1024) == workers.WorkerPlan(2, 2, (None, None), 2)
+    # lanes and processes never outnumber the blocks: 3 blocks fill 2 lanes of 2 processes
+    assert workers.plan_workers("4x2", False, 16, 1024, blocks=3) == workers.WorkerPlan(2, 2, (None, None), 2)
+    assert workers.plan_workers("4x4", False, 16, 1024, blocks=1) == workers.WorkerPlan(1, 8, (None,), 1)
+
+
 def test_remaining_size(tmp_path):
     import io
 
