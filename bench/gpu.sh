@@ -56,8 +56,8 @@ EOF
 echo "best layout with lanes: $BEST" | tee -a "$OUT/run.log"
 # 8 workers x 256 streams gave the best end-to-end rate before lanes (85% of raw, LLM only)
 step timeout 150 python3 bench/throughput.py $BIBLE --bytes 3000000 --gpu --streams 256 --workers 8 --llm-only --tag gpu
-[ "$BEST" != "8x1" ] && [ "$(left 420)" -gt 100 ] && step timeout "$(left 420)" python3 bench/throughput.py $BIBLE --bytes 3000000 --gpu --streams 256 --workers "$BEST" --llm-only --tag gpu
-[ "$(left 500)" -gt 60 ] && step timeout "$(left 500)" python3 bench/throughput.py $BIBLE --bytes 1000000 --gpu --streams 256 --workers "$BEST" --tag gpu
-[ "$(left 560)" -gt 45 ] && step timeout "$(left 560)" python3 bench/cpu_vs_gpu.py $BIBLE --bytes 40000 --streams 256
+[ "$BEST" != "8x1" ] && [ "$(left 400)" -gt 100 ] && step timeout "$(left 400)" python3 bench/throughput.py $BIBLE --bytes 3000000 --gpu --streams 256 --workers "$BEST" --llm-only --tag gpu
+[ "$(left 470)" -gt 60 ] && step timeout "$(left 470)" python3 bench/throughput.py $BIBLE --bytes 1000000 --gpu --streams 256 --workers "$BEST" --tag gpu
+[ "$(left 520)" -gt 45 ] && step timeout "$(left 520)" python3 bench/cpu_vs_gpu.py $BIBLE --bytes 40000 --streams 256
 cp bench/results/*gpu* "$OUT/" 2>/dev/null
 echo "done in $(( $(date +%s) - BEGAN )) s" | tee -a "$OUT/run.log"
