@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, machine  # noqa: E402
 
 from nacrith import pipeline  # noqa: E402
-from nacrith.coder import RangeEncoder  # noqa: E402
+from nacrith.coder import make_encoder  # noqa: E402
 from nacrith.lockstep import Lockstep  # noqa: E402
 from nacrith.predictors import EnsembleConfig, EnsemblePredictor, LLMPredictor  # noqa: E402
 from nacrith.predictors.ensemble import PRESETS  # noqa: E402
@@ -56,7 +56,7 @@ class Tee:
 
     def __init__(self, predictors: dict, tokens_per_step):
         self.predictors = predictors
-        self.encoders = {name: RangeEncoder() for name in predictors}
+        self.encoders = {name: make_encoder() for name in predictors}
         self.seconds = {name: 0.0 for name in predictors}
         self.wants: dict = {}
         self.rows: dict = {}

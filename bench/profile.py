@@ -6,16 +6,17 @@ with timers around each part:
 * model step: ``llama_decode`` plus reading the logits rows (``LockstepContext.step``);
 * want: the predictor choosing which streams need the model (skip decision);
 * probabilities: logits to float64 rows (the LLM table, and the ensemble's mixing);
-* coder: constriction's range coder;
+* coder: the range coder (``--coders``: nacrith's int24, constriction's);
 * update: the predictor learning from the coded tokens;
 * rest: the lockstep loop itself (Python), the difference to the wall time.
 
 ``--compare-numpy`` runs each predictor a second time with the numpy code
-instead of the C kernel, and checks that both code the same bytes.
+instead of the C kernel, and checks that both code the same bytes. ``--coders
+int24,constriction`` runs each predictor with each range coder.
 
 On a GPU the model step shrinks; everything else is CPU work in the worker process and is
 what bounds one worker's tokens per second. Usage:
-    python bench/profile.py [FILE] [--streams 256] [--steps 24] [--bytes 400000] [--compare-numpy]
+    python bench/profile.py [FILE] [--streams 256] [--steps 24] [--bytes 400000] [--compare-numpy] [--coders int24,constriction]
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from common import RESULTS, ROOT, machine  # noqa: E402
 
 from nacrith import lockstep as lockstep_module  # noqa: E402
 from nacrith import pipeline  # noqa: E402
+from nacrith.coder import DEFAULT_CODER  # noqa: E402
 from nacrith.predictors import llm as llm_module  # noqa: E402
 from nacrith.predictors import make_predictor, predictor_settings  # noqa: E402
 from nacrith.predictors.ensemble import EnsembleConfig  # noqa: E402
@@ -54,7 +56,7 @@ class Timers:
         return timed
 
 
-def profile(session: Session, streams: list, settings: pipeline.Settings, ensemble: EnsembleConfig | None, kernel: bool = True) -> dict:
+def profile(session: Session, streams: list, settings: pipeline.Settings, ensemble: EnsembleConfig | None, kernel: bool = True, coder: str = DEFAULT_CODER) -> dict:
     timers = Timers()
     saved_kernels = llm_module._kernels
     if not kernel:  # the numpy reference: the same bits, for the before/after comparison
@@ -66,24 +68,27 @@ def profile(session: Session, streams: list, settings: pipeline.Settings, ensemb
     context = session.context(len(streams), settings.ctx)
     context.step = timers.wrap("model step", context.step)
 
-    class TimedEncoder(lockstep_module.RangeEncoder):
-        encode = timers.wrap("coder", lockstep_module.RangeEncoder.encode)
+    original = lockstep_module.make_encoder
 
-    original = lockstep_module.RangeEncoder
-    lockstep_module.RangeEncoder = TimedEncoder
+    def timed_encoder(name):
+        encoder = original(name)
+        encoder.encode = timers.wrap("coder", encoder.encode)
+        return encoder
+
+    lockstep_module.make_encoder = timed_encoder
     try:
         began = time.perf_counter()
-        coded = lockstep_module.Lockstep(context, session.llama.bos, settings.ctx, settings.slide, predictor).encode(streams)
+        coded = lockstep_module.Lockstep(context, session.llama.bos, settings.ctx, settings.slide, predictor, coder=coder).encode(streams)
         wall = time.perf_counter() - began
     finally:
-        lockstep_module.RangeEncoder = original
+        lockstep_module.make_encoder = original
         del context.step  # the session caches the context: unwrap it
     tokens = sum(len(stream) for stream in streams)
     per_token = {part: 1e6 * seconds / tokens for part, seconds in timers.seconds.items()}
     per_token["rest"] = 1e6 * wall / tokens - sum(per_token.values())
-    label = ("llm only" if ensemble is None else "ensemble (default)") + ("" if kernel else ", numpy (no C kernel)")
+    label = ("llm only" if ensemble is None else "ensemble (default)") + f", {coder} coder" + ("" if kernel else ", numpy (no C kernel)")
     cpu_side = sum(value for part, value in per_token.items() if part != "model step")
-    return {"predictor": label, "kernel": kernel and saved_kernels is not None, "tokens": tokens, "wall_s": wall,
+    return {"predictor": label, "coder": coder, "kernel": kernel and saved_kernels is not None, "tokens": tokens, "wall_s": wall,
             "tok_s": tokens / wall, "us_per_token": per_token, "cpu_side_us_per_token": cpu_side,
             "coded_sha256": hashlib.sha256(coded).hexdigest()}
 
@@ -99,7 +104,7 @@ def markdown(rows: list[dict], args, streams: int) -> str:
         lines.append(f"| {row['predictor']} | " + " | ".join(cells) + f" | {total:.0f} | {row['cpu_side_us_per_token']:.0f} | {row['tok_s']:.0f} |")
     pairs = {}
     for row in rows:
-        pairs.setdefault(row["predictor"].replace(", numpy (no C kernel)", ""), set()).add(row["coded_sha256"])
+        pairs.setdefault(row["predictor"].replace(", numpy (no C kernel)", ""), set()).add(row["coded_sha256"])  # same predictor and coder
     if any(not row["kernel"] for row in rows):
         same = all(len(hashes) == 1 for hashes in pairs.values())
         lines += ["", "Coded output with the C kernel and with numpy: " + ("identical" if same else "**DIFFERENT**") + " for each predictor."]
@@ -116,6 +121,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--tag", default="cpu")
     parser.add_argument("--compare-numpy", action="store_true", help="also run each predictor with the numpy code instead of the C kernel")
+    parser.add_argument("--coders", default=DEFAULT_CODER, help="comma-separated range coders to run each predictor with (nacrith.coder.CODERS)")
     args = parser.parse_args()
     settings = pipeline.Settings(streams=args.streams, ctx=args.ctx, slide=args.ctx // 4, min_stream_tokens=1)
     session = Session(threads=args.threads)
@@ -123,9 +129,10 @@ def main() -> int:
     streams = [stream[: args.steps] for stream in pipeline.lockstep_streams(tokens, settings)]
     rows = []
     for ensemble in (None, EnsembleConfig()):
-        for kernel in (True, False) if args.compare_numpy else (True,):
-            rows.append(profile(session, streams, settings, ensemble, kernel))
-            print(json.dumps(rows[-1]), flush=True)
+        for coder in args.coders.split(","):
+            for kernel in (True, False) if args.compare_numpy else (True,):
+                rows.append(profile(session, streams, settings, ensemble, kernel, coder))
+                print(json.dumps(rows[-1]), flush=True)
     session.close()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"profile-{args.tag}.json").write_text(json.dumps({"file": args.file.name, "streams": len(streams), "steps": args.steps, "machine": machine(), "rows": rows}, indent=1))

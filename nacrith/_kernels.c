@@ -281,7 +281,249 @@ static PyObject *learn_bias(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ---- nacrith's 24-bit range coder ("int24", see nacrith/coder.py for the definition) ---- */
+
+#define PRECISION 24
+#define TOTAL ((uint64_t)1 << PRECISION)
+#define WORD_BITS 32
+#define LOW_LIMIT ((uint64_t)1 << (64 - WORD_BITS))  /* range never drops below this between symbols */
+
+/* A row's quantisation: w_i = trunc(p_i * factor), S = sum w_i, scale = (2^24 - n) / S. */
+typedef struct {
+    double factor, scale;
+} Quant;
+
+/* sum of w_i for i in [from, to). The w_i lie in [0, 2^31), so SSE2 converts two at a time
+ * to int32 (truncating, as a C cast does) and adds them, zero-extended, to int64 lanes;
+ * integer sums are exact in any order. */
+static uint64_t sum_w(const double *restrict p, long from, long to, double factor) {
+    uint64_t total = 0;
+    long i = from;
+#ifdef __SSE2__
+    const __m128d f = _mm_set1_pd(factor);
+    const __m128i zero = _mm_setzero_si128();
+    __m128i acc[2] = {zero, zero};
+    for (; i + 4 <= to; i += 4)
+        for (int k = 0; k < 2; k++) {
+            __m128i w = _mm_cvttpd_epi32(_mm_mul_pd(_mm_loadu_pd(p + i + 2 * k), f));
+            acc[k] = _mm_add_epi64(acc[k], _mm_unpacklo_epi32(w, zero));
+        }
+    uint64_t lanes[2];
+    _mm_storeu_si128((__m128i *)lanes, _mm_add_epi64(acc[0], acc[1]));
+    total = lanes[0] + lanes[1];
+#endif
+    for (; i < to; i++)
+        total += (uint64_t)(int32_t)(p[i] * factor);
+    return total;
+}
+
+/* 0 on success; -1 if the row is not a valid distribution (NaN, negative, infinite, a
+ * maximum outside [2^-900, 2^900), or n outside [2, 2^24 - 1)). */
+static int quant_row(const double *restrict p, long n, Quant *q) {
+    if (n < 2 || (uint64_t)n >= TOTAL - 1)
+        return -1;
+    double best = p[0], least = p[0], probe = 0.0;
+    long i = 0;
+#ifdef __SSE2__
+    __m128d best2 = _mm_set1_pd(p[0]), least2 = best2, probe2 = _mm_setzero_pd();
+    const __m128d zero = _mm_setzero_pd();
+    for (; i + 2 <= n; i += 2) {
+        __m128d v = _mm_loadu_pd(p + i);
+        best2 = _mm_max_pd(v, best2);
+        least2 = _mm_min_pd(v, least2);
+        probe2 = _mm_add_pd(probe2, _mm_mul_pd(v, zero));  /* NaN if a NaN or an infinity */
+    }
+    double lanes[2];
+    _mm_storeu_pd(lanes, best2);
+    best = lanes[0] > lanes[1] ? lanes[0] : lanes[1];
+    _mm_storeu_pd(lanes, least2);
+    least = lanes[0] < lanes[1] ? lanes[0] : lanes[1];
+    _mm_storeu_pd(lanes, probe2);
+    probe = lanes[0] + lanes[1];
+#endif
+    for (; i < n; i++) {
+        best = p[i] > best ? p[i] : best;
+        least = p[i] < least ? p[i] : least;
+        probe += p[i] * 0.0;
+    }
+    if (probe != 0.0 || !(least >= 0.0) || !(best >= 0x1p-900) || !(best < 0x1p900))
+        return -1;
+    int e;
+    frexp(best, &e);
+    q->factor = ldexp(1.0, 31 - e);  /* the largest w is in [2^30, 2^31) */
+    q->scale = (double)(TOTAL - (uint64_t)n) / (double)sum_w(p, 0, n, q->factor);
+    return 0;
+}
+
+/* left(s) = trunc(C_s * scale) + s with C_s = w_0 + ... + w_(s-1), for s < n (left(n) = 2^24). */
+static uint64_t left_of(uint64_t prefix, long s, const Quant *q) {
+    return (uint64_t)((double)prefix * q->scale) + (uint64_t)s;
+}
+
+#define SKIP 64  /* the decoder's search skips whole runs of this many symbols while it can */
+
+/* int24_encode(probs, symbols, state, out) -> words written. probs: float64 rows x cols;
+ * symbols: int32 per row; state: uint64[4] (lower, range, inverted words, first inverted
+ * word), updated; out: uint32 buffer with room for rows + state[2] words. */
+static PyObject *int24_encode(PyObject *self, PyObject *args) {
+    Py_buffer probs, symbols, state, out;
+    Py_ssize_t cols;
+    if (!PyArg_ParseTuple(args, "y*y*w*w*n", &probs, &symbols, &state, &out, &cols))
+        return NULL;
+    Py_ssize_t rows = cols > 0 ? probs.len / (Py_ssize_t)sizeof(double) / cols : -1;
+    const char *error = NULL;
+    Py_ssize_t written = 0;
+    if (cols <= 0 || probs.len != rows * cols * (Py_ssize_t)sizeof(double) || symbols.len != rows * (Py_ssize_t)sizeof(int32_t) ||
+        state.len != 4 * (Py_ssize_t)sizeof(uint64_t) || out.len < (rows + (Py_ssize_t)((uint64_t *)state.buf)[2]) * (Py_ssize_t)sizeof(uint32_t)) {
+        error = "int24_encode: buffer sizes do not match";
+        goto done;
+    }
+    const double *p = (const double *)probs.buf;
+    const int32_t *sym = (const int32_t *)symbols.buf;
+    uint64_t *st = (uint64_t *)state.buf;
+    uint32_t *words = (uint32_t *)out.buf;
+    uint64_t lower = st[0], range = st[1], inverted = st[2];
+    uint32_t first_inverted = (uint32_t)st[3];
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        const double *row = p + r * cols;
+        long s = sym[r];
+        Quant q;
+        if (s < 0 || s >= cols) {
+            error = "int24_encode: symbol out of range";
+            break;
+        }
+        if (quant_row(row, (long)cols, &q)) {
+            error = "int24_encode: probabilities are not a valid distribution";
+            break;
+        }
+        uint64_t prefix = sum_w(row, 0, s, q.factor);
+        uint64_t left = left_of(prefix, s, &q);
+        uint64_t right = s == cols - 1 ? TOTAL : left_of(prefix + sum_w(row, s, s + 1, q.factor), s + 1, &q);
+        /* the queue range coder of constriction 0.5 (stream/queue.rs), 64-bit state, 32-bit words */
+        uint64_t scale = range >> PRECISION;
+        range = scale * (right - left);
+        uint64_t new_lower = lower + scale * left;
+        if (inverted && new_lower + range > new_lower) {  /* the carry is settled: flush */
+            uint32_t first = new_lower < lower ? first_inverted + 1 : first_inverted;
+            uint32_t next = new_lower < lower ? 0 : 0xFFFFFFFFu;
+            words[written++] = first;
+            for (uint64_t k = 1; k < inverted; k++)
+                words[written++] = next;
+            inverted = 0;
+        }
+        lower = new_lower;
+        if (range < LOW_LIMIT) {
+            range <<= WORD_BITS;
+            uint32_t word = (uint32_t)(lower >> (64 - WORD_BITS));
+            lower <<= WORD_BITS;
+            if (inverted)
+                inverted++;
+            else if (lower + range > lower)
+                words[written++] = word;
+            else {
+                inverted = 1;
+                first_inverted = word;
+            }
+        }
+    }
+    st[0] = lower, st[1] = range, st[2] = inverted, st[3] = first_inverted;
+    Py_END_ALLOW_THREADS
+done:
+    PyBuffer_Release(&probs);
+    PyBuffer_Release(&symbols);
+    PyBuffer_Release(&state);
+    PyBuffer_Release(&out);
+    if (error) {
+        PyErr_SetString(PyExc_ValueError, error);
+        return NULL;
+    }
+    return PyLong_FromSsize_t(written);
+}
+
+/* int24_decode(probs, state, words, out) -> symbols decoded (fewer than the rows: invalid
+ * data). state: uint64[4] (lower, range, point, next word), updated; out: int32 per row. */
+static PyObject *int24_decode(PyObject *self, PyObject *args) {
+    Py_buffer probs, state, data, out;
+    Py_ssize_t cols;
+    if (!PyArg_ParseTuple(args, "y*w*y*w*n", &probs, &state, &data, &out, &cols))
+        return NULL;
+    Py_ssize_t rows = cols > 0 ? probs.len / (Py_ssize_t)sizeof(double) / cols : -1;
+    const char *error = NULL;
+    Py_ssize_t decoded = 0;
+    if (cols <= 0 || probs.len != rows * cols * (Py_ssize_t)sizeof(double) || out.len != rows * (Py_ssize_t)sizeof(int32_t) ||
+        state.len != 4 * (Py_ssize_t)sizeof(uint64_t) || data.len % (Py_ssize_t)sizeof(uint32_t)) {
+        error = "int24_decode: buffer sizes do not match";
+        goto done;
+    }
+    const double *p = (const double *)probs.buf;
+    const uint32_t *words = (const uint32_t *)data.buf;
+    uint64_t n_words = (uint64_t)(data.len / (Py_ssize_t)sizeof(uint32_t));
+    uint64_t *st = (uint64_t *)state.buf;
+    int32_t *sym = (int32_t *)out.buf;
+    uint64_t lower = st[0], range = st[1], point = st[2], next = st[3];
+    Py_BEGIN_ALLOW_THREADS
+    for (; decoded < rows; decoded++) {
+        const double *row = p + decoded * cols;
+        Quant q;
+        if (quant_row(row, (long)cols, &q)) {
+            error = "int24_decode: probabilities are not a valid distribution";
+            break;
+        }
+        uint64_t scale = range >> PRECISION;
+        uint64_t quantile = (point - lower) / scale;
+        if (quantile >= TOTAL)
+            break;  /* invalid data */
+        /* the symbol s with left(s) <= quantile < left(s + 1) */
+        uint64_t prefix = 0, left = 0, right = TOTAL;
+        long s = 0;
+        /* left is increasing: skip runs of SKIP symbols that end at or below the quantile */
+        while (s + SKIP < cols) {
+            uint64_t after = prefix + sum_w(row, s, s + SKIP, q.factor);
+            if (left_of(after, s + SKIP, &q) > quantile)
+                break;
+            prefix = after;
+            s += SKIP;
+        }
+        left = s ? left_of(prefix, s, &q) : 0;
+        for (; s < cols - 1; s++) {
+            uint64_t after = prefix + sum_w(row, s, s + 1, q.factor);
+            right = left_of(after, s + 1, &q);
+            if (right > quantile)
+                break;
+            prefix = after;
+            left = right;
+        }
+        if (s == cols - 1)
+            right = TOTAL;
+        lower += scale * left;
+        range = scale * (right - left);
+        if (range < LOW_LIMIT) {
+            lower <<= WORD_BITS;
+            range <<= WORD_BITS;
+            point <<= WORD_BITS;
+            if (next < n_words)
+                point |= words[next++];
+        }
+        sym[decoded] = (int32_t)s;
+    }
+    st[0] = lower, st[1] = range, st[2] = point, st[3] = next;
+    Py_END_ALLOW_THREADS
+done:
+    PyBuffer_Release(&probs);
+    PyBuffer_Release(&state);
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&out);
+    if (error) {
+        PyErr_SetString(PyExc_ValueError, error);
+        return NULL;
+    }
+    return PyLong_FromSsize_t(decoded);
+}
+
 static PyMethodDef methods[] = {
+    {"int24_encode", int24_encode, METH_VARARGS, "Range-code one symbol per probability row (see nacrith.coder)."},
+    {"int24_decode", int24_decode, METH_VARARGS, "Decode one symbol per probability row (see nacrith.coder)."},
     {"scores_exp2_rows", scores_exp2_rows, METH_VARARGS, "Biased, scaled logit rows to exp2 probability rows (see nacrith.predictors.ensemble)."},
     {"learn_bias", learn_bias, METH_VARARGS, "One gradient step of the bias tables per stream (see nacrith.predictors.ensemble)."},
     {"exp2_rows", exp2_rows, METH_VARARGS, "Logit rows to unnormalised exp2 probability rows (see nacrith.predictors.llm)."},

@@ -334,6 +334,7 @@ def describe(name: str) -> dict:
             "ctx": section.ctx,
             "slide": section.slide,
             "predictor": section.predictor,
+            "coder": section.coder,
         },
         "checksum": parsed.trailer.checksum.hex(),
     }
@@ -362,6 +363,7 @@ def info_command(files, as_json):
             click.echo(f"  engine      {model['engine']} on {model['backend']}, attention {model['attention']}")
             click.echo(f"  window      ctx {model['ctx']}, slide {model['slide']}")
             click.echo(f"  predictor   {json.dumps(model['predictor'], sort_keys=True)}")
+            click.echo(f"  coder       {model['coder']}")
         else:
             click.echo("  model       none (zstd/xz/stored blocks only)")
 

@@ -1,25 +1,89 @@
-"""The range coder: constriction's queue-order range coder at its default 24-bit precision.
+"""The range coders: nacrith's "int24" (format version 4) and constriction's (versions 1-3).
 
 One coder serves all the streams of a block: at every lockstep step the symbols of the
 active streams are coded in stream order, each with its own row of probabilities. The
 decoder knows every row of a step before it decodes any symbol of that step (a row depends
 only on earlier symbols of its own stream), so it decodes the whole step in one call.
 
-Probabilities are float64 rows (they need not be normalised: constriction normalises and
-quantises them to 24-bit integers, giving every symbol a nonzero probability), so every
-token stays codable whatever the model believes.
+Probabilities are float64 rows, not necessarily normalised; every symbol gets a nonzero
+share, so every token stays codable whatever the model believes. Both coders are
+constriction's queue-order range coder (64-bit state, 32-bit words, 24-bit probabilities:
+``stream/queue.rs`` of constriction 0.5); they differ in how a row becomes integer
+frequencies.
+
+**constriction** (``Categorical(perfect=False)``, files of format versions 1-3) sums each
+row in float64 from its first entry to its last, a chain of dependent additions (about
+50 us per row of 49152), and holds Python's GIL while it does, so threads cannot share the
+work.
+
+**int24** (version 4) quantises a row ``p`` of ``n`` entries with integer sums, whose order
+does not matter, so the C kernel can run them at full speed and without the GIL:
+
+1. ``factor = 2^(31 - e)`` where ``max(p) = f * 2^e`` with ``0.5 <= f < 1`` (``frexp``);
+2. ``w_i = trunc(p_i * factor)`` (one IEEE multiplication by a power of two; the largest
+   ``w_i`` lies in ``[2^30, 2^31)``, so SSE2 converts them) and ``S = sum(w_i)``, an exact
+   integer;
+3. ``scale = (2^24 - n) / S`` (one IEEE division of two integers converted to float64);
+4. ``left(s) = trunc(C_s * scale) + s`` with the exact prefix ``C_s = w_0 + ... + w_(s-1)``
+   (converted to float64, one IEEE multiplication), and ``left(n) = 2^24``.
+
+Symbol ``s`` is coded with the interval ``[left(s), left(s + 1))``: at least 1 wide, as the
+``+ s`` makes ``left`` strictly increasing. A row must be finite and non-negative, with its
+maximum in ``[2^-900, 2^900)`` and ``2 <= n < 2^24 - 1``. The C kernel
+(``nacrith._kernels.int24_encode`` / ``int24_decode``) and the numpy code here compute the
+same integers, so a file does not depend on which of them made it (tests/test_units.py).
 """
 from __future__ import annotations
+
+import math
 
 import constriction
 import numpy as np
 
 from .errors import CorruptError
 
+try:
+    from . import _kernels
+except ImportError:  # built without a C compiler: the numpy code gives the same bits
+    _kernels = None
+
+CODERS = ("constriction", "int24")
+DEFAULT_CODER = "int24"
+LEGACY_CODER = "constriction"  # the coder of format versions 1-3
+
+PRECISION = 24
+TOTAL = 1 << PRECISION
+_MASK64 = (1 << 64) - 1
+_WORD_MASK = (1 << 32) - 1
+_LOW_LIMIT = 1 << 32  # the range never stays below this between symbols
+
 _FAMILY = constriction.stream.model.Categorical(perfect=False)
 
 
-class RangeEncoder:
+def make_encoder(coder: str = DEFAULT_CODER, use_kernel: bool | None = None):
+    """A new encoder for ``coder`` (one of :data:`CODERS`)."""
+    if coder == "int24":
+        return Int24Encoder(use_kernel)
+    if coder == "constriction":
+        return ConstrictionEncoder()
+    raise ValueError(f"unknown range coder {coder!r}")
+
+
+def make_decoder(data: bytes, coder: str = DEFAULT_CODER, use_kernel: bool | None = None):
+    """A decoder of ``data`` made by ``coder``'s encoder."""
+    if len(data) % 4:
+        raise CorruptError("corrupt container: coded stream length is not a multiple of 4")
+    if coder == "int24":
+        return Int24Decoder(data, use_kernel)
+    if coder == "constriction":
+        return ConstrictionDecoder(data)
+    raise ValueError(f"unknown range coder {coder!r}")
+
+
+# --- constriction (format versions 1-3) ---------------------------------------------------
+
+
+class ConstrictionEncoder:
     """Collects symbols, one row of probabilities each, into a compressed byte string."""
 
     def __init__(self):
@@ -34,12 +98,10 @@ class RangeEncoder:
         return self._encoder.get_compressed().astype("<u4").tobytes()
 
 
-class RangeDecoder:
-    """Reads back what :class:`RangeEncoder` wrote, given the same probability rows."""
+class ConstrictionDecoder:
+    """Reads back what :class:`ConstrictionEncoder` wrote, given the same probability rows."""
 
     def __init__(self, data: bytes):
-        if len(data) % 4:
-            raise CorruptError("corrupt container: coded stream length is not a multiple of 4")
         self._decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(data, "<u4").astype(np.uint32))
 
     def decode(self, probabilities: np.ndarray) -> np.ndarray:
@@ -48,3 +110,151 @@ class RangeDecoder:
             return np.asarray(self._decoder.decode(_FAMILY, probabilities), np.int32)
         except Exception as exc:  # constriction reports invalid data as a generic error
             raise CorruptError(f"corrupt container: range decoder failed ({exc})") from None
+
+
+# --- int24 (format version 4) ---------------------------------------------------------------
+
+
+def quantise(row: np.ndarray) -> tuple[np.ndarray, float]:
+    """(exact prefix sums ``C_0..C_n`` as int64, ``scale``) of one probability row (numpy reference)."""
+    row = np.asarray(row, np.float64)
+    n = len(row)
+    if not 2 <= n < TOTAL - 1 or not np.isfinite(row).all() or row.min() < 0:
+        raise ValueError("probabilities are not a valid distribution")
+    best = float(row.max())
+    if not 2.0 ** -900 <= best < 2.0 ** 900:
+        raise ValueError("probabilities are not a valid distribution")
+    factor = math.ldexp(1.0, 31 - math.frexp(best)[1])
+    prefix = np.zeros(n + 1, np.int64)
+    np.cumsum((row * factor).astype(np.int64), out=prefix[1:])
+    return prefix, float(TOTAL - n) / float(prefix[-1])
+
+
+def _lefts(prefix: np.ndarray, scale: float) -> np.ndarray:
+    """left(0..n) of a quantised row (left(n) = 2^24)."""
+    n = len(prefix) - 1
+    lefts = (prefix.astype(np.float64) * scale).astype(np.int64) + np.arange(n + 1)
+    lefts[n] = TOTAL
+    return lefts
+
+
+def interval(row: np.ndarray, symbol: int) -> tuple[int, int]:
+    """(left, right) of ``symbol`` in the int24 quantisation of ``row``."""
+    if not 0 <= symbol < len(row):
+        raise ValueError("symbol out of range")
+    prefix, scale = quantise(row)
+    left = int(float(prefix[symbol]) * scale) + symbol
+    right = TOTAL if symbol == len(row) - 1 else int(float(prefix[symbol + 1]) * scale) + symbol + 1
+    return left, right
+
+
+class Int24Encoder:
+    """nacrith's range encoder; the C kernel where it is built, else the numpy reference."""
+
+    def __init__(self, use_kernel: bool | None = None):
+        self.use_kernel = _kernels is not None if use_kernel is None else use_kernel
+        # lower, range, pending carry words ("inverted"), first pending word
+        self._state = np.array([0, _MASK64, 0, 0], np.uint64)
+        self._words: list[np.ndarray] = []
+
+    def encode(self, symbols: np.ndarray, probabilities: np.ndarray) -> None:
+        """Append ``symbols[i]`` coded with the distribution ``probabilities[i]`` (float64)."""
+        symbols = np.ascontiguousarray(symbols, np.int32)
+        probabilities = np.ascontiguousarray(probabilities, np.float64)
+        if len(symbols) != len(probabilities):
+            raise ValueError("one symbol per row of probabilities")
+        if not len(symbols):
+            return
+        if self.use_kernel:
+            out = np.empty(len(symbols) + int(self._state[2]), np.uint32)
+            written = _kernels.int24_encode(probabilities, symbols, self._state, out, probabilities.shape[1])
+            self._words.append(out[:written])
+            return
+        lower, range_, inverted, first = (int(v) for v in self._state)
+        words: list[int] = []
+        for symbol, row in zip(symbols.tolist(), probabilities):
+            left, right = interval(row, symbol)
+            scale = range_ >> PRECISION
+            range_ = scale * (right - left)
+            new_lower = (lower + scale * left) & _MASK64
+            if inverted and (new_lower + range_) & _MASK64 > new_lower:  # the carry is settled
+                carried = new_lower < lower
+                words += [(first + carried) & _WORD_MASK] + [0 if carried else _WORD_MASK] * (inverted - 1)
+                inverted = 0
+            lower = new_lower
+            if range_ < _LOW_LIMIT:
+                range_ <<= 32
+                word, lower = lower >> 32, (lower << 32) & _MASK64
+                if inverted:
+                    inverted += 1
+                elif (lower + range_) & _MASK64 > lower:
+                    words.append(word)
+                else:
+                    inverted, first = 1, word
+        self._state[:] = (lower, range_, inverted, first)
+        self._words.append(np.asarray(words, np.uint32))
+
+    def finish(self) -> bytes:
+        """The compressed bytes (little-endian 32-bit words), sealed as constriction seals them."""
+        lower, range_, inverted, first = (int(v) for v in self._state)
+        tail: list[int] = []
+        if range_ != _MASK64:  # something was coded (an empty input gives no words)
+            point = (lower + _WORD_MASK) & _MASK64
+            if inverted:
+                carried = point < lower
+                tail += [(first + carried) & _WORD_MASK] + [0 if carried else _WORD_MASK] * (inverted - 1)
+            tail.append(point >> 32)
+            if ((lower + range_) & _MASK64) >> 32 == point >> 32:
+                tail.append(0)
+        return np.concatenate(self._words + [np.asarray(tail, np.uint32)]).astype("<u4").tobytes()
+
+
+class Int24Decoder:
+    """Reads back what :class:`Int24Encoder` wrote, given the same probability rows."""
+
+    def __init__(self, data: bytes, use_kernel: bool | None = None):
+        self.use_kernel = _kernels is not None if use_kernel is None else use_kernel
+        self._words = np.frombuffer(data, "<u4").astype(np.uint32)
+        point = 0
+        for word in self._words[:2].tolist():
+            point = (point << 32) | word
+        if len(self._words) == 1:
+            point <<= 32
+        # lower, range, point, next word
+        self._state = np.array([0, _MASK64, point, min(2, len(self._words))], np.uint64)
+
+    def decode(self, probabilities: np.ndarray) -> np.ndarray:
+        """One symbol per row of ``probabilities``, as int32."""
+        probabilities = np.ascontiguousarray(probabilities, np.float64)
+        symbols = np.empty(len(probabilities), np.int32)
+        if not len(symbols):
+            return symbols
+        if self.use_kernel:
+            decoded = _kernels.int24_decode(probabilities, self._state, self._words, symbols, probabilities.shape[1])
+        else:
+            decoded = self._decode_numpy(probabilities, symbols)
+        if decoded < len(symbols):
+            raise CorruptError("corrupt container: range decoder found invalid data")
+        return symbols
+
+    def _decode_numpy(self, probabilities: np.ndarray, symbols: np.ndarray) -> int:
+        lower, range_, point, next_word = (int(v) for v in self._state)
+        for i, row in enumerate(probabilities):
+            prefix, scale = quantise(row)
+            lefts = _lefts(prefix, scale)
+            scale_ = range_ >> PRECISION
+            quantile = ((point - lower) & _MASK64) // scale_
+            if quantile >= TOTAL:
+                return i
+            symbol = int(np.searchsorted(lefts, quantile, side="right")) - 1
+            left, right = int(lefts[symbol]), int(lefts[symbol + 1])
+            lower = (lower + scale_ * left) & _MASK64
+            range_ = scale_ * (right - left)
+            if range_ < _LOW_LIMIT:
+                lower, range_, point = (lower << 32) & _MASK64, range_ << 32, (point << 32) & _MASK64
+                if next_word < len(self._words):
+                    point |= int(self._words[next_word])
+                    next_word += 1
+            symbols[i] = symbol
+            self._state[:] = (lower, range_, point, next_word)
+        return len(symbols)

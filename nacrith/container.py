@@ -1,4 +1,4 @@
-"""The nacrith container, format version 3, byte by byte.
+"""The nacrith container, format version 4, byte by byte.
 
 Integers marked *varint* are unsigned LEB128 (7 bits per byte, low group first, high bit
 set on every byte but the last, at most 10 bytes). *str* is a varint byte length followed
@@ -9,7 +9,7 @@ by that many UTF-8 bytes. *u32* is 4 bytes little-endian. CRC-32 is zlib's.
     file     := header block* trailer          (nothing may follow the trailer)
 
     header   := magic "NCRT" (4 bytes)
-                version                 u8      = 3 (1 and 2 are read too, see below)
+                version                 u8      = 4 (1 to 3 are read too, see below)
                 body_length             varint
                 body                    body_length bytes:
                     flags               varint  bit 0: a model section follows
@@ -24,6 +24,8 @@ by that many UTF-8 bytes. *u32* is 4 bytes little-endian. CRC-32 is zlib's.
                     ctx                 varint  tokens in a stream's window
                     slide               varint  tokens dropped when the window is full
                     predictor           str     JSON object: the predictor's settings
+                    coder               str     (version 4) the range coder (nacrith.coder):
+                                                "int24" or "constriction"
                 crc32                   u32     of everything from the magic to the body's end
 
     block    := tag "B" (1 byte)
@@ -57,7 +59,8 @@ by that many UTF-8 bytes. *u32* is 4 bytes little-endian. CRC-32 is zlib's.
 *xz* data is a raw LZMA2 stream (no .xz framing: the container has its own lengths and
 CRCs) made with liblzma's preset 9e, whose only filter property, the dictionary size, is
 fixed at 64 MiB; decode it with ``lzma.LZMADecompressor(FORMAT_RAW, filters=XZ_FILTERS)``.
-Version 2 added the xz codec; version 3 added the attention field. Version 1 and 2 files are
+Version 2 added the xz codec; version 3 added the attention field; version 4 added the coder
+field (versions 1-3 were coded with "constriction"). Version 1 and 2 files are
 read unchanged, with attention "auto" (what they were made with: llama.cpp's default, which
 on the CPU gives logits that depend on the thread count past 256 tokens of a stream, so such
 files decode exactly only with the thread count that made them).
@@ -77,9 +80,10 @@ from dataclasses import dataclass, field
 from .errors import CorruptError, NotNacrithError, TruncatedError, UnsupportedVersionError
 
 MAGIC = b"NCRT"
-VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 LEGACY_ATTENTION = "auto"  # versions 1 and 2 have no attention field
+LEGACY_CODER = "constriction"  # versions 1 to 3 have no coder field
 ATTENTION_CODES = ("auto", "off", "on", "stable")  # the attention byte's values
 BLOCK_TAG = b"B"
 TRAILER_TAG = b"E"
@@ -182,6 +186,7 @@ class ModelSection:
     slide: int
     predictor: dict = field(default_factory=dict)
     attention: str = LEGACY_ATTENTION  # the engine's flash-attention mode
+    coder: str = LEGACY_CODER  # the range coder (nacrith.coder.CODERS)
 
 
 @dataclass(frozen=True)
@@ -209,6 +214,7 @@ def write_header(header: Header) -> bytes:
         put_varint(body, model.ctx)
         put_varint(body, model.slide)
         put_str(body, json.dumps(model.predictor, sort_keys=True, separators=(",", ":")))
+        put_str(body, model.coder)
     out = bytearray(MAGIC)
     out.append(VERSION)
     put_varint(out, len(body))
@@ -245,7 +251,8 @@ def read_header(data) -> tuple[Header, int]:
             raise CorruptError("corrupt container: predictor settings are not JSON") from None
         if not isinstance(predictor, dict):
             raise CorruptError("corrupt container: predictor settings are not a JSON object")
-        model = ModelSection(sha, name, engine, backend, ctx, slide, predictor, attention)
+        coder = body.str() if version >= 4 else LEGACY_CODER
+        model = ModelSection(sha, name, engine, backend, ctx, slide, predictor, attention, coder)
     if flags & ~1:
         raise UnsupportedVersionError(f"container uses unknown header flags 0x{flags:x}")
     if body.offset != crc_end:

@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from .coder import RangeDecoder, RangeEncoder
+from .coder import DEFAULT_CODER, make_decoder, make_encoder
 from .engine import LockstepContext
 
 KEEP = 1  # tokens kept at the start of a window when it slides: the BOS
@@ -44,8 +44,9 @@ class Lockstep:
     streams) and ``update(symbols)``.
     """
 
-    def __init__(self, context: LockstepContext, bos: int, ctx: int, slide: int, predictor, progress: Callable | None = None):
+    def __init__(self, context: LockstepContext, bos: int, ctx: int, slide: int, predictor, progress: Callable | None = None, coder: str = DEFAULT_CODER):
         check_window(ctx, slide)
+        self.coder = coder  # the range coder's name (nacrith.coder.CODERS)
         self.context = context
         self.bos = bos
         self.ctx = ctx
@@ -83,7 +84,7 @@ class Lockstep:
         table = np.zeros((len(streams), lengths[0] if lengths else 0), np.int32)
         for row, tokens in enumerate(streams):
             table[row, : len(tokens)] = tokens
-        encoder = RangeEncoder()
+        encoder = make_encoder(self.coder)
         steps = self._steps(lengths)
         try:
             step, running, probabilities = next(steps)
@@ -97,7 +98,7 @@ class Lockstep:
 
     def decode(self, coded: bytes, lengths: list[int]) -> list[np.ndarray]:
         """Recover the token arrays of streams of the given lengths from ``coded``."""
-        decoder = RangeDecoder(coded)
+        decoder = make_decoder(coded, self.coder)
         table = np.zeros((len(lengths), lengths[0] if lengths else 0), np.int32)
         steps = self._steps(lengths)
         try:

@@ -30,6 +30,7 @@ import numpy as np
 import zstandard
 
 from . import container as fmt
+from .coder import CODERS, DEFAULT_CODER
 from .engine import ATTENTION_MODES, default_attention
 from .errors import BackendMismatchError, CorruptError, ModelMismatchError, UnsupportedVersionError
 from .lockstep import Lockstep, check_window, split_streams
@@ -71,6 +72,7 @@ class Settings:
     ensemble: EnsembleConfig | None = DEFAULT_ENSEMBLE  # None: the language model alone
     gpu_ids: tuple | None = None  # with gpu: which GPUs the workers may use (None: all); not recorded
     attention: str | None = None  # one of engine.ATTENTION_MODES; None: the backend's default ("stable" on the CPU)
+    coder: str = DEFAULT_CODER  # the range coder, one of coder.CODERS
 
     def validate(self) -> "Settings":
         if self.streams < 1:
@@ -84,6 +86,8 @@ class Settings:
         check_window(self.ctx, self.slide)
         if self.attention is not None and self.attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}")
+        if self.coder not in CODERS:
+            raise ValueError(f"coder must be one of {', '.join(CODERS)}")
         return self
 
     @property
@@ -185,6 +189,7 @@ def model_section(settings: Settings) -> fmt.ModelSection:
         slide=settings.slide,
         predictor=settings.predictor,
         attention=settings.attention_mode,
+        coder=settings.coder,
     )
 
 
@@ -235,7 +240,7 @@ def _model_block(data: bytes, settings: Settings, session_factory: Callable, pro
     binary_codec, binary_payload = pack_binary(binary)
     streams = lockstep_streams(tokens, settings)
     lengths = [len(stream) for stream in streams]
-    lockstep = _lockstep(session, len(lengths), settings.ctx, settings.slide, settings.attention_mode, settings.predictor, progress, len(data) / max(1, len(tokens)))
+    lockstep = _lockstep(session, len(lengths), settings.ctx, settings.slide, settings.attention_mode, settings.predictor, progress, len(data) / max(1, len(tokens)), settings.coder)
     coded = lockstep.encode(streams)
     return fmt.Block(
         kind=fmt.MODEL,
@@ -271,13 +276,13 @@ def lockstep_streams(tokens: np.ndarray, settings: Settings) -> list[np.ndarray]
     return [tokens[bounds[i]:bounds[i + 1]] for i in range(len(lengths))]
 
 
-def _lockstep(session, n_streams: int, ctx: int, slide: int, attention: str, predictor: dict, progress: Progress | None, bytes_per_token: float) -> Lockstep:
+def _lockstep(session, n_streams: int, ctx: int, slide: int, attention: str, predictor: dict, progress: Progress | None, bytes_per_token: float, coder: str) -> Lockstep:
     context = session.context(n_streams, ctx, attention)
     model = make_predictor(predictor, session.llama.n_vocab, n_streams, session.tokenizer.pieces, session.threads or 1)
     per_step = None
     if progress:
         per_step = lambda running: progress(running * bytes_per_token)  # noqa: E731
-    return Lockstep(context, session.llama.bos, ctx, slide, model, per_step)
+    return Lockstep(context, session.llama.bos, ctx, slide, model, per_step, coder)
 
 
 def decode_block(block: fmt.Block, section: fmt.ModelSection | None, session_factory: Callable, progress: Progress | None = None) -> bytes:
@@ -302,7 +307,7 @@ def _decode_model_block(block: fmt.Block, section: fmt.ModelSection, session, pr
         raise CorruptError("corrupt container: binary segments have the wrong length")
     lengths = list(block.stream_tokens)
     try:
-        lockstep = _lockstep(session, len(lengths), section.ctx, section.slide, section.attention, section.predictor, progress, block.raw_length / max(1, block.n_tokens))
+        lockstep = _lockstep(session, len(lengths), section.ctx, section.slide, section.attention, section.predictor, progress, block.raw_length / max(1, block.n_tokens), section.coder)
     except ValueError as exc:
         raise CorruptError(f"corrupt container: {exc}") from None
     streams = lockstep.decode(block.coded, lengths)
@@ -516,6 +521,8 @@ def check_decodable(parsed: fmt.Container, model: str | None = None):
         raise BackendMismatchError(f"this file was made on an unknown backend {section.backend!r}")
     if section.attention not in ATTENTION_MODES:
         raise UnsupportedVersionError(f"this file uses an attention mode this nacrith does not know ({section.attention!r})")
+    if section.coder not in CODERS:
+        raise UnsupportedVersionError(f"this file uses a range coder this nacrith does not know ({section.coder!r})")
     if section.backend == "cuda" and not gpu_available():
         raise BackendMismatchError("this file was made on a CUDA GPU; this llama.cpp has no GPU support, and CPU logits differ")
     return info.path

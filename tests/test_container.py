@@ -94,7 +94,7 @@ def test_unknown_version(session, model_blob):
 
 
 def as_legacy(blob: bytes, version: int) -> bytes:
-    """``blob`` with its header rewritten in the version 1 or 2 layout (no attention field)."""
+    """``blob`` with its header rewritten in the version 1, 2 (no attention field) or 3 layout (no coder field)."""
     import json
     import zlib
 
@@ -103,10 +103,13 @@ def as_legacy(blob: bytes, version: int) -> bytes:
     fmt.put_varint(body, 1 if header.model else 0)
     if header.model:
         model = header.model
-        assert model.attention == fmt.LEGACY_ATTENTION, "versions 1 and 2 were made with attention auto"
+        assert version == 3 or model.attention == fmt.LEGACY_ATTENTION, "versions 1 and 2 were made with attention auto"
+        assert model.coder == fmt.LEGACY_CODER, "versions 1 to 3 were coded by constriction"
         body += model.sha256
         for text in (model.name, model.engine, model.backend):
             fmt.put_str(body, text)
+        if version == 3:
+            body.append(fmt.ATTENTION_CODES.index(model.attention))
         fmt.put_varint(body, model.ctx)
         fmt.put_varint(body, model.slide)
         fmt.put_str(body, json.dumps(model.predictor, sort_keys=True, separators=(",", ":")))
@@ -117,14 +120,32 @@ def as_legacy(blob: bytes, version: int) -> bytes:
     return bytes(out) + blob[header_end:]
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_old_versions_still_decode(session, version):
-    """Files from before the attention field were made with llama.cpp's "auto" attention."""
-    made = pack(session, TEXT, fallback=False, attention="auto", **SMALL)  # text only: nothing version 1 lacked
+    """Files from before the attention field were made with llama.cpp's "auto" attention; before
+    the coder field, with constriction's coder."""
+    made = pack(session, TEXT, fallback=False, attention="auto", coder="constriction", **SMALL)  # text only: nothing version 1 lacked
     old = as_legacy(made, version)
     assert fmt.parse(old).header.version == version
     assert fmt.parse(old).header.model.attention == "auto"
+    assert fmt.parse(old).header.model.coder == "constriction"
     assert unpack(session, old) == TEXT
+
+
+def test_coder_is_recorded_and_both_decode(session):
+    """New files use the int24 coder; constriction-coded files (the older coder) still decode."""
+    made = pack(session, TEXT, fallback=False, **SMALL)
+    assert fmt.parse(made).header.version == 4 and fmt.parse(made).header.model.coder == "int24"
+    other = pack(session, TEXT, fallback=False, coder="constriction", **SMALL)
+    assert fmt.parse(other).header.model.coder == "constriction"
+    assert unpack(session, made) == TEXT and unpack(session, other) == TEXT
+    # the same probabilities, coded two ways: sizes within a few bytes, bytes different
+    assert made != other and abs(len(made) - len(other)) <= 16
+
+
+def test_unknown_coder_is_refused(session, model_blob):
+    with pytest.raises(UnsupportedVersionError, match="range coder"):
+        unpack(session, reheader(model_blob, coder="arith99"))
 
 
 def test_attention_mode_is_recorded_and_a_wrong_one_is_caught(session):
@@ -158,7 +179,7 @@ def test_every_engine_attention_mode_has_a_code():
 
 
 def test_xz_in_a_version_1_file_is_refused(session):
-    blob = pack(session, sparse_binary())
+    blob = pack(session, sparse_binary(), coder="constriction")
     assert fmt.parse(blob).blocks[0].kind == fmt.XZ
     with pytest.raises(CorruptError, match="version 1"):
         unpack(session, as_legacy(blob, 1))

@@ -209,3 +209,93 @@ def test_kernel_rejects_bad_buffers():
     with pytest.raises(IndexError):
         _kernels.scores_exp2_rows(logits, np.empty((2, 10), np.int64), np.empty(10, np.float32), 10, 1.0, 1.0,
                                   table, np.array([0, 3]), np.empty((0, 10), np.float32), np.empty(0, np.int64))
+
+
+# --- the int24 range coder (nacrith.coder) ---------------------------------------------------
+
+from nacrith import coder as coders  # noqa: E402
+
+needs_kernel = pytest.mark.skipif(coders._kernels is None, reason="nacrith's C kernel is not built here")
+
+
+def coder_rows(rng, k: int, n: int) -> np.ndarray:
+    """Peaked random rows, with the awkward ones: zeros, tiny and huge scales, a single winner."""
+    rows = rng.random((k, n)) ** 8
+    rows[np.arange(k), rng.integers(0, n, k)] = 1.0
+    rows[0] = 0.0
+    rows[0, n - 1] = 1.0
+    rows[1] *= 1e-250
+    rows[2] *= 1e250
+    return rows
+
+
+def test_int24_intervals_partition_the_range():
+    rng = np.random.default_rng(3)
+    for n in (2, 3, 1000):
+        for row in coder_rows(rng, 4, n):
+            bounds = [coders.interval(row, s) for s in range(n)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == coders.TOTAL
+            assert all(left < right for left, right in bounds)
+            assert all(bounds[s][1] == bounds[s + 1][0] for s in range(n - 1))
+
+
+def test_int24_kernel_and_numpy_give_the_same_bytes():
+    rng = np.random.default_rng(4)
+    kernels = (True, False) if coders._kernels is not None else (False,)
+    for n in (2, 7, 65, 1000, 49152):
+        rows = coder_rows(rng, 30, n)
+        symbols = rng.integers(0, n, 30).astype(np.int32)
+        symbols[:3] = (0, n - 1, n // 2)
+        made = set()
+        for kernel in kernels:
+            encoder = coders.make_encoder("int24", use_kernel=kernel)
+            for start in range(0, 30, 7):  # steps of several rows, as the lockstep coder sends them
+                encoder.encode(symbols[start:start + 7], rows[start:start + 7])
+            made.add(encoder.finish())
+        assert len(made) == 1, n
+        blob = made.pop()
+        for kernel in kernels:
+            decoder = coders.make_decoder(blob, "int24", use_kernel=kernel)
+            decoded = np.concatenate([decoder.decode(rows[start:start + 7]) for start in range(0, 30, 7)])
+            assert (decoded == symbols).all(), (n, kernel)
+
+
+def test_int24_compresses_like_constriction():
+    """Same probabilities, both coders: sizes within a few words (constriction's quantisation differs slightly)."""
+    rng = np.random.default_rng(5)
+    rows = coder_rows(rng, 200, 5000)
+    symbols = np.array([rng.choice(5000, p=row / row.sum()) for row in rows], np.int32)
+    sizes = {}
+    for name in coders.CODERS:
+        encoder = coders.make_encoder(name)
+        encoder.encode(symbols, rows)
+        sizes[name] = len(encoder.finish())
+    assert abs(sizes["int24"] - sizes["constriction"]) <= 8, sizes
+
+
+def test_int24_refuses_bad_rows_and_bad_data():
+    kernels = (True, False) if coders._kernels is not None else (False,)
+    for kernel in kernels:
+        for bad in ([1.0, np.nan, 0.5], [1.0, -0.1, 0.5], [1.0, np.inf, 0.5], [0.0, 0.0, 0.0], [1.0]):
+            with pytest.raises(ValueError):
+                coders.make_encoder("int24", use_kernel=kernel).encode(np.zeros(1, np.int32), np.array([bad]))
+        with pytest.raises(ValueError):
+            coders.make_encoder("int24", use_kernel=kernel).encode(np.array([3], np.int32), np.ones((1, 3)))
+        # words that no encoder wrote: an error or some symbols, never a crash
+        decoder = coders.make_decoder(b"\xff" * 16, "int24", use_kernel=kernel)
+        try:
+            decoder.decode(np.ones((8, 3)))
+        except coders.CorruptError:
+            pass
+    with pytest.raises(coders.CorruptError):
+        coders.make_decoder(b"\x00" * 5, "int24")
+
+
+@needs_kernel
+def test_int24_kernel_rejects_bad_buffers():
+    state = np.array([0, (1 << 64) - 1, 0, 0], np.uint64)
+    rows = np.ones((2, 4))
+    with pytest.raises(ValueError):  # no room for the words
+        coders._kernels.int24_encode(rows, np.zeros(2, np.int32), state, np.empty(1, np.uint32), 4)
+    with pytest.raises(ValueError):  # one symbol for two rows
+        coders._kernels.int24_encode(rows, np.zeros(1, np.int32), state, np.empty(4, np.uint32), 4)
