@@ -1,4 +1,4 @@
-"""Worker processes on the CPU: the same input compressed and decompressed with --workers 1, 2, auto.
+"""Worker processes on the CPU: the same input compressed and decompressed with --workers 1, 2, auto (or PxL lanes).
 
 The container must be byte-identical whatever the worker count; the table gives wall
 times and tokens/s. Usage: python bench/workers.py [FILE] [--bytes N] [--block-size N] [--workers 1,2,auto]
@@ -30,11 +30,11 @@ def main() -> int:
     settings = pipeline.Settings(block_size=args.block_size, fallback=False)
     rows, containers = [], set()
     for workers in args.workers.split(","):
-        workers = workers if workers == "auto" else int(workers)
+        workers = workers if workers == "auto" or "x" in workers else int(workers)
         plan = plan_workers(workers, False, settings.streams, settings.ctx, blocks=-(-len(data) // args.block_size))
         trip = round_trip(data, settings, workers)
         containers.add(trip.blob)
-        rows.append({"workers": workers, "processes": plan.processes, "threads_each": plan.threads, "compress_s": trip.compress_s, "decompress_s": trip.decompress_s,
+        rows.append({"workers": workers, "processes": plan.processes, "lanes": plan.lanes, "threads_each": plan.threads, "compress_s": trip.compress_s, "decompress_s": trip.decompress_s,
                      "compress_tok_s": trip.compress_tok_s, "decompress_tok_s": trip.decompress_tok_s, "bytes": len(trip.blob), "exact": trip.exact})
         print(json.dumps(rows[-1]), flush=True)
     summary = {"file": args.file.name, "input_bytes": len(data), "block_size": args.block_size, "identical_containers": len(containers) == 1, "machine": machine(), "rows": rows}
