@@ -290,15 +290,20 @@ static PyObject *learn_bias(PyObject *self, PyObject *args) {
 
 /* A row's quantisation: w_i = trunc(p_i * factor), S = sum w_i, scale = (2^24 - n) / S. */
 typedef struct {
-    double factor, scale;
+    double factor, factor2, scale;  /* w_i = trunc((p_i * factor) * factor2); factor2 is 1 unless the row is tiny */
 } Quant;
 
 /* sum of w_i for i in [from, to). The w_i lie in [0, 2^31), so SSE2 converts two at a time
  * to int32 (truncating, as a C cast does) and adds them, zero-extended, to int64 lanes;
  * integer sums are exact in any order. */
-static uint64_t sum_w(const double *restrict p, long from, long to, double factor) {
+static uint64_t sum_w(const double *restrict p, long from, long to, double factor, double factor2) {
     uint64_t total = 0;
     long i = from;
+    if (factor2 != 1.0) {  /* rows whose maximum is below 2^-969: two exact-order multiplications */
+        for (; i < to; i++)
+            total += (uint64_t)(int32_t)((p[i] * factor) * factor2);
+        return total;
+    }
 #ifdef __SSE2__
     const __m128d f = _mm_set1_pd(factor);
     const __m128i zero = _mm_setzero_si128();
@@ -317,8 +322,8 @@ static uint64_t sum_w(const double *restrict p, long from, long to, double facto
     return total;
 }
 
-/* 0 on success; -1 if the row is not a valid distribution (NaN, negative, infinite, a
- * maximum outside [2^-900, 2^900), or n outside [2, 2^24 - 1)). */
+/* 0 on success; -1 if the row is not a valid distribution (NaN, negative, infinite, all
+ * zero, or n outside [2, 2^24 - 1)). */
 static int quant_row(const double *restrict p, long n, Quant *q) {
     if (n < 2 || (uint64_t)n >= TOTAL - 1)
         return -1;
@@ -346,12 +351,14 @@ static int quant_row(const double *restrict p, long n, Quant *q) {
         least = p[i] < least ? p[i] : least;
         probe += p[i] * 0.0;
     }
-    if (probe != 0.0 || !(least >= 0.0) || !(best >= 0x1p-900) || !(best < 0x1p900))
+    if (probe != 0.0 || !(least >= 0.0) || !(best > 0.0))
         return -1;
     int e;
     frexp(best, &e);
-    q->factor = ldexp(1.0, 31 - e);  /* the largest w is in [2^30, 2^31) */
-    q->scale = (double)(TOTAL - (uint64_t)n) / (double)sum_w(p, 0, n, q->factor);
+    int k = 31 - e, k1 = k < 1000 ? k : 1000;  /* 2^k alone could overflow for tiny rows */
+    q->factor = ldexp(1.0, k1);
+    q->factor2 = ldexp(1.0, k - k1);  /* the largest w is in [2^30, 2^31) */
+    q->scale = (double)(TOTAL - (uint64_t)n) / (double)sum_w(p, 0, n, q->factor, q->factor2);
     return 0;
 }
 
@@ -397,9 +404,9 @@ static PyObject *int24_encode(PyObject *self, PyObject *args) {
             error = "int24_encode: probabilities are not a valid distribution";
             break;
         }
-        uint64_t prefix = sum_w(row, 0, s, q.factor);
+        uint64_t prefix = sum_w(row, 0, s, q.factor, q.factor2);
         uint64_t left = left_of(prefix, s, &q);
-        uint64_t right = s == cols - 1 ? TOTAL : left_of(prefix + sum_w(row, s, s + 1, q.factor), s + 1, &q);
+        uint64_t right = s == cols - 1 ? TOTAL : left_of(prefix + sum_w(row, s, s + 1, q.factor, q.factor2), s + 1, &q);
         /* the queue range coder of constriction 0.5 (stream/queue.rs), 64-bit state, 32-bit words */
         uint64_t scale = range >> PRECISION;
         range = scale * (right - left);
@@ -479,7 +486,7 @@ static PyObject *int24_decode(PyObject *self, PyObject *args) {
         long s = 0;
         /* left is increasing: skip runs of SKIP symbols that end at or below the quantile */
         while (s + SKIP < cols) {
-            uint64_t after = prefix + sum_w(row, s, s + SKIP, q.factor);
+            uint64_t after = prefix + sum_w(row, s, s + SKIP, q.factor, q.factor2);
             if (left_of(after, s + SKIP, &q) > quantile)
                 break;
             prefix = after;
@@ -487,7 +494,7 @@ static PyObject *int24_decode(PyObject *self, PyObject *args) {
         }
         left = s ? left_of(prefix, s, &q) : 0;
         for (; s < cols - 1; s++) {
-            uint64_t after = prefix + sum_w(row, s, s + 1, q.factor);
+            uint64_t after = prefix + sum_w(row, s, s + 1, q.factor, q.factor2);
             right = left_of(after, s + 1, &q);
             if (right > quantile)
                 break;

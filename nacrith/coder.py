@@ -19,17 +19,19 @@ work.
 **int24** (version 4) quantises a row ``p`` of ``n`` entries with integer sums, whose order
 does not matter, so the C kernel can run them at full speed and without the GIL:
 
-1. ``factor = 2^(31 - e)`` where ``max(p) = f * 2^e`` with ``0.5 <= f < 1`` (``frexp``);
-2. ``w_i = trunc(p_i * factor)`` (one IEEE multiplication by a power of two; the largest
-   ``w_i`` lies in ``[2^30, 2^31)``, so SSE2 converts them) and ``S = sum(w_i)``, an exact
-   integer;
+1. ``k = 31 - e`` where ``max(p) = f * 2^e`` with ``0.5 <= f < 1`` (``frexp``);
+2. ``w_i = trunc((p_i * 2^k1) * 2^(k - k1))`` with ``k1 = min(k, 1000)`` (IEEE multiplications
+   by powers of two, the second by 1 unless the row's maximum is below 2^-969, where one
+   factor would overflow; the largest ``w_i`` lies in ``[2^30, 2^31)``, so SSE2 converts
+   them) and ``S = sum(w_i)``, an exact integer;
 3. ``scale = (2^24 - n) / S`` (one IEEE division of two integers converted to float64);
 4. ``left(s) = trunc(C_s * scale) + s`` with the exact prefix ``C_s = w_0 + ... + w_(s-1)``
    (converted to float64, one IEEE multiplication), and ``left(n) = 2^24``.
 
 Symbol ``s`` is coded with the interval ``[left(s), left(s + 1))``: at least 1 wide, as the
-``+ s`` makes ``left`` strictly increasing. A row must be finite and non-negative, with its
-maximum in ``[2^-900, 2^900)`` and ``2 <= n < 2^24 - 1``. The C kernel
+``+ s`` makes ``left`` strictly increasing. A row must be finite, non-negative and not all
+zero, with ``2 <= n < 2^24 - 1`` (a row of NaN logits becomes a row of equal tiny values,
+2^-1000, and is coded uniformly). The C kernel
 (``nacrith._kernels.int24_encode`` / ``int24_decode``) and the numpy code here compute the
 same integers, so a file does not depend on which of them made it (tests/test_units.py).
 """
@@ -56,6 +58,7 @@ TOTAL = 1 << PRECISION
 _MASK64 = (1 << 64) - 1
 _WORD_MASK = (1 << 32) - 1
 _LOW_LIMIT = 1 << 32  # the range never stays below this between symbols
+MAX_STEP = 1000  # 2^(31 - e) is applied as 2^min(31 - e, 1000) * 2^rest: one factor could overflow
 
 _FAMILY = constriction.stream.model.Categorical(perfect=False)
 
@@ -122,11 +125,12 @@ def quantise(row: np.ndarray) -> tuple[np.ndarray, float]:
     if not 2 <= n < TOTAL - 1 or not np.isfinite(row).all() or row.min() < 0:
         raise ValueError("probabilities are not a valid distribution")
     best = float(row.max())
-    if not 2.0 ** -900 <= best < 2.0 ** 900:
+    if not best > 0:
         raise ValueError("probabilities are not a valid distribution")
-    factor = math.ldexp(1.0, 31 - math.frexp(best)[1])
+    exponent = 31 - math.frexp(best)[1]
+    first = min(exponent, MAX_STEP)
     prefix = np.zeros(n + 1, np.int64)
-    np.cumsum((row * factor).astype(np.int64), out=prefix[1:])
+    np.cumsum(((row * math.ldexp(1.0, first)) * math.ldexp(1.0, exponent - first)).astype(np.int64), out=prefix[1:])
     return prefix, float(TOTAL - n) / float(prefix[-1])
 
 
