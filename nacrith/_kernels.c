@@ -369,6 +369,17 @@ static uint64_t left_of(uint64_t prefix, long s, const Quant *q) {
 
 #define SKIP 64  /* the decoder's search skips whole runs of this many symbols while it can */
 
+/* The end of a coder call: release its four buffers; the result, or NULL with a ValueError. */
+static PyObject *end_call(Py_buffer *buffers[4], const char *error, Py_ssize_t result) {
+    for (int i = 0; i < 4; i++)
+        PyBuffer_Release(buffers[i]);
+    if (error) {
+        PyErr_SetString(PyExc_ValueError, error);
+        return NULL;
+    }
+    return PyLong_FromSsize_t(result);
+}
+
 /* int24_encode(probs, symbols, state, out) -> words written. probs: float64 rows x cols;
  * symbols: int32 per row; state: uint64[4] (lower, range, inverted words, first inverted
  * word), updated; out: uint32 buffer with room for rows + state[2] words. */
@@ -437,15 +448,7 @@ static PyObject *int24_encode(PyObject *self, PyObject *args) {
     st[0] = lower, st[1] = range, st[2] = inverted, st[3] = first_inverted;
     Py_END_ALLOW_THREADS
 done:
-    PyBuffer_Release(&probs);
-    PyBuffer_Release(&symbols);
-    PyBuffer_Release(&state);
-    PyBuffer_Release(&out);
-    if (error) {
-        PyErr_SetString(PyExc_ValueError, error);
-        return NULL;
-    }
-    return PyLong_FromSsize_t(written);
+    return end_call((Py_buffer *[]){&probs, &symbols, &state, &out}, error, written);
 }
 
 /* int24_decode(probs, state, words, out) -> symbols decoded (fewer than the rows: invalid
@@ -517,15 +520,7 @@ static PyObject *int24_decode(PyObject *self, PyObject *args) {
     st[0] = lower, st[1] = range, st[2] = point, st[3] = next;
     Py_END_ALLOW_THREADS
 done:
-    PyBuffer_Release(&probs);
-    PyBuffer_Release(&state);
-    PyBuffer_Release(&data);
-    PyBuffer_Release(&out);
-    if (error) {
-        PyErr_SetString(PyExc_ValueError, error);
-        return NULL;
-    }
-    return PyLong_FromSsize_t(decoded);
+    return end_call((Py_buffer *[]){&probs, &state, &data, &out}, error, decoded);
 }
 
 static PyMethodDef methods[] = {

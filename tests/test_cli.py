@@ -125,6 +125,9 @@ def test_missing_model_is_one_line(text_file: Path):
 def test_bad_option_value(text_file: Path):
     result = run("compress", "--ctx", "64", "--slide", "64", text_file)
     assert result.returncode == 2 and "Traceback" not in result.stderr.decode()
+    for workers in ("0x2", "2x", "two"):
+        result = run("compress", "--workers", workers, text_file)
+        assert result.returncode == 2 and b"PROCESSESxLANES" in result.stderr and b"Traceback" not in result.stderr
 
 
 def test_info_text_and_json(text_file: Path):
