@@ -95,8 +95,9 @@ def plan_workers(requested, gpu: bool, streams: int, ctx: int, threads: int | No
         return WorkerPlan(len(devices), threads or max(1, cores // (len(devices) * lanes)), devices, lanes)
     # CPU: one single-threaded process per core beats one process using every core (on 2
     # cores, 2 x 1 thread measured 6-9% faster than 1 x 2 in bench/results/workers-cpu.json,
-    # 21-26% in an earlier run: the ensemble and the range coder run in Python, one core per
-    # process), as long as memory holds a context per process.
+    # 21-26% in an earlier run; 2 processes also beat 1 process of 2 lanes in
+    # workers-cpu-v4.json: parts of the ensemble hold Python's GIL), as long as memory holds a
+    # context per process.
     processes = min(cores, _processes_fitting_in_memory(streams, ctx)) if requested == "auto" else int(requested)
     processes = max(1, min(processes, blocks) if blocks is not None else processes)
     return WorkerPlan(processes, threads or max(1, cores // (processes * lanes)), (None,) * processes, lanes)
@@ -118,7 +119,8 @@ def _processes_fitting_in_memory(streams: int, ctx: int) -> int:
 
 _worker: dict = {}
 _lane = threading.local()  # each lane thread's own Session
-_lock = threading.Lock()  # model loading and progress reports, one lane at a time
+_loading = threading.Lock()  # lanes load their models one at a time
+_reporting = threading.Lock()  # progress counts shared by the lanes
 
 
 def _initialize(model_path, threads: int, devices, progress_queue, lanes: int = 1) -> None:
@@ -132,14 +134,14 @@ def _session():
         from .session import Session
 
         device = _worker["device"]
-        with _lock:
+        with _loading:
             session = _lane.session = Session(_worker["model_path"], gpu=device is not None, threads=_worker["threads"], main_gpu=device or 0)
     return session
 
 
 def _progress(amount: float) -> None:
     """Report progress to the parent at most a few times a second."""
-    with _lock:
+    with _reporting:
         _worker["pending"] += amount
         now = time.monotonic()
         if now - _worker["sent"] > 0.25:
@@ -148,7 +150,7 @@ def _progress(amount: float) -> None:
 
 
 def _flush_progress() -> None:
-    with _lock:
+    with _reporting:
         if _worker["progress_queue"] is not None and _worker["pending"]:
             _worker["progress_queue"].put(_worker["pending"])
             _worker["pending"] = 0.0
