@@ -2,8 +2,8 @@
 run side by side in threads, or does Python's GIL serialise it?
 
 Each lane is a thread coding its own ``--streams`` rows per step through the model-only
-predictor's table and a range coder, from stored random logits (no llama.cpp: this isolates
-the CPU work that a worker's lanes share). Rows per second are measured for 1 and for
+predictor's table (its int24 weight rows for the int24 coder) and a range coder, from
+stored random logits (no llama.cpp: this isolates the CPU work that a worker's lanes share). Rows per second are measured for 1 and for
 ``--lanes`` threads, with each range coder. On a GPU machine a lane's model step leaves the
 GIL, so this CPU side is what limits the lanes of one process.
 
@@ -33,8 +33,9 @@ def lane(logits: np.ndarray, symbols: np.ndarray, coder: str, barrier: threading
     encoder = make_encoder(coder)
     barrier.wait()
     began = time.perf_counter()
+    rows = table.weight_rows if coder == "int24" and table.use_kernel else table.probabilities  # as LLMPredictor does
     for step in range(len(symbols)):
-        encoder.encode(symbols[step], table.probabilities(logits[step % len(logits)]))
+        encoder.encode(symbols[step], rows(logits[step % len(logits)]))
     encoder.finish()
     seconds[index] = time.perf_counter() - began
 

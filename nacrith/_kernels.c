@@ -11,6 +11,7 @@
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef __SSE2__
 #include <emmintrin.h>
@@ -58,6 +59,17 @@ static float row_max(const float *restrict row, long n) {
 
 #define BLOCK 1024
 
+/* The levels j = min(trunc((best - x) * scale), LIMIT) of count values of a row. */
+static inline void row_levels(const float *restrict row, long count, float best, float scale, uint32_t *restrict levels) {
+    for (long i = 0; i < count; i++) {
+        float distance = best - row[i];
+        distance = distance * scale;
+        /* !(distance < LIMIT) catches NaN and overflow too, as numpy's clamp does */
+        uint32_t level = distance < (float)LIMIT ? (uint32_t)(int32_t)distance : (uint32_t)LIMIT;
+        levels[i] = level < (uint32_t)LIMIT ? level : (uint32_t)LIMIT;  /* a negative distance (cannot occur) too */
+    }
+}
+
 /* One row: see exp2_rows. Levels go through a small int32 buffer so that both loops
  * work on lanes of one width (which SSE2 alone can vectorise). */
 static void exp2_row(const float *restrict row, int64_t *restrict dest, long n, float scale) {
@@ -65,13 +77,7 @@ static void exp2_row(const float *restrict row, int64_t *restrict dest, long n, 
     uint32_t levels[BLOCK];
     for (long start = 0; start < n; start += BLOCK) {
         long count = n - start < BLOCK ? n - start : BLOCK;
-        for (long i = 0; i < count; i++) {
-            float distance = best - row[start + i];
-            distance = distance * scale;
-            /* !(distance < LIMIT) catches NaN and overflow too, as numpy's clamp does */
-            uint32_t level = distance < (float)LIMIT ? (uint32_t)(int32_t)distance : (uint32_t)LIMIT;
-            levels[i] = level < (uint32_t)LIMIT ? level : (uint32_t)LIMIT;  /* a negative distance (cannot occur) too */
-        }
+        row_levels(row + start, count, best, scale, levels);
         for (long i = 0; i < count; i++)
             dest[start + i] = ONE - (int64_t)((uint64_t)levels[i] << 46);
     }
@@ -290,6 +296,8 @@ static PyObject *learn_bias(PyObject *self, PyObject *args) {
 
 /* A row's quantisation: w_i = trunc(p_i * factor), S = sum w_i, scale = (2^24 - n) / S. */
 typedef struct {
+    const double *p;    /* the row as float64 probabilities, or NULL: */
+    const uint32_t *w;  /* the row as its weights w_i, already computed (exp2_weight_rows) */
     double factor, factor2, scale;  /* w_i = trunc((p_i * factor) * factor2); factor2 is 1 unless the row is tiny */
 } Quant;
 
@@ -327,6 +335,8 @@ static uint64_t sum_w(const double *restrict p, long from, long to, double facto
 static int quant_row(const double *restrict p, long n, Quant *q) {
     if (n < 2 || (uint64_t)n >= TOTAL - 1)
         return -1;
+    q->p = p;
+    q->w = NULL;
     double best = p[0], least = p[0], probe = 0.0;
     long i = 0;
 #ifdef __SSE2__
@@ -362,6 +372,26 @@ static int quant_row(const double *restrict p, long n, Quant *q) {
     return 0;
 }
 
+/* The same for a row given as weights and their total. */
+static int quant_weights(const uint32_t *w, uint64_t total, long n, Quant *q) {
+    if (n < 2 || (uint64_t)n >= TOTAL - 1 || total == 0)
+        return -1;
+    q->p = NULL;
+    q->w = w;
+    q->scale = (double)(TOTAL - (uint64_t)n) / (double)total;
+    return 0;
+}
+
+/* sum of w_i for i in [from, to) of either kind of row */
+static uint64_t row_sum(const Quant *q, long from, long to) {
+    if (q->p)
+        return sum_w(q->p, from, to, q->factor, q->factor2);
+    uint64_t total = 0;
+    for (long i = from; i < to; i++)
+        total += q->w[i];
+    return total;
+}
+
 /* left(s) = trunc(C_s * scale) + s with C_s = w_0 + ... + w_(s-1), for s < n (left(n) = 2^24). */
 static uint64_t left_of(uint64_t prefix, long s, const Quant *q) {
     return (uint64_t)((double)prefix * q->scale) + (uint64_t)s;
@@ -380,23 +410,50 @@ static PyObject *end_call(Py_buffer *buffers[4], const char *error, Py_ssize_t r
     return PyLong_FromSsize_t(result);
 }
 
-/* int24_encode(probs, symbols, state, out) -> words written. probs: float64 rows x cols;
+/* The rows of a coder call: float64 probabilities (totals None), or uint32 weights with
+ * their uint64 totals. Returns the number of rows, or -1 if the sizes do not match. */
+static Py_ssize_t open_rows(Py_buffer *probs, PyObject *totals_object, Py_buffer *totals, Py_ssize_t cols) {
+    totals->obj = NULL;
+    if (cols <= 0)
+        return -1;
+    if (totals_object == Py_None) {
+        Py_ssize_t rows = probs->len / (Py_ssize_t)sizeof(double) / cols;
+        return probs->len == rows * cols * (Py_ssize_t)sizeof(double) ? rows : -1;
+    }
+    if (PyObject_GetBuffer(totals_object, totals, PyBUF_SIMPLE) < 0) {
+        PyErr_Clear();
+        totals->obj = NULL;
+        return -1;
+    }
+    Py_ssize_t rows = totals->len / (Py_ssize_t)sizeof(uint64_t);
+    return totals->len == rows * (Py_ssize_t)sizeof(uint64_t) && probs->len == rows * cols * (Py_ssize_t)sizeof(uint32_t) ? rows : -1;
+}
+
+/* Row r of a coder call, quantised; 0 on success. */
+static int open_row(const Py_buffer *probs, const Py_buffer *totals, Py_ssize_t r, Py_ssize_t cols, Quant *q) {
+    if (totals->obj)
+        return quant_weights((const uint32_t *)probs->buf + r * cols, ((const uint64_t *)totals->buf)[r], (long)cols, q);
+    return quant_row((const double *)probs->buf + r * cols, (long)cols, q);
+}
+
+/* int24_encode(rows, totals, symbols, state, out, cols) -> words written. rows: float64
+ * probabilities (totals None) or uint32 weights (totals: uint64 per row), rows x cols;
  * symbols: int32 per row; state: uint64[4] (lower, range, inverted words, first inverted
  * word), updated; out: uint32 buffer with room for rows + state[2] words. */
 static PyObject *int24_encode(PyObject *self, PyObject *args) {
-    Py_buffer probs, symbols, state, out;
+    Py_buffer probs, totals, symbols, state, out;
+    PyObject *totals_object;
     Py_ssize_t cols;
-    if (!PyArg_ParseTuple(args, "y*y*w*w*n", &probs, &symbols, &state, &out, &cols))
+    if (!PyArg_ParseTuple(args, "y*Oy*w*w*n", &probs, &totals_object, &symbols, &state, &out, &cols))
         return NULL;
-    Py_ssize_t rows = cols > 0 ? probs.len / (Py_ssize_t)sizeof(double) / cols : -1;
+    Py_ssize_t rows = open_rows(&probs, totals_object, &totals, cols);
     const char *error = NULL;
     Py_ssize_t written = 0;
-    if (cols <= 0 || probs.len != rows * cols * (Py_ssize_t)sizeof(double) || symbols.len != rows * (Py_ssize_t)sizeof(int32_t) ||
+    if (rows < 0 || symbols.len != rows * (Py_ssize_t)sizeof(int32_t) ||
         state.len != 4 * (Py_ssize_t)sizeof(uint64_t) || out.len < (rows + (Py_ssize_t)((uint64_t *)state.buf)[2]) * (Py_ssize_t)sizeof(uint32_t)) {
         error = "int24_encode: buffer sizes do not match";
         goto done;
     }
-    const double *p = (const double *)probs.buf;
     const int32_t *sym = (const int32_t *)symbols.buf;
     uint64_t *st = (uint64_t *)state.buf;
     uint32_t *words = (uint32_t *)out.buf;
@@ -404,20 +461,19 @@ static PyObject *int24_encode(PyObject *self, PyObject *args) {
     uint32_t first_inverted = (uint32_t)st[3];
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t r = 0; r < rows; r++) {
-        const double *row = p + r * cols;
         long s = sym[r];
         Quant q;
         if (s < 0 || s >= cols) {
             error = "int24_encode: symbol out of range";
             break;
         }
-        if (quant_row(row, (long)cols, &q)) {
+        if (open_row(&probs, &totals, r, cols, &q)) {
             error = "int24_encode: probabilities are not a valid distribution";
             break;
         }
-        uint64_t prefix = sum_w(row, 0, s, q.factor, q.factor2);
+        uint64_t prefix = row_sum(&q, 0, s);
         uint64_t left = left_of(prefix, s, &q);
-        uint64_t right = s == cols - 1 ? TOTAL : left_of(prefix + sum_w(row, s, s + 1, q.factor, q.factor2), s + 1, &q);
+        uint64_t right = s == cols - 1 ? TOTAL : left_of(prefix + row_sum(&q, s, s + 1), s + 1, &q);
         /* the queue range coder of constriction 0.5 (stream/queue.rs), 64-bit state, 32-bit words */
         uint64_t scale = range >> PRECISION;
         range = scale * (right - left);
@@ -448,25 +504,28 @@ static PyObject *int24_encode(PyObject *self, PyObject *args) {
     st[0] = lower, st[1] = range, st[2] = inverted, st[3] = first_inverted;
     Py_END_ALLOW_THREADS
 done:
+    if (totals.obj)
+        PyBuffer_Release(&totals);
     return end_call((Py_buffer *[]){&probs, &symbols, &state, &out}, error, written);
 }
 
-/* int24_decode(probs, state, words, out) -> symbols decoded (fewer than the rows: invalid
- * data). state: uint64[4] (lower, range, point, next word), updated; out: int32 per row. */
+/* int24_decode(rows, totals, state, words, out, cols) -> symbols decoded (fewer than the
+ * rows: invalid data). rows and totals as for int24_encode; state: uint64[4] (lower,
+ * range, point, next word), updated; out: int32 per row. */
 static PyObject *int24_decode(PyObject *self, PyObject *args) {
-    Py_buffer probs, state, data, out;
+    Py_buffer probs, totals, state, data, out;
+    PyObject *totals_object;
     Py_ssize_t cols;
-    if (!PyArg_ParseTuple(args, "y*w*y*w*n", &probs, &state, &data, &out, &cols))
+    if (!PyArg_ParseTuple(args, "y*Ow*y*w*n", &probs, &totals_object, &state, &data, &out, &cols))
         return NULL;
-    Py_ssize_t rows = cols > 0 ? probs.len / (Py_ssize_t)sizeof(double) / cols : -1;
+    Py_ssize_t rows = open_rows(&probs, totals_object, &totals, cols);
     const char *error = NULL;
     Py_ssize_t decoded = 0;
-    if (cols <= 0 || probs.len != rows * cols * (Py_ssize_t)sizeof(double) || out.len != rows * (Py_ssize_t)sizeof(int32_t) ||
+    if (rows < 0 || out.len != rows * (Py_ssize_t)sizeof(int32_t) ||
         state.len != 4 * (Py_ssize_t)sizeof(uint64_t) || data.len % (Py_ssize_t)sizeof(uint32_t)) {
         error = "int24_decode: buffer sizes do not match";
         goto done;
     }
-    const double *p = (const double *)probs.buf;
     const uint32_t *words = (const uint32_t *)data.buf;
     uint64_t n_words = (uint64_t)(data.len / (Py_ssize_t)sizeof(uint32_t));
     uint64_t *st = (uint64_t *)state.buf;
@@ -474,9 +533,8 @@ static PyObject *int24_decode(PyObject *self, PyObject *args) {
     uint64_t lower = st[0], range = st[1], point = st[2], next = st[3];
     Py_BEGIN_ALLOW_THREADS
     for (; decoded < rows; decoded++) {
-        const double *row = p + decoded * cols;
         Quant q;
-        if (quant_row(row, (long)cols, &q)) {
+        if (open_row(&probs, &totals, decoded, cols, &q)) {
             error = "int24_decode: probabilities are not a valid distribution";
             break;
         }
@@ -489,7 +547,7 @@ static PyObject *int24_decode(PyObject *self, PyObject *args) {
         long s = 0;
         /* left is increasing: skip runs of SKIP symbols that end at or below the quantile */
         while (s + SKIP < cols) {
-            uint64_t after = prefix + sum_w(row, s, s + SKIP, q.factor, q.factor2);
+            uint64_t after = prefix + row_sum(&q, s, s + SKIP);
             if (left_of(after, s + SKIP, &q) > quantile)
                 break;
             prefix = after;
@@ -497,7 +555,7 @@ static PyObject *int24_decode(PyObject *self, PyObject *args) {
         }
         left = s ? left_of(prefix, s, &q) : 0;
         for (; s < cols - 1; s++) {
-            uint64_t after = prefix + sum_w(row, s, s + 1, q.factor, q.factor2);
+            uint64_t after = prefix + row_sum(&q, s, s + 1);
             right = left_of(after, s + 1, &q);
             if (right > quantile)
                 break;
@@ -520,10 +578,100 @@ static PyObject *int24_decode(PyObject *self, PyObject *args) {
     st[0] = lower, st[1] = range, st[2] = point, st[3] = next;
     Py_END_ALLOW_THREADS
 done:
+    if (totals.obj)
+        PyBuffer_Release(&totals);
     return end_call((Py_buffer *[]){&probs, &state, &data, &out}, error, decoded);
 }
 
+/* ---- the model's rows straight to int24 weights (nacrith.predictors.llm, nacrith.coder) ---- */
+
+static double exp2_value(uint32_t level) {
+    int64_t bits = ONE - (int64_t)((uint64_t)level << 46);
+    double value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+/* The int24 weights of one row's exp2 values and their total: what quant_row gives for the
+ * float64 row exp2_row would write. A row with a finite maximum has a level-0 entry (the
+ * maximum itself), so its largest value is 1.0 and its factor 2^30: one fused pass. Other
+ * rows (NaN or infinite logits) take quant_row's general rule from their levels. */
+static uint64_t exp2_weight_row(const float *restrict row, uint32_t *restrict w, long n, float scale, uint32_t *restrict levels) {
+    float best = row_max(row, n);
+    uint64_t total = 0;
+    if (best - best == 0.0f) {  /* finite */
+        /* trunc(2^(-j/64) * 2^30) for Schraudolph's 2^x is (128 - j % 64) * 2^(23 - j / 64),
+         * exact in float32 too: built from float32 bits, with j capped at 32 * 64 (weight 0
+         * from 31 * 64 on), every lane 32 bits wide, so SSE2 vectorises the loop */
+        for (long i = 0; i < n; i++) {
+            float distance = best - row[i];
+            distance = distance * scale;
+            uint32_t level = distance < (float)LIMIT ? (uint32_t)(int32_t)distance : (uint32_t)LIMIT;
+            level = level < (uint32_t)LIMIT ? level : (uint32_t)LIMIT;
+            level = level < 2048u ? level : 2048u;
+            uint32_t bits = (157u << 23) - (level << 17);
+            float value;
+            memcpy(&value, &bits, sizeof value);
+            w[i] = (uint32_t)(int32_t)value;
+        }
+        for (long i = 0; i < n; i++)
+            total += w[i];
+        return total;
+    }
+    row_levels(row, n, best, scale, levels);
+    uint32_t least = LIMIT;
+    for (long i = 0; i < n; i++)
+        least = levels[i] < least ? levels[i] : least;
+    int e;
+    frexp(exp2_value(least), &e);
+    int k = 31 - e, k1 = k < 1000 ? k : 1000;
+    double factor = ldexp(1.0, k1), factor2 = ldexp(1.0, k - k1);
+    for (long i = 0; i < n; i++) {
+        w[i] = (uint32_t)(int32_t)((exp2_value(levels[i]) * factor) * factor2);
+        total += w[i];
+    }
+    return total;
+}
+
+/* exp2_weight_rows(logits, weights, totals, cols, scale): the int24 weights (uint32, rows x
+ * cols) and their totals (uint64 per row) of the exp2 rows exp2_rows would give, without
+ * the float64 rows in between: the coder's input in half the memory. */
+static PyObject *exp2_weight_rows(PyObject *self, PyObject *args) {
+    Py_buffer logits, weights, totals;
+    Py_ssize_t cols;
+    float scale;
+    if (!PyArg_ParseTuple(args, "y*w*w*nf", &logits, &weights, &totals, &cols, &scale))
+        return NULL;
+    Py_ssize_t n = logits.len / (Py_ssize_t)sizeof(float);
+    Py_ssize_t rows = cols > 0 ? n / cols : 0;
+    if (cols <= 0 || n % cols || weights.len != n * (Py_ssize_t)sizeof(uint32_t) || totals.len != rows * (Py_ssize_t)sizeof(uint64_t)) {
+        PyBuffer_Release(&logits);
+        PyBuffer_Release(&weights);
+        PyBuffer_Release(&totals);
+        PyErr_SetString(PyExc_ValueError, "exp2_weight_rows: buffer sizes do not match");
+        return NULL;
+    }
+    const float *in = (const float *)logits.buf;
+    uint32_t *w = (uint32_t *)weights.buf;
+    uint64_t *total = (uint64_t *)totals.buf;
+    int failed;
+    Py_BEGIN_ALLOW_THREADS
+    uint32_t *levels = (uint32_t *)malloc((size_t)cols * sizeof(uint32_t));
+    for (Py_ssize_t r = 0; levels && r < rows; r++)
+        total[r] = exp2_weight_row(in + r * cols, w + r * cols, (long)cols, scale, levels);
+    failed = levels == NULL;
+    free(levels);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&logits);
+    PyBuffer_Release(&weights);
+    PyBuffer_Release(&totals);
+    if (failed)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"exp2_weight_rows", exp2_weight_rows, METH_VARARGS, "Logit rows to int24 weight rows and totals (see nacrith.coder)."},
     {"int24_encode", int24_encode, METH_VARARGS, "Range-code one symbol per probability row (see nacrith.coder)."},
     {"int24_decode", int24_decode, METH_VARARGS, "Decode one symbol per probability row (see nacrith.coder)."},
     {"scores_exp2_rows", scores_exp2_rows, METH_VARARGS, "Biased, scaled logit rows to exp2 probability rows (see nacrith.predictors.ensemble)."},

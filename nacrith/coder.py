@@ -38,6 +38,7 @@ same integers, so a file does not depend on which of them made it (tests/test_un
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import constriction
 import numpy as np
@@ -118,6 +119,19 @@ class ConstrictionDecoder:
 # --- int24 (format version 4) ---------------------------------------------------------------
 
 
+class WeightRows(NamedTuple):
+    """Rows already quantised to their int24 weights ``w_i`` (uint32, rows x n) with their
+    totals ``S`` (uint64 per row): what the model-only predictor hands the int24 coder
+    (``nacrith._kernels.exp2_weight_rows``), the same integers as :func:`quantise` of its
+    float64 rows, in half the memory."""
+
+    weights: np.ndarray
+    totals: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.totals)
+
+
 def quantise(row: np.ndarray) -> tuple[np.ndarray, float]:
     """(exact prefix sums ``C_0..C_n`` as int64, ``scale``) of one probability row (numpy reference)."""
     row = np.asarray(row, np.float64)
@@ -134,6 +148,30 @@ def quantise(row: np.ndarray) -> tuple[np.ndarray, float]:
     return prefix, float(TOTAL - n) / float(prefix[-1])
 
 
+def _quantised(rows) -> list[tuple[np.ndarray, float]]:
+    """(prefix sums, scale) of each row, float64 rows or :class:`WeightRows` (numpy reference)."""
+    if not isinstance(rows, WeightRows):
+        return [quantise(row) for row in rows]
+    quantised = []
+    for weights, total in zip(rows.weights, rows.totals.tolist()):
+        n = len(weights)
+        if not 2 <= n < TOTAL - 1 or total == 0:
+            raise ValueError("probabilities are not a valid distribution")
+        prefix = np.zeros(n + 1, np.int64)
+        np.cumsum(weights, out=prefix[1:])
+        quantised.append((prefix, float(TOTAL - n) / float(total)))
+    return quantised
+
+
+def _interval(prefix: np.ndarray, scale: float, symbol: int) -> tuple[int, int]:
+    n = len(prefix) - 1
+    if not 0 <= symbol < n:
+        raise ValueError("symbol out of range")
+    left = int(float(prefix[symbol]) * scale) + symbol
+    right = TOTAL if symbol == n - 1 else int(float(prefix[symbol + 1]) * scale) + symbol + 1
+    return left, right
+
+
 def _lefts(prefix: np.ndarray, scale: float) -> np.ndarray:
     """left(0..n) of a quantised row (left(n) = 2^24)."""
     n = len(prefix) - 1
@@ -146,10 +184,16 @@ def interval(row: np.ndarray, symbol: int) -> tuple[int, int]:
     """(left, right) of ``symbol`` in the int24 quantisation of ``row``."""
     if not 0 <= symbol < len(row):
         raise ValueError("symbol out of range")
-    prefix, scale = quantise(row)
-    left = int(float(prefix[symbol]) * scale) + symbol
-    right = TOTAL if symbol == len(row) - 1 else int(float(prefix[symbol + 1]) * scale) + symbol + 1
-    return left, right
+    return _interval(*quantise(row), symbol)
+
+
+def _kernel_rows(rows) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """(rows buffer, totals or None, columns) as the C kernel takes them."""
+    if isinstance(rows, WeightRows):
+        weights = np.ascontiguousarray(rows.weights, np.uint32)
+        return weights, np.ascontiguousarray(rows.totals, np.uint64), weights.shape[1]
+    rows = np.ascontiguousarray(rows, np.float64)
+    return rows, None, rows.shape[1]
 
 
 class Int24Encoder:
@@ -161,23 +205,24 @@ class Int24Encoder:
         self._state = np.array([0, _MASK64, 0, 0], np.uint64)
         self._words: list[np.ndarray] = []
 
-    def encode(self, symbols: np.ndarray, probabilities: np.ndarray) -> None:
-        """Append ``symbols[i]`` coded with the distribution ``probabilities[i]`` (float64)."""
+    def encode(self, symbols: np.ndarray, probabilities) -> None:
+        """Append ``symbols[i]`` coded with the distribution ``probabilities[i]``: float64
+        rows, or :class:`WeightRows`."""
         symbols = np.ascontiguousarray(symbols, np.int32)
-        probabilities = np.ascontiguousarray(probabilities, np.float64)
         if len(symbols) != len(probabilities):
             raise ValueError("one symbol per row of probabilities")
         if not len(symbols):
             return
         if self.use_kernel:
+            rows, totals, cols = _kernel_rows(probabilities)
             out = np.empty(len(symbols) + int(self._state[2]), np.uint32)
-            written = _kernels.int24_encode(probabilities, symbols, self._state, out, probabilities.shape[1])
+            written = _kernels.int24_encode(rows, totals, symbols, self._state, out, cols)
             self._words.append(out[:written])
             return
         lower, range_, inverted, first = (int(v) for v in self._state)
         words: list[int] = []
-        for symbol, row in zip(symbols.tolist(), probabilities):
-            left, right = interval(row, symbol)
+        for symbol, (prefix, scale) in zip(symbols.tolist(), _quantised(probabilities)):
+            left, right = _interval(prefix, scale, symbol)
             scale = range_ >> PRECISION
             range_ = scale * (right - left)
             new_lower = (lower + scale * left) & _MASK64
@@ -227,24 +272,23 @@ class Int24Decoder:
         # lower, range, point, next word
         self._state = np.array([0, _MASK64, point, min(2, len(self._words))], np.uint64)
 
-    def decode(self, probabilities: np.ndarray) -> np.ndarray:
-        """One symbol per row of ``probabilities``, as int32."""
-        probabilities = np.ascontiguousarray(probabilities, np.float64)
+    def decode(self, probabilities) -> np.ndarray:
+        """One symbol per row of ``probabilities`` (float64 rows or :class:`WeightRows`), as int32."""
         symbols = np.empty(len(probabilities), np.int32)
         if not len(symbols):
             return symbols
         if self.use_kernel:
-            decoded = _kernels.int24_decode(probabilities, self._state, self._words, symbols, probabilities.shape[1])
+            rows, totals, cols = _kernel_rows(probabilities)
+            decoded = _kernels.int24_decode(rows, totals, self._state, self._words, symbols, cols)
         else:
             decoded = self._decode_numpy(probabilities, symbols)
         if decoded < len(symbols):
             raise CorruptError("corrupt container: range decoder found invalid data")
         return symbols
 
-    def _decode_numpy(self, probabilities: np.ndarray, symbols: np.ndarray) -> int:
+    def _decode_numpy(self, probabilities, symbols: np.ndarray) -> int:
         lower, range_, point, next_word = (int(v) for v in self._state)
-        for i, row in enumerate(probabilities):
-            prefix, scale = quantise(row)
+        for i, (prefix, scale) in enumerate(_quantised(probabilities)):
             lefts = _lefts(prefix, scale)
             scale_ = range_ >> PRECISION
             quantile = ((point - lower) & _MASK64) // scale_

@@ -41,12 +41,15 @@ class Lockstep:
 
     ``predictor`` supplies ``want_logits(n)`` (which running streams need the model this
     step, None for all), ``probabilities(logits, n)`` (float64 rows for the first ``n``
-    streams) and ``update(symbols)``.
+    streams, or, after ``use_weight_rows(True)`` where the predictor has it, the int24
+    coder's weight rows) and ``update(symbols)``.
     """
 
     def __init__(self, context: LockstepContext, bos: int, ctx: int, slide: int, predictor, progress: Callable | None = None, coder: str = DEFAULT_CODER):
         check_window(ctx, slide)
         self.coder = coder  # the range coder's name (nacrith.coder.CODERS)
+        if hasattr(predictor, "use_weight_rows"):  # a predictor that can hand int24 its weights directly
+            predictor.use_weight_rows(coder == "int24")
         self.context = context
         self.bos = bos
         self.ctx = ctx

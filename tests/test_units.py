@@ -300,6 +300,37 @@ def test_int24_kernel_rejects_bad_buffers():
     state = np.array([0, (1 << 64) - 1, 0, 0], np.uint64)
     rows = np.ones((2, 4))
     with pytest.raises(ValueError):  # no room for the words
-        coders._kernels.int24_encode(rows, np.zeros(2, np.int32), state, np.empty(1, np.uint32), 4)
+        coders._kernels.int24_encode(rows, None, np.zeros(2, np.int32), state, np.empty(1, np.uint32), 4)
     with pytest.raises(ValueError):  # one symbol for two rows
-        coders._kernels.int24_encode(rows, np.zeros(1, np.int32), state, np.empty(4, np.uint32), 4)
+        coders._kernels.int24_encode(rows, None, np.zeros(1, np.int32), state, np.empty(4, np.uint32), 4)
+    with pytest.raises(ValueError):  # weights without totals of the right length
+        coders._kernels.int24_encode(np.ones((2, 4), np.uint32), np.ones(3, np.uint64), np.zeros(2, np.int32), state, np.empty(4, np.uint32), 4)
+
+
+@needs_kernel
+def test_weight_rows_are_the_coders_own_quantisation():
+    """The model-only predictor's shortcut (logits straight to int24 weights) gives the same
+    integers as the coder's quantisation of the float64 rows, and so the same bytes."""
+    rng = np.random.default_rng(6)
+    for n in (2, 7, 1000, 49152):
+        logits = (rng.standard_normal((12, n)) * 4).astype(np.float32)
+        logits[1, n // 2] = np.nan
+        logits[2, 0] = np.inf
+        logits[3, :] = -np.inf
+        logits[4, 1 % n] = 3e38
+        table = LogitTable(n, 12, threads=2)
+        rows = np.array(table.probabilities(logits))
+        weight_rows = table.weight_rows(logits)
+        for r in range(12):
+            prefix, _ = coders.quantise(rows[r])
+            assert (np.diff(prefix) == weight_rows.weights[r]).all() and prefix[-1] == weight_rows.totals[r], (n, r)
+        symbols = rng.integers(0, n, 12).astype(np.int32)
+        made = []
+        for source in (rows, weight_rows):
+            for kernel in (True, False):
+                encoder = coders.make_encoder("int24", use_kernel=kernel)
+                encoder.encode(symbols, source)
+                made.append(encoder.finish())
+        assert len(set(made)) == 1, n
+        for kernel in (True, False):
+            assert (coders.make_decoder(made[0], "int24", use_kernel=kernel).decode(weight_rows) == symbols).all()
