@@ -294,12 +294,28 @@ static PyObject *learn_bias(PyObject *self, PyObject *args) {
 #define WORD_BITS 32
 #define LOW_LIMIT ((uint64_t)1 << (64 - WORD_BITS))  /* range never drops below this between symbols */
 
-/* A row's quantisation: w_i = trunc(p_i * factor), S = sum w_i, scale = (2^24 - n) / S. */
+/* A row's quantisation: w_i = weight(p_i), S = sum w_i, scale = (2^24 - n) / S. */
 typedef struct {
     const double *p;    /* the row as float64 probabilities, or NULL: */
     const uint32_t *w;  /* the row as its weights w_i, already computed (exp2_weight_rows) */
-    double factor, factor2, scale;  /* w_i = trunc((p_i * factor) * factor2); factor2 is 1 unless the row is tiny */
+    double factor, factor2, scale;  /* see weight_factors */
 } Quant;
+
+/* The weight rule for a row whose largest value is best: w = trunc((p * factor) * factor2)
+ * with factor * factor2 = 2^(31 - e), best = f * 2^e (0.5 <= f < 1), so the largest w is in
+ * [2^30, 2^31); the power of two is split in two because 2^k alone could overflow for tiny
+ * rows, and factor2 is 1 unless the row's maximum is below 2^-969. */
+static void weight_factors(double best, double *factor, double *factor2) {
+    int e;
+    frexp(best, &e);
+    int k = 31 - e, k1 = k < 1000 ? k : 1000;
+    *factor = ldexp(1.0, k1);
+    *factor2 = ldexp(1.0, k - k1);
+}
+
+static inline uint32_t weight(double p, double factor, double factor2) {
+    return (uint32_t)(int32_t)((p * factor) * factor2);
+}
 
 /* sum of w_i for i in [from, to). The w_i lie in [0, 2^31), so SSE2 converts two at a time
  * to int32 (truncating, as a C cast does) and adds them, zero-extended, to int64 lanes;
@@ -309,7 +325,7 @@ static uint64_t sum_w(const double *restrict p, long from, long to, double facto
     long i = from;
     if (factor2 != 1.0) {  /* rows whose maximum is below 2^-969: two exact-order multiplications */
         for (; i < to; i++)
-            total += (uint64_t)(int32_t)((p[i] * factor) * factor2);
+            total += weight(p[i], factor, factor2);
         return total;
     }
 #ifdef __SSE2__
@@ -363,11 +379,7 @@ static int quant_row(const double *restrict p, long n, Quant *q) {
     }
     if (probe != 0.0 || !(least >= 0.0) || !(best > 0.0))
         return -1;
-    int e;
-    frexp(best, &e);
-    int k = 31 - e, k1 = k < 1000 ? k : 1000;  /* 2^k alone could overflow for tiny rows */
-    q->factor = ldexp(1.0, k1);
-    q->factor2 = ldexp(1.0, k - k1);  /* the largest w is in [2^30, 2^31) */
+    weight_factors(best, &q->factor, &q->factor2);
     q->scale = (double)(TOTAL - (uint64_t)n) / (double)sum_w(p, 0, n, q->factor, q->factor2);
     return 0;
 }
@@ -399,9 +411,10 @@ static uint64_t left_of(uint64_t prefix, long s, const Quant *q) {
 
 #define SKIP 64  /* the decoder's search skips whole runs of this many symbols while it can */
 
-/* The end of a coder call: release its four buffers; the result, or NULL with a ValueError. */
-static PyObject *end_call(Py_buffer *buffers[4], const char *error, Py_ssize_t result) {
-    for (int i = 0; i < 4; i++)
+/* The end of a coder call: release its five buffers (one not taken, obj NULL, is skipped by
+ * PyBuffer_Release); the result, or NULL with a ValueError. */
+static PyObject *end_call(Py_buffer *buffers[5], const char *error, Py_ssize_t result) {
+    for (int i = 0; i < 5; i++)
         PyBuffer_Release(buffers[i]);
     if (error) {
         PyErr_SetString(PyExc_ValueError, error);
@@ -504,9 +517,7 @@ static PyObject *int24_encode(PyObject *self, PyObject *args) {
     st[0] = lower, st[1] = range, st[2] = inverted, st[3] = first_inverted;
     Py_END_ALLOW_THREADS
 done:
-    if (totals.obj)
-        PyBuffer_Release(&totals);
-    return end_call((Py_buffer *[]){&probs, &symbols, &state, &out}, error, written);
+    return end_call((Py_buffer *[]){&probs, &totals, &symbols, &state, &out}, error, written);
 }
 
 /* int24_decode(rows, totals, state, words, out, cols) -> symbols decoded (fewer than the
@@ -543,7 +554,7 @@ static PyObject *int24_decode(PyObject *self, PyObject *args) {
         if (quantile >= TOTAL)
             break;  /* invalid data */
         /* the symbol s with left(s) <= quantile < left(s + 1) */
-        uint64_t prefix = 0, left = 0, right = TOTAL;
+        uint64_t prefix = 0, right = TOTAL;
         long s = 0;
         /* left is increasing: skip runs of SKIP symbols that end at or below the quantile */
         while (s + SKIP < cols) {
@@ -553,7 +564,7 @@ static PyObject *int24_decode(PyObject *self, PyObject *args) {
             prefix = after;
             s += SKIP;
         }
-        left = s ? left_of(prefix, s, &q) : 0;
+        uint64_t left = left_of(prefix, s, &q);
         for (; s < cols - 1; s++) {
             uint64_t after = prefix + row_sum(&q, s, s + 1);
             right = left_of(after, s + 1, &q);
@@ -578,9 +589,7 @@ static PyObject *int24_decode(PyObject *self, PyObject *args) {
     st[0] = lower, st[1] = range, st[2] = point, st[3] = next;
     Py_END_ALLOW_THREADS
 done:
-    if (totals.obj)
-        PyBuffer_Release(&totals);
-    return end_call((Py_buffer *[]){&probs, &state, &data, &out}, error, decoded);
+    return end_call((Py_buffer *[]){&probs, &totals, &state, &data, &out}, error, decoded);
 }
 
 /* ---- the model's rows straight to int24 weights (nacrith.predictors.llm, nacrith.coder) ---- */
@@ -622,12 +631,10 @@ static uint64_t exp2_weight_row(const float *restrict row, uint32_t *restrict w,
     uint32_t least = LIMIT;
     for (long i = 0; i < n; i++)
         least = levels[i] < least ? levels[i] : least;
-    int e;
-    frexp(exp2_value(least), &e);
-    int k = 31 - e, k1 = k < 1000 ? k : 1000;
-    double factor = ldexp(1.0, k1), factor2 = ldexp(1.0, k - k1);
+    double factor, factor2;
+    weight_factors(exp2_value(least), &factor, &factor2);
     for (long i = 0; i < n; i++) {
-        w[i] = (uint32_t)(int32_t)((exp2_value(levels[i]) * factor) * factor2);
+        w[i] = weight(exp2_value(levels[i]), factor, factor2);
         total += w[i];
     }
     return total;
