@@ -132,35 +132,38 @@ class WeightRows(NamedTuple):
         return len(self.totals)
 
 
+def _prefix_and_scale(weights: np.ndarray, total: int) -> tuple[np.ndarray, float]:
+    """(exact prefix sums ``C_0..C_n`` as int64, ``scale``) of a row's weights and their total."""
+    n = len(weights)
+    if not 2 <= n < TOTAL - 1 or total == 0:
+        raise ValueError("probabilities are not a valid distribution")
+    prefix = np.zeros(n + 1, np.int64)
+    np.cumsum(weights, out=prefix[1:])
+    return prefix, float(TOTAL - n) / float(total)
+
+
 def quantise(row: np.ndarray) -> tuple[np.ndarray, float]:
     """(exact prefix sums ``C_0..C_n`` as int64, ``scale``) of one probability row (numpy reference)."""
     row = np.asarray(row, np.float64)
-    n = len(row)
-    if not 2 <= n < TOTAL - 1 or not np.isfinite(row).all() or row.min() < 0:
+    if not np.isfinite(row).all() or row.min(initial=0.0) < 0 or not row.max(initial=0.0) > 0:
         raise ValueError("probabilities are not a valid distribution")
-    best = float(row.max())
-    if not best > 0:
-        raise ValueError("probabilities are not a valid distribution")
-    exponent = 31 - math.frexp(best)[1]
+    exponent = 31 - math.frexp(float(row.max()))[1]
     first = min(exponent, MAX_STEP)
-    prefix = np.zeros(n + 1, np.int64)
-    np.cumsum(((row * math.ldexp(1.0, first)) * math.ldexp(1.0, exponent - first)).astype(np.int64), out=prefix[1:])
-    return prefix, float(TOTAL - n) / float(prefix[-1])
+    weights = ((row * math.ldexp(1.0, first)) * math.ldexp(1.0, exponent - first)).astype(np.int64)
+    return _prefix_and_scale(weights, int(weights.sum()))
 
 
 def _quantised(rows) -> list[tuple[np.ndarray, float]]:
     """(prefix sums, scale) of each row, float64 rows or :class:`WeightRows` (numpy reference)."""
-    if not isinstance(rows, WeightRows):
-        return [quantise(row) for row in rows]
-    quantised = []
-    for weights, total in zip(rows.weights, rows.totals.tolist()):
-        n = len(weights)
-        if not 2 <= n < TOTAL - 1 or total == 0:
-            raise ValueError("probabilities are not a valid distribution")
-        prefix = np.zeros(n + 1, np.int64)
-        np.cumsum(weights, out=prefix[1:])
-        quantised.append((prefix, float(TOTAL - n) / float(total)))
-    return quantised
+    if isinstance(rows, WeightRows):
+        return [_prefix_and_scale(weights, total) for weights, total in zip(rows.weights, rows.totals.tolist())]
+    return [quantise(row) for row in rows]
+
+
+def _carry_words(first: int, pending: int, carried: bool) -> list[int]:
+    """The pending ("inverted") words once their carry is known: the first word, plus the
+    carry, then ``pending - 1`` words of all ones (no carry) or zeros (carry)."""
+    return [(first + carried) & _WORD_MASK] + [0 if carried else _WORD_MASK] * (pending - 1)
 
 
 def _interval(prefix: np.ndarray, scale: float, symbol: int) -> tuple[int, int]:
@@ -182,8 +185,6 @@ def _lefts(prefix: np.ndarray, scale: float) -> np.ndarray:
 
 def interval(row: np.ndarray, symbol: int) -> tuple[int, int]:
     """(left, right) of ``symbol`` in the int24 quantisation of ``row``."""
-    if not 0 <= symbol < len(row):
-        raise ValueError("symbol out of range")
     return _interval(*quantise(row), symbol)
 
 
@@ -223,12 +224,11 @@ class Int24Encoder:
         words: list[int] = []
         for symbol, (prefix, scale) in zip(symbols.tolist(), _quantised(probabilities)):
             left, right = _interval(prefix, scale, symbol)
-            scale = range_ >> PRECISION
-            range_ = scale * (right - left)
-            new_lower = (lower + scale * left) & _MASK64
+            unit = range_ >> PRECISION
+            range_ = unit * (right - left)
+            new_lower = (lower + unit * left) & _MASK64
             if inverted and (new_lower + range_) & _MASK64 > new_lower:  # the carry is settled
-                carried = new_lower < lower
-                words += [(first + carried) & _WORD_MASK] + [0 if carried else _WORD_MASK] * (inverted - 1)
+                words += _carry_words(first, inverted, new_lower < lower)
                 inverted = 0
             lower = new_lower
             if range_ < _LOW_LIMIT:
@@ -250,8 +250,7 @@ class Int24Encoder:
         if range_ != _MASK64:  # something was coded (an empty input gives no words)
             point = (lower + _WORD_MASK) & _MASK64
             if inverted:
-                carried = point < lower
-                tail += [(first + carried) & _WORD_MASK] + [0 if carried else _WORD_MASK] * (inverted - 1)
+                tail += _carry_words(first, inverted, point < lower)
             tail.append(point >> 32)
             if ((lower + range_) & _MASK64) >> 32 == point >> 32:
                 tail.append(0)
@@ -290,14 +289,14 @@ class Int24Decoder:
         lower, range_, point, next_word = (int(v) for v in self._state)
         for i, (prefix, scale) in enumerate(_quantised(probabilities)):
             lefts = _lefts(prefix, scale)
-            scale_ = range_ >> PRECISION
-            quantile = ((point - lower) & _MASK64) // scale_
+            unit = range_ >> PRECISION
+            quantile = ((point - lower) & _MASK64) // unit
             if quantile >= TOTAL:
                 return i
             symbol = int(np.searchsorted(lefts, quantile, side="right")) - 1
             left, right = int(lefts[symbol]), int(lefts[symbol + 1])
-            lower = (lower + scale_ * left) & _MASK64
-            range_ = scale_ * (right - left)
+            lower = (lower + unit * left) & _MASK64
+            range_ = unit * (right - left)
             if range_ < _LOW_LIMIT:
                 lower, range_, point = (lower << 32) & _MASK64, range_ << 32, (point << 32) & _MASK64
                 if next_word < len(self._words):
