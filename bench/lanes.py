@@ -30,7 +30,6 @@ from common import RESULTS, ROOT, machine  # noqa: E402
 from nacrith.engine import default_threads  # noqa: E402
 
 HASHED_ROWS = 8  # lane 0's first rows, hashed at every step
-_loading = threading.Lock()  # lanes load their models one at a time
 
 
 def run_lane(tokens, ctx: int, gpu: bool, attention, threads: int, barrier, results: list, index: int) -> None:
@@ -40,9 +39,8 @@ def run_lane(tokens, ctx: int, gpu: bool, attention, threads: int, barrier, resu
     from nacrith.session import Session
 
     try:
-        with _loading:
-            session = Session(None, gpu=gpu, threads=threads)
-            context = session.context(tokens.shape[0], ctx, attention)
+        session = Session(None, gpu=gpu, threads=threads)
+        context = session.context(tokens.shape[0], ctx, attention)
         context.reset()
         digest = hashlib.sha256()
         n_streams, steps = tokens.shape

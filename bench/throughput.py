@@ -15,7 +15,6 @@ import argparse
 import json
 import multiprocessing
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,9 +26,6 @@ from common import RESULTS, ROOT, add_settings_arguments, machine, round_trip, s
 from nacrith import pipeline  # noqa: E402
 
 
-_loading = threading.Lock()  # lanes load their models one at a time
-
-
 def raw_decode(data: bytes, settings, main_gpu: int) -> tuple[int, float]:
     """(tokens, seconds) of the engine calls alone for one block of text."""
     import numpy as np
@@ -37,11 +33,10 @@ def raw_decode(data: bytes, settings, main_gpu: int) -> tuple[int, float]:
     from nacrith.lockstep import KEEP
     from nacrith.session import Session
 
-    with _loading:
-        session = Session(settings.model, gpu=settings.gpu, threads=settings.threads, main_gpu=main_gpu)
-        streams = pipeline.lockstep_streams(pipeline.text_tokens(data, session.tokenizer), settings)
-        lengths = [len(stream) for stream in streams]
-        context = session.context(len(lengths), settings.ctx)
+    session = Session(settings.model, gpu=settings.gpu, threads=settings.threads, main_gpu=main_gpu)
+    streams = pipeline.lockstep_streams(pipeline.text_tokens(data, session.tokenizer), settings)
+    lengths = [len(stream) for stream in streams]
+    context = session.context(len(lengths), settings.ctx)
     tokens, starts = np.concatenate(streams), np.cumsum([0] + lengths[:-1])
     context.reset()
     previous = np.full(len(lengths), session.llama.bos, np.int32)

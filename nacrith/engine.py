@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,9 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
     raise ImportError("nacrith needs llama-cpp-python (pip install llama-cpp-python)") from exc
 
 _backend_ready = False
+# llama.cpp's set-up (backend, model loading, context creation) runs one thread at a time:
+# worker lanes start side by side, and the backend's start redirects the process's stderr
+_setup = threading.RLock()
 _quiet_logger = L.llama_log_callback(lambda level, text, user_data: None)
 
 
@@ -58,8 +62,13 @@ def _init_backend() -> None:
     ``NACRITH_LLAMA_LOG=1`` keeps llama.cpp's own messages.
     """
     global _backend_ready
-    if _backend_ready:
-        return
+    with _setup:
+        if not _backend_ready:
+            _start_backend()
+            _backend_ready = True
+
+
+def _start_backend() -> None:
     if os.environ.get("NACRITH_LLAMA_LOG"):
         L.llama_backend_init()
     else:
@@ -73,7 +82,6 @@ def _init_backend() -> None:
         finally:
             os.dup2(saved, 2)
             os.close(saved)
-    _backend_ready = True
 
 
 def llama_cpp_version() -> str:
@@ -118,7 +126,8 @@ class LlamaModel:
         if gpu:
             params.split_mode = 0  # LLAMA_SPLIT_MODE_NONE: the whole model on main_gpu
             params.main_gpu = main_gpu
-        handle = L.llama_model_load_from_file(str(path).encode(), params)
+        with _setup:
+            handle = L.llama_model_load_from_file(str(path).encode(), params)
         if not handle:
             raise EngineError(f"llama.cpp could not load the model {path}")
         self.handle = handle
@@ -211,7 +220,8 @@ class LockstepContext:
         params.kv_unified = False
         params.no_perf = True
         params.flash_attn_type = flash
-        self.handle = L.llama_init_from_model(model.handle, params)
+        with _setup:
+            self.handle = L.llama_init_from_model(model.handle, params)
         if not self.handle:
             raise EngineError(f"llama.cpp could not create a context for {n_streams} streams of {ctx} tokens")
         self.memory = L.llama_get_memory(self.handle)

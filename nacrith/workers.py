@@ -119,7 +119,6 @@ def _processes_fitting_in_memory(streams: int, ctx: int) -> int:
 
 _worker: dict = {}
 _lane = threading.local()  # each lane thread's own Session
-_loading = threading.Lock()  # lanes load their models one at a time
 _reporting = threading.Lock()  # progress counts shared by the lanes
 
 
@@ -134,8 +133,7 @@ def _session():
         from .session import Session
 
         device = _worker["device"]
-        with _loading:
-            session = _lane.session = Session(_worker["model_path"], gpu=device is not None, threads=_worker["threads"], main_gpu=device or 0)
+        session = _lane.session = Session(_worker["model_path"], gpu=device is not None, threads=_worker["threads"], main_gpu=device or 0)
     return session
 
 
