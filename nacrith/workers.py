@@ -155,10 +155,14 @@ def _flush_progress() -> None:
 
 
 def _in_lanes(function, items: list) -> list:
-    """``function`` applied to each item, the items side by side in the worker's lanes."""
+    """``function`` applied to each item, the items side by side in the worker's lanes.
+
+    With lanes, every item runs in a lane thread, even a lone last one: the process's main
+    thread would otherwise load a model and context of its own beside the lanes' ones.
+    """
     lanes = _worker["lanes"]
     try:
-        if lanes is None or len(items) == 1:
+        if lanes is None:
             return [function(item) for item in items]
         return list(lanes.map(function, items))
     finally:

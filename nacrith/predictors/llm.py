@@ -110,7 +110,7 @@ class LogitTable:
             raise RuntimeError("weight_rows needs nacrith's C kernel")
         logits = np.ascontiguousarray(logits, np.float32)
         n = len(logits)
-        if self._weights is None or len(self._weights) < n:
+        if self._weights is None:  # sized for max_rows, like the float64 rows
             self._weights = np.empty((len(self._bits), self.n_vocab), np.uint32)
             self._totals = np.empty(len(self._bits), np.uint64)
         weights, totals = self._weights[:n], self._totals[:n]
