@@ -191,21 +191,67 @@ static void scale_and_add(const float *restrict row, const float *restrict a, co
             scores[i] = row[i] * temperature;
 }
 
+/* numpy's pairwise sum (numpy/_core/src/umath/loops_utils.h.src, unchanged since numpy
+ * 1.9), which row.sum() and rows.sum(axis=1) use on contiguous float64 rows: eight running
+ * sums per block of up to 128 values, blocks halved at multiples of eight. The same
+ * additions in the same order, so the same bits; ELEMENT(i) gives value i (a row entry, or
+ * a float64 product computed as numpy's multiply would). */
+#define PAIRWISE_SUM(name, ARGS, ELEMENT, CALL_ARGS_LEFT, CALL_ARGS_RIGHT)                              \
+    static double name ARGS {                                                                         \
+        if (n < 8) {                                                                                  \
+            double sum = -0.0;                                                                        \
+            for (long i = 0; i < n; i++)                                                              \
+                sum += ELEMENT(i);                                                                    \
+            return sum;                                                                               \
+        }                                                                                             \
+        if (n <= 128) {                                                                               \
+            double r[8];                                                                              \
+            long i;                                                                                   \
+            for (int k = 0; k < 8; k++)                                                               \
+                r[k] = ELEMENT(k);                                                                    \
+            for (i = 8; i < n - (n % 8); i += 8)                                                      \
+                for (int k = 0; k < 8; k++)                                                           \
+                    r[k] += ELEMENT(i + k);                                                           \
+            double sum = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));           \
+            for (; i < n; i++)                                                                        \
+                sum += ELEMENT(i);                                                                    \
+            return sum;                                                                               \
+        }                                                                                             \
+        long half = n / 2;                                                                            \
+        half -= half % 8;                                                                             \
+        return name CALL_ARGS_LEFT + name CALL_ARGS_RIGHT;                                            \
+    }
+
+#define ROW_ENTRY(i) (p[i])
+#define ROW_PRODUCT(i) (p[i] * (double)x[i])
+PAIRWISE_SUM(pairwise_sum, (const double *restrict p, long n), ROW_ENTRY, (p, half), (p + half, n - half))
+PAIRWISE_SUM(pairwise_dot, (const double *restrict p, const float *restrict x, long n), ROW_PRODUCT, (p, x, half),
+             (p + half, x + half, n - half))
+
 /* scores_exp2_rows(logits, out, scratch, cols, scale, temperature, table_a, rows_a, table_b, rows_b):
  * exp2_rows of the scores ((logits[r] * temperature) + table_a[rows_a[r]]) + table_b[rows_b[r]],
  * each operation rounded to float32 in that order (a table of None adds nothing). scratch:
- * float32 of at least cols values. The ensemble's _model_scores followed by the table. */
+ * float32 of at least cols values. The ensemble's _model_scores followed by the table.
+ * Optional totals and dots (float64, one per row; None: not computed): each row's sum and
+ * the sum of its products with the logits, as rows.sum(axis=1) and (rows * logits).sum(axis=1)
+ * give them, taken while the row is still in the cache. */
 static PyObject *scores_exp2_rows(PyObject *self, PyObject *args) {
     Py_buffer logits, out, scratch;
     Py_ssize_t cols;
     float scale, temperature;
-    PyObject *table_a, *rows_a, *table_b, *rows_b;
-    if (!PyArg_ParseTuple(args, "y*w*w*nffOOOO", &logits, &out, &scratch, &cols, &scale, &temperature, &table_a, &rows_a, &table_b, &rows_b))
+    PyObject *table_a, *rows_a, *table_b, *rows_b, *totals_object = Py_None, *dots_object = Py_None;
+    Py_buffer totals = {0}, dots = {0};
+    if (!PyArg_ParseTuple(args, "y*w*w*nffOOOO|OO", &logits, &out, &scratch, &cols, &scale, &temperature, &table_a, &rows_a, &table_b,
+                          &rows_b, &totals_object, &dots_object))
         return NULL;
     Py_ssize_t n = logits.len / (Py_ssize_t)sizeof(float);
     Bias a, b;
     int ok = cols > 0 && n % cols == 0 && out.len == n * (Py_ssize_t)sizeof(int64_t) && scratch.len >= cols * (Py_ssize_t)sizeof(float);
-    if (!ok)
+    if (ok && totals_object != Py_None)
+        ok = PyObject_GetBuffer(totals_object, &totals, PyBUF_WRITABLE) == 0 && totals.len == n / cols * (Py_ssize_t)sizeof(double);
+    if (ok && dots_object != Py_None)
+        ok = PyObject_GetBuffer(dots_object, &dots, PyBUF_WRITABLE) == 0 && dots.len == n / cols * (Py_ssize_t)sizeof(double);
+    if (!ok && !PyErr_Occurred())
         PyErr_SetString(PyExc_ValueError, "scores_exp2_rows: buffer sizes do not match");
     if (ok && biases_open(table_a, rows_a, table_b, rows_b, cols, n / cols, &a, &b) < 0)
         ok = 0;
@@ -219,6 +265,11 @@ static PyObject *scores_exp2_rows(PyObject *self, PyObject *args) {
             const float *add_a = bias_row(&a, r, cols), *add_b = bias_row(&b, r, cols);
             scale_and_add(row, add_a, add_b, temperature, scores, cols);
             exp2_row(scores, bits + r * cols, (long)cols, scale);
+            const double *p = (const double *)(bits + r * cols);
+            if (totals.obj)
+                ((double *)totals.buf)[r] = pairwise_sum(p, (long)cols);
+            if (dots.obj)
+                ((double *)dots.buf)[r] = pairwise_dot(p, row, (long)cols);
         }
         Py_END_ALLOW_THREADS
         biases_close(&a, &b);
@@ -226,6 +277,8 @@ static PyObject *scores_exp2_rows(PyObject *self, PyObject *args) {
     PyBuffer_Release(&logits);
     PyBuffer_Release(&out);
     PyBuffer_Release(&scratch);
+    PyBuffer_Release(&totals);  /* no-op when never opened */
+    PyBuffer_Release(&dots);
     if (!ok)
         return NULL;
     Py_RETURN_NONE;
@@ -677,12 +730,45 @@ static PyObject *exp2_weight_rows(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* scale_add_sum(row, factor, candidates, additions) -> total: row *= factor, then
+ * row[candidates[k]] += additions[k] in order, then the row's sum in numpy's pairwise order
+ * (taken while the row is still in the cache). row: float64; candidates: int64, distinct and
+ * in range; additions: float64. The ensemble's linear mix of one row and rows.sum(axis=1). */
+static PyObject *scale_add_sum(PyObject *self, PyObject *args) {
+    Py_buffer row, candidates, additions;
+    double factor, total = 0.0;
+    if (!PyArg_ParseTuple(args, "w*dy*y*", &row, &factor, &candidates, &additions))
+        return NULL;
+    Py_ssize_t n = row.len / (Py_ssize_t)sizeof(double), k = candidates.len / (Py_ssize_t)sizeof(int64_t);
+    const int64_t *index = (const int64_t *)candidates.buf;
+    int ok = additions.len == k * (Py_ssize_t)sizeof(double);
+    for (Py_ssize_t j = 0; ok && j < k; j++)
+        ok = index[j] >= 0 && index[j] < n;
+    if (ok) {
+        double *p = (double *)row.buf;
+        const double *add = (const double *)additions.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < n; i++)
+            p[i] *= factor;
+        for (Py_ssize_t j = 0; j < k; j++)
+            p[index[j]] += add[j];
+        total = pairwise_sum(p, (long)n);
+        Py_END_ALLOW_THREADS
+    } else
+        PyErr_SetString(PyExc_ValueError, "scale_add_sum: bad candidates or sizes");
+    PyBuffer_Release(&row);
+    PyBuffer_Release(&candidates);
+    PyBuffer_Release(&additions);
+    return ok ? PyFloat_FromDouble(total) : NULL;
+}
+
 static PyMethodDef methods[] = {
     {"exp2_weight_rows", exp2_weight_rows, METH_VARARGS, "Logit rows to int24 weight rows and totals (see nacrith.coder)."},
     {"int24_encode", int24_encode, METH_VARARGS, "Range-code one symbol per probability row (see nacrith.coder)."},
     {"int24_decode", int24_decode, METH_VARARGS, "Decode one symbol per probability row (see nacrith.coder)."},
     {"scores_exp2_rows", scores_exp2_rows, METH_VARARGS, "Biased, scaled logit rows to exp2 probability rows (see nacrith.predictors.ensemble)."},
     {"learn_bias", learn_bias, METH_VARARGS, "One gradient step of the bias tables per stream (see nacrith.predictors.ensemble)."},
+    {"scale_add_sum", scale_add_sum, METH_VARARGS, "Scale a row, add to a few entries, return its pairwise sum (see nacrith.predictors.ensemble)."},
     {"exp2_rows", exp2_rows, METH_VARARGS, "Logit rows to unnormalised exp2 probability rows (see nacrith.predictors.llm)."},
     {NULL, NULL, 0, NULL},
 };

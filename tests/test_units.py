@@ -197,6 +197,30 @@ def test_scores_kernel_rounds_like_numpy(tables):
     assert np.array_equal(out, reference)
 
 
+@pytest.mark.skipif(not LogitTable(4, 1).use_kernel, reason="nacrith's C kernel is not built here")
+@pytest.mark.parametrize("n_vocab", [1, 7, 8, 9, 127, 128, 129, 300, 1000, 49152])
+def test_kernel_sums_match_numpy(n_vocab):
+    """The kernels' row sums (scores_exp2_rows' totals and dots, scale_add_sum) are numpy's
+    pairwise sums bit for bit, at sizes around its block edges and at the real vocabulary."""
+    from nacrith.predictors.llm import _kernels
+
+    rng = np.random.default_rng(n_vocab)
+    logits = (rng.normal(size=(3, n_vocab)) * 8).astype(np.float32)
+    logits[2, :: max(1, n_vocab // 5)] = -1e30  # tiny probabilities among large ones
+    rows, totals, dots = np.empty((3, n_vocab), np.int64), np.zeros(3), np.zeros(3)
+    _kernels.scores_exp2_rows(logits, rows, np.empty(n_vocab, np.float32), n_vocab, 64 / np.log(2), 1.0, None, (), None, (), totals, dots)
+    rows = rows.view(np.float64)
+    assert totals.view(np.int64).tolist() == rows.sum(axis=1).view(np.int64).tolist()
+    assert dots.view(np.int64).tolist() == (rows * logits).sum(axis=1).view(np.int64).tolist()
+    row = rng.random(n_vocab) * 10.0 ** rng.integers(-20, 20, n_vocab)  # wide exponents: order matters
+    candidates = rng.choice(n_vocab, min(5, n_vocab), replace=False).astype(np.int64)
+    additions = rng.random(len(candidates))
+    expected = row * 0.37
+    expected[candidates] += additions
+    assert _kernels.scale_add_sum(row, 0.37, candidates, additions) == expected.sum()
+    assert row.view(np.int64).tolist() == expected.view(np.int64).tolist()
+
+
 def test_kernel_rejects_bad_buffers():
     from nacrith.predictors.llm import _kernels
 
@@ -209,6 +233,13 @@ def test_kernel_rejects_bad_buffers():
     with pytest.raises(IndexError):
         _kernels.scores_exp2_rows(logits, np.empty((2, 10), np.int64), np.empty(10, np.float32), 10, 1.0, 1.0,
                                   table, np.array([0, 3]), np.empty((0, 10), np.float32), np.empty(0, np.int64))
+    with pytest.raises(ValueError):  # one total per row
+        _kernels.scores_exp2_rows(logits, np.empty((2, 10), np.int64), np.empty(10, np.float32), 10, 1.0, 1.0,
+                                  None, (), None, (), np.empty(3))
+    with pytest.raises(ValueError):  # a candidate outside the row
+        _kernels.scale_add_sum(np.zeros(10), 1.0, np.array([10]), np.zeros(1))
+    with pytest.raises(ValueError):  # one addition per candidate
+        _kernels.scale_add_sum(np.zeros(10), 1.0, np.array([1, 2]), np.zeros(1))
 
 
 # --- the int24 range coder (nacrith.coder) ---------------------------------------------------

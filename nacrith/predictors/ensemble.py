@@ -193,6 +193,7 @@ class EnsemblePredictor:
         self._running = 0
         self._want: np.ndarray | None = None
         self._probabilities: np.ndarray | None = None
+        self._totals: np.ndarray | None = None  # this step's row sums, where probabilities() took them
 
     # --- step 1: cheap features, and which streams skip the model ---------------------
 
@@ -275,8 +276,9 @@ class EnsemblePredictor:
     def probabilities(self, logits: np.ndarray, running: int) -> np.ndarray:
         want = self._want
         wanted = np.flatnonzero(want)
+        model_totals = expected_logit = None
         if self._fused:
-            model_rows = self._fused_model_rows(logits, wanted)
+            model_rows, model_totals, expected_logit = self._fused_model_rows(logits, wanted)
         else:
             scores = self.scores[: len(wanted)]  # row j belongs to stream wanted[j]
             self._model_scores(logits, wanted, scores)
@@ -288,11 +290,14 @@ class EnsemblePredictor:
                         # explicit products and sums (no BLAS): the same bits on every machine
                         scores[row, state.candidates] += (state.features * weights).sum(axis=1).astype(np.float32)
             model_rows = self.table.probabilities(scores)
-        # row by row, pairwise: the same bits as row.sum(); the temperature and the mix need them
-        model_totals = model_rows.sum(axis=1) if self.config.mix == "linear" else None
+        if model_totals is None and self.config.mix == "linear":
+            # row by row, pairwise: the same bits as row.sum(); the temperature and the mix need them
+            model_totals = model_rows.sum(axis=1)
         if self._learn_temperature:  # E_q[logit] under the model's own rows, before mixing
             self._logits = logits
-            self._expected_logit = self._weighted_sums(model_rows, logits) / model_totals
+            if expected_logit is None:
+                expected_logit = self._weighted_sums(model_rows, logits)
+            self._expected_logit = expected_logit / model_totals
         if len(wanted) == running:
             probabilities = model_rows
         else:  # some streams skipped the model: assemble the full set of rows
@@ -302,18 +307,30 @@ class EnsemblePredictor:
             probabilities[wanted] = model_rows
             for index in np.flatnonzero(want == 0):
                 self._skip_row(self.streams[index], probabilities[index])
+        self._totals = None
         if self.config.mix == "linear":
-            self._linear_mix(probabilities, wanted, model_totals)
+            mixed_totals = self._linear_mix(probabilities, wanted, model_totals)
+            if mixed_totals is not None and len(wanted) == running:  # update() need not sum the rows again
+                self._totals = mixed_totals
+            elif mixed_totals is not None:  # and the skipped rows' sums
+                self._totals = probabilities.sum(axis=1)
+                self._totals[wanted] = mixed_totals
         self._probabilities = probabilities
         self.steps += running
         self.skipped += running - len(wanted)
         return probabilities
 
-    def _fused_model_rows(self, logits: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """:meth:`_model_scores` and the probability table in one C pass per row (same bits)."""
+    def _fused_model_rows(self, logits: np.ndarray, rows: np.ndarray):
+        """:meth:`_model_scores`, the probability table, the rows' sums and (when the
+        temperature learns) :meth:`_weighted_sums` in one C pass per row (same bits):
+        ``(rows, totals, weighted sums or None)``."""
         temperature = self.temperature if self._learn_temperature else 1.0  # x * 1 == x: the plain copy
+        totals = np.empty(len(rows), np.float64)
+        dots = np.empty(len(rows), np.float64) if self._learn_temperature else None
         # one shared bias table means every _bias_row is 0 (the numpy path broadcasts it instead)
-        return self.table.biased_probabilities(logits, temperature, self.context_bias, self._context_row[rows], self.bias, self._bias_row[rows])
+        model_rows = self.table.biased_probabilities(logits, temperature, self.context_bias, self._context_row[rows], self.bias,
+                                                     self._bias_row[rows], totals, dots)
+        return model_rows, totals, dots
 
     def _model_scores(self, logits: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
         """``out = w_llm * logits + bias`` for the given stream rows."""
@@ -348,18 +365,27 @@ class EnsemblePredictor:
             products.sum(axis=1, out=sums[start:stop])
         return sums
 
-    def _linear_mix(self, probabilities: np.ndarray, rows: np.ndarray, totals: np.ndarray) -> None:
+    def _linear_mix(self, probabilities: np.ndarray, rows: np.ndarray, totals: np.ndarray) -> np.ndarray | None:
         """Replace model rows by ``w_llm * p_llm + sum w_i * q_i`` (unnormalised by a common factor).
 
-        ``totals[j]`` is the sum of the model row of stream ``rows[j]``.
+        ``totals[j]`` is the sum of the model row of stream ``rows[j]``. With the C kernel,
+        returns the mixed rows' sums (what :meth:`update` needs, the same bits as
+        ``row.sum()``), taken in the same pass; else None.
         """
+        mixed_totals = np.empty(len(rows), np.float64) if self.table.use_kernel else None
         for position, index in enumerate(rows):
             state = self.streams[index]
             row = probabilities[index]
             weights = self._simplex(state.weights[state.weight_set])
-            row *= weights[0] / totals[position]
+            factor = weights[0] / totals[position]
+            additions = (state.features * weights[1:]).sum(axis=1) if len(state.candidates) else np.empty(0)
+            if mixed_totals is not None:
+                mixed_totals[position] = _kernels.scale_add_sum(row, factor, state.candidates, additions)
+                continue
+            row *= factor
             if len(state.candidates):
-                row[state.candidates] += (state.features * weights[1:]).sum(axis=1)
+                row[state.candidates] += additions
+        return mixed_totals
 
     @staticmethod
     def _simplex(raw: list[float]) -> np.ndarray:
@@ -384,7 +410,7 @@ class EnsemblePredictor:
         running = self._running
         probabilities = self._probabilities
         want = self._want
-        totals = probabilities.sum(axis=1)
+        totals = probabilities.sum(axis=1) if self._totals is None else self._totals
         learning = np.flatnonzero(want)
         if self.config.mixer and len(learning):
             self._learn_weights(learning, symbols, probabilities, totals)

@@ -123,12 +123,16 @@ class LogitTable:
         return WeightRows(weights, totals)
 
     def biased_probabilities(self, logits: np.ndarray, temperature: float, table_a: np.ndarray | None, rows_a: np.ndarray,
-                             table_b: np.ndarray | None, rows_b: np.ndarray) -> np.ndarray:
+                             table_b: np.ndarray | None, rows_b: np.ndarray, totals: np.ndarray | None = None,
+                             dots: np.ndarray | None = None) -> np.ndarray:
         """:meth:`probabilities` of ``((logits * temperature) + table_a[rows_a]) + table_b[rows_b]``.
 
         Each operation is rounded to float32 in that order, as the ensemble's numpy code
         does before calling :meth:`probabilities`; a table of None adds nothing. Needs the C
-        kernel (``use_kernel``), which does it all in one pass per row.
+        kernel (``use_kernel``), which does it all in one pass per row. Given float64
+        arrays of one value per row, ``totals`` receives ``rows.sum(axis=1)`` and ``dots``
+        ``(rows * logits).sum(axis=1)`` of the result, the same bits as numpy's (its
+        pairwise order), taken while each row is still in the cache.
         """
         if not self.use_kernel:
             raise RuntimeError("biased_probabilities needs nacrith's C kernel")
@@ -140,7 +144,8 @@ class LogitTable:
             stop = min(start + self.CHUNK_ROWS, len(logits))
             scratch = self._scratch[worker][0][0]  # one float32 row of this worker's scratch
             _kernels.scores_exp2_rows(logits[start:stop], self._bits[start:stop], scratch, self.n_vocab, scale, temperature,
-                                      table_a, rows_a[start:stop], table_b, rows_b[start:stop])
+                                      table_a, rows_a[start:stop], table_b, rows_b[start:stop],
+                                      None if totals is None else totals[start:stop], None if dots is None else dots[start:stop])
 
         self._run_chunks(len(logits), chunk)
         return self._bits[: len(logits)].view(np.float64)
