@@ -103,11 +103,14 @@ def test_presets_are_frozen():
         "ngram_weight": -3.0, "match_weight": -3.0, "skip": True, "skip_confidence": 0.995,
         "skip_min_trials": 32, "share": True,
         # fields added after v1 are off in it, so v1 files decode as they were made
-        "temperature_lr": 0.0, "bias_hash": 0,
+        "temperature_lr": 0.0, "bias_hash": 0, "mixer_exp": "numpy",
     }
     assert PRESETS["v1"].to_dict() == v1
-    assert PRESETS["v2"].to_dict() == {**v1, "temperature_lr": 1e-4, "bias_hash": 256}
-    assert predictor_settings(EnsembleConfig()) == {"llm": "exp2-q64", "ensemble": "v2"}
+    v2 = {**v1, "temperature_lr": 1e-4, "bias_hash": 256}
+    assert PRESETS["v2"].to_dict() == v2
+    assert PRESETS["v3"].to_dict() == {**v2, "mixer_exp": "portable"}
+    assert predictor_settings(EnsembleConfig()) == {"llm": "exp2-q64", "ensemble": "v3"}
+    assert ensemble_config({"llm": "exp2-q64", "ensemble": "v2"}) == PRESETS["v2"]  # old files keep np.exp
     assert ensemble_config({"llm": "exp2-q64", "ensemble": "v1"}) == PRESETS["v1"]  # old files
     assert ensemble_config({"llm": "exp2-q64", "ensemble": "v1", "set": {"skip": False}}).skip is False
     with pytest.raises(ValueError):
@@ -159,3 +162,75 @@ def test_ensemble_kernels_match_numpy(extra):
     assert all(a.view(np.int64).tolist() == b.view(np.int64).tolist() for a, b in zip(numpy_rows, kernel_rows))
     assert all(np.array_equal(a.view(np.int32), b.view(np.int32)) for a, b in zip(numpy_tables, kernel_tables))
     assert np.array_equal([numpy_temperature], [kernel_temperature], equal_nan=True)
+
+
+def test_portable_exp():
+    """portable_exp is e**x to within 1e-12 where the mixer uses it (x <= 0), exactly 1 at 0."""
+    import math
+
+    from nacrith.predictors.ensemble import portable_exp
+
+    assert portable_exp(0.0) == 1.0
+    for x in np.linspace(-700.0, 0.0, 100001).tolist() + [-1e-300, -5e-324]:
+        assert abs(portable_exp(x) - math.exp(x)) <= 1e-12 * math.exp(x)
+    assert portable_exp(-1e6) == portable_exp(-math.inf) == 0.0
+    assert math.isnan(portable_exp(math.nan))
+
+
+def _dispatched_features() -> list[str]:
+    """numpy's run-time SIMD targets that this host has (AVX2, AVX-512 groups on x86)."""
+    try:
+        from numpy._core import _multiarray_umath as umath
+    except ImportError:  # numpy 1.x
+        from numpy.core import _multiarray_umath as umath
+    return [name for name in umath.__cpu_dispatch__ if umath.__cpu_features__.get(name)]
+
+
+MIXER_STATE = """
+import hashlib, json, sys
+import numpy as np
+from nacrith.coder import make_encoder
+from nacrith.predictors.ensemble import PRESETS, EnsemblePredictor
+
+def state(preset):
+    # 3 streams x 150 steps of random rows over a 300-token vocabulary, the symbols drawn
+    # from a few tokens so that the n-gram, the mixer and its weights all come into play
+    rng = np.random.default_rng(3)
+    predictor, encoder = EnsemblePredictor(300, 3, PRESETS[preset]), make_encoder("int24")
+    for _ in range(150):
+        predictor.want_logits(3)
+        rows = predictor.probabilities((rng.normal(size=(3, 300)) * 3).astype(np.float32), 3)
+        symbols = rng.integers(0, 6, 3)
+        encoder.encode(symbols, rows)
+        predictor.update(symbols)
+    weights = np.array([w for stream in predictor.streams for row in stream.weights for w in row])
+    return hashlib.sha256(weights.tobytes() + encoder.finish()).hexdigest()
+
+print(json.dumps({"exp": np.exp(np.linspace(-30.0, 0.0, 20001)).tolist(), "v2": state("v2"), "v3": state("v3")}))
+"""
+
+
+def test_mixer_state_is_the_same_without_numpys_simd():
+    """The default ensemble's state (mixer weights, coded bytes) is the same in a process whose
+    numpy runs none of its SIMD variants (as on an older CPU). numpy's float64 exp differs
+    between those variants in the last bit, and preset v2's mixer used it (its weights drift
+    apart, as this checks); v3's softmax uses portable_exp."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    features = _dispatched_features()
+    if not features:
+        pytest.skip("numpy dispatches no SIMD variants on this host")
+    results = []
+    for disabled in ("", ",".join(features)):
+        env = {**os.environ, "NPY_DISABLE_CPU_FEATURES": disabled}
+        run = subprocess.run([sys.executable, "-c", MIXER_STATE], env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        results.append(json.loads(run.stdout.strip().splitlines()[-1]))
+    here, elsewhere = results
+    if here["exp"] == elsewhere["exp"]:
+        pytest.skip("numpy's exp is the same without its SIMD variants here: nothing to compare")
+    assert here["v2"] != elsewhere["v2"]  # the check sees the difference np.exp makes
+    assert here["v3"] == elsewhere["v3"]

@@ -32,7 +32,9 @@ same batch). Its distribution is then built from the cheap candidates alone.
 
 Everything is computed in the same order on both sides, with float32 full-vocabulary
 arithmetic, float64 scalars and no BLAS calls, so compression and decompression agree bit
-for bit.
+for bit; since preset v3 the mixer's softmax uses :func:`portable_exp` instead of numpy's
+``exp`` (whose last bits depend on the CPU's vector instructions), so they agree across
+machines too.
 """
 from __future__ import annotations
 
@@ -47,6 +49,31 @@ from .ngram import NGramTables
 
 MATCH_BUCKETS = (1, 4, 16)  # match length bounds
 N_MATCH_BUCKETS = len(MATCH_BUCKETS) + 2  # no match, then lengths 0, 1-3, 4-15, 16+
+
+# e**x from exactly rounded IEEE operations alone (multiply, add, floor, ldexp), so every
+# machine computes the same bits. numpy's float64 exp does not: its AVX-512 code and the
+# code other x86 CPUs run differ in the last bit of about 5% of results (measured with
+# NPY_DISABLE_CPU_FEATURES), and libm's exp picks an FMA variant at run time.
+_LOG2_E = 1.4426950408889634  # log2(e), rounded to float64
+# 2**f = sum_k (f ln 2)^k / k! for 0 <= f < 1: the coefficients (ln 2)^k / k!, rounded to
+# float64 (from a 60-digit ln 2); the first omitted term is below 1e-13 of the sum
+_EXP2_COEFFICIENTS = (1.0, 0.6931471805599453, 0.24022650695910072, 0.05550410866482158, 0.009618129107628477,
+                      0.0013333558146428443, 0.0001540353039338161, 1.5252733804059841e-05, 1.321548679014431e-06,
+                      1.01780860092397e-07, 7.054911620801123e-09, 4.4455382718708116e-10, 2.5678435993488206e-11,
+                      1.3691488853904128e-12)
+
+
+def portable_exp(x: float) -> float:
+    """``e**x`` for ``x <= 0`` (relative error below 1e-12) with the same bits on every machine."""
+    if not x > -746.0:  # below the smallest float64 (and -inf): 0; NaN stays NaN
+        return x if x != x else 0.0
+    t = x * _LOG2_E
+    whole = math.floor(t)
+    fraction = t - whole  # exact
+    value = 0.0
+    for coefficient in reversed(_EXP2_COEFFICIENTS):  # Horner: one multiply and one add per term
+        value = value * fraction + coefficient
+    return math.ldexp(value, whole)
 
 
 @dataclass(frozen=True)
@@ -76,6 +103,7 @@ class EnsembleConfig:
     share: bool = True  # one n-gram table, match index and bias head for all streams of a block
     temperature_lr: float = 1e-4  # linear mix: learn a shared scale of the model's logits (0: off)
     bias_hash: int = 256  # > 0: a second bias table per bucket of the previous token (hashed)
+    mixer_exp: str = "portable"  # the mixer's softmax: "portable" (portable_exp) or "numpy" (np.exp: presets v1, v2)
 
     @property
     def llm_only(self) -> bool:
@@ -99,17 +127,24 @@ PRESETS = {
     "v1": EnsembleConfig(
         ngram=True, max_order=6, match=True, match_min=6, bias=True, bias_lr=0.16, bias_classes=3, mixer=True,
         mix="linear", mixer_lr=0.1, llm_weight_lr=0.0, ngram_weight=-3.0, match_weight=-3.0, skip=True,
-        skip_confidence=0.995, skip_min_trials=32, share=True, temperature_lr=0.0, bias_hash=0,
+        skip_confidence=0.995, skip_min_trials=32, share=True, temperature_lr=0.0, bias_hash=0, mixer_exp="numpy",
     ),
     # v1 plus the learned temperature and the hashed previous-token bias: 0.3-1.1% fewer bits
     # than v1 on every file replayed (alice29, asyoulik, cp.html, fields.c, grammar.lsp, xargs.1)
     "v2": EnsembleConfig(
         ngram=True, max_order=6, match=True, match_min=6, bias=True, bias_lr=0.16, bias_classes=3, mixer=True,
         mix="linear", mixer_lr=0.1, llm_weight_lr=0.0, ngram_weight=-3.0, match_weight=-3.0, skip=True,
-        skip_confidence=0.995, skip_min_trials=32, share=True, temperature_lr=1e-4, bias_hash=256,
+        skip_confidence=0.995, skip_min_trials=32, share=True, temperature_lr=1e-4, bias_hash=256, mixer_exp="numpy",
+    ),
+    # v2 with the mixer's softmax from portable_exp: its files decode on any machine (v1 and
+    # v2 files need numpy's exp of the same CPU family: AVX-512 or not)
+    "v3": EnsembleConfig(
+        ngram=True, max_order=6, match=True, match_min=6, bias=True, bias_lr=0.16, bias_classes=3, mixer=True,
+        mix="linear", mixer_lr=0.1, llm_weight_lr=0.0, ngram_weight=-3.0, match_weight=-3.0, skip=True,
+        skip_confidence=0.995, skip_min_trials=32, share=True, temperature_lr=1e-4, bias_hash=256, mixer_exp="portable",
     ),
 }
-DEFAULT_PRESET = "v2"  # what EnsembleConfig() equals, and the name new containers record
+DEFAULT_PRESET = "v3"  # what EnsembleConfig() equals, and the name new containers record
 
 
 def token_classes(pieces: list[bytes] | None, n_vocab: int) -> np.ndarray:
@@ -137,6 +172,7 @@ class StreamState:
         self.candidates: np.ndarray = np.empty(0, np.int64)
         self.features: np.ndarray = np.empty((0, n_features - 1))
         self.weight_set = 0
+        self.simplex: np.ndarray | None = None  # this step's mixing weights (linear mixing)
         self.top = -1
         self.top_bucket = -1
         self.skip = False
@@ -376,7 +412,7 @@ class EnsemblePredictor:
         for position, index in enumerate(rows):
             state = self.streams[index]
             row = probabilities[index]
-            weights = self._simplex(state.weights[state.weight_set])
+            weights = state.simplex = self._simplex(state.weights[state.weight_set])  # _learn_weights uses it too
             factor = weights[0] / totals[position]
             additions = (state.features * weights[1:]).sum(axis=1) if len(state.candidates) else np.empty(0)
             if mixed_totals is not None:
@@ -387,11 +423,14 @@ class EnsemblePredictor:
                 row[state.candidates] += additions
         return mixed_totals
 
-    @staticmethod
-    def _simplex(raw: list[float]) -> np.ndarray:
+    def _simplex(self, raw: list[float]) -> np.ndarray:
         """Mixing weights on the simplex (softmax of the raw weights)."""
         values = np.array(raw, np.float64)
-        values = np.exp(values - values.max())
+        if self.config.mixer_exp == "numpy":
+            values = np.exp(values - values.max())
+        else:
+            values -= values.max()
+            values = np.array([portable_exp(value) for value in values.tolist()], np.float64)
         return values / values.sum()
 
     def _skip_row(self, state: StreamState, row: np.ndarray) -> None:
@@ -439,11 +478,11 @@ class EnsemblePredictor:
             state = self.streams[index]
             weights = state.weights[state.weight_set]
             token = int(symbols[index])
-            p_candidates = probabilities[index, state.candidates] / totals[index] if len(state.candidates) else np.empty(0)
             hit = np.flatnonzero(state.candidates == token)
             observed = state.features[hit[0]] if len(hit) else np.zeros(self.n_features - 1)
             if geometric:
                 # d(-ln p(x))/dw_i = E_p[f_i] - f_i(x)
+                p_candidates = probabilities[index, state.candidates] / totals[index]
                 expected = (p_candidates[:, None] * state.features).sum(axis=0) if len(state.candidates) else np.zeros(self.n_features - 1)
                 if self._learn_llm_weight:
                     weights[0] -= self.config.llm_weight_lr * float(expected_logit[position] - self.logits_seen[index, token])
@@ -451,18 +490,19 @@ class EnsemblePredictor:
                     weights[i] -= lr * float(expected[i - 1] - observed[i - 1])
             else:
                 # p(x) = sum_i s_i q_i(x), s = softmax(w): d(-ln p)/dw_i = s_i (1 - q_i(x) / p(x))
-                simplex = self._simplex(weights)
+                simplex = state.simplex  # this step's, from _linear_mix
                 p_token = probabilities[index, token] / totals[index]
-                q = np.concatenate(([self._llm_share(index, token, simplex)], observed))
-                for i in range(self.n_features):
-                    weights[i] -= lr * float(simplex[i] * (1.0 - q[i] / max(p_token, 1e-300)))
+                q = np.concatenate(([self._llm_share(index, token, simplex, hit)], observed))
+                # element by element the same IEEE operations as a scalar loop would do
+                step = simplex * (1.0 - q / max(p_token, 1e-300))
+                state.weights[state.weight_set] = (np.array(weights, np.float64) - lr * step).tolist()
 
-    def _llm_share(self, index: int, token: int, simplex: np.ndarray) -> float:
-        """The model's own normalised probability of ``token`` in a linear-mixed row."""
+    def _llm_share(self, index: int, token: int, simplex: np.ndarray, hit: np.ndarray) -> float:
+        """The model's own normalised probability of ``token`` in a linear-mixed row
+        (``hit``: where ``token`` is among the stream's candidates, if it is)."""
         probabilities = self._probabilities[index]
         state = self.streams[index]
         mixed = probabilities[token]
-        hit = np.flatnonzero(state.candidates == token)
         extra = float((state.features[hit[0]] * simplex[1:]).sum()) if len(hit) else 0.0
         return (mixed - extra) / simplex[0]
 
