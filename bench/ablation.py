@@ -46,7 +46,8 @@ CONFIGS = {
     "+ngram+match+mixer": EnsembleConfig(**{**OFF, "ngram": True, "match": True, "mixer": True}),
     "all but match": replace(EnsembleConfig(), match=False),
     "all but skip": replace(EnsembleConfig(), skip=False),
-    "v1 (previous default)": PRESETS["v1"],
+    "v1": PRESETS["v1"],
+    "v2 (previous default)": PRESETS["v2"],
     "all (default)": EnsembleConfig(),
 }
 
@@ -169,6 +170,7 @@ def main() -> int:
     parser.add_argument("--files", nargs="*", help="file names in corpora/data (default: the issue's list)")
     parser.add_argument("--speed", nargs="*", default=[], help="files for real skip on/off runs")
     parser.add_argument("--speed-repeat", type=int, default=1, help="repeat each --speed file this many times (repetitive text, where skip fires)")
+    parser.add_argument("--speed-pairs", type=int, default=1, help="skip off/on pairs per --speed file (this VM's speed varies between runs)")
     parser.add_argument("--configs", help="comma-separated configuration names (default: all)")
     parser.add_argument("--tag", default="cpu")
     args = parser.parse_args()
@@ -188,8 +190,9 @@ def main() -> int:
     session.close()
     speed = []
     for name in args.speed:
-        speed += speed_runs(DATA / name, settings, args.speed_repeat)
-        print(speed[-2:], flush=True)
+        for _ in range(args.speed_pairs):
+            speed += speed_runs(DATA / name, settings, args.speed_repeat)
+            print(speed[-2:], flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"ablation-{args.tag}.json").write_text(json.dumps({"results": results, "speed": speed}, indent=1))
     (RESULTS / f"ablation-{args.tag}.md").write_text(markdown(results, speed))
