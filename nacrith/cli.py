@@ -25,6 +25,7 @@ import click
 from . import container as fmt
 from . import pipeline
 from .predictors import EnsembleConfig
+from .predictors import ensemble_config as recorded_ensemble
 from .errors import NacrithError
 
 SUFFIX = ".nc"
@@ -305,6 +306,18 @@ def decompress_command(files, output, to_stdout, force, keep, remove, quiet, ver
     run_each(files, output, lambda name: decompress_one(name, model, threads, workers, gpus or None, output, to_stdout, force, quiet, verbose, remove))
 
 
+ENSEMBLE_PARTS = ("ngram", "match", "bias", "mixer", "skip")  # the parts --no-PART switches off
+
+
+def predictor_parts(settings: dict) -> list[str] | None:
+    """The predictor parts a container's settings turn on ("llm" first), None if unknown."""
+    try:
+        config = recorded_ensemble(settings)
+    except ValueError:  # a preset or setting this version does not know
+        return None
+    return ["llm"] + ([part for part in ENSEMBLE_PARTS if getattr(config, part)] if config else [])
+
+
 def describe(name: str) -> dict:
     """The facts ``nacrith info`` shows, as a JSON-ready dict (a stable format)."""
     source = open_input(name)
@@ -334,6 +347,7 @@ def describe(name: str) -> dict:
             "ctx": section.ctx,
             "slide": section.slide,
             "predictor": section.predictor,
+            "parts": predictor_parts(section.predictor),
             "coder": section.coder,
         },
         "checksum": parsed.trailer.checksum.hex(),
@@ -363,6 +377,8 @@ def info_command(files, as_json):
             click.echo(f"  engine      {model['engine']} on {model['backend']}, attention {model['attention']}")
             click.echo(f"  window      ctx {model['ctx']}, slide {model['slide']}")
             click.echo(f"  predictor   {json.dumps(model['predictor'], sort_keys=True)}")
+            parts = model["parts"]
+            click.echo(f"  parts       {', '.join(parts) if parts else 'unknown to this version'}" + (" (model only)" if parts == ["llm"] else ""))
             click.echo(f"  coder       {model['coder']}")
         else:
             click.echo("  model       none (zstd/xz/stored blocks only)")

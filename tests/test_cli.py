@@ -152,10 +152,21 @@ def test_ensemble_flags_are_recorded(text_file: Path, tmp_path: Path):
     partial = tmp_path / "partial.nc"
     assert run("compress", "--llm-only", "-o", llm, text_file).returncode == 0
     assert run("compress", "--no-ngram", "--no-skip", "-o", partial, text_file).returncode == 0
-    for path, expected in ((llm, None), (partial, {"ngram": False, "skip": False})):
+    cases = ((llm, None, ["llm"]), (partial, {"ngram": False, "skip": False}, ["llm", "match", "bias", "mixer"]))
+    for path, expected, parts in cases:
         facts = json.loads(run("info", "--json", path).stdout)
         assert facts["model"] is not None  # prose: the model beats zstd
         assert facts["model"]["predictor"].get("set") == expected
         assert ("ensemble" in facts["model"]["predictor"]) == (expected is not None)
+        assert facts["model"]["parts"] == parts
+        assert b"parts       " + ", ".join(parts).encode() in run("info", path).stdout
         restored = run("decompress", "-c", path)  # no flags needed
         assert restored.returncode == 0 and restored.stdout == TEXT
+
+
+def test_info_parts_of_unknown_settings():
+    """A file from a newer nacrith (unknown preset) still gets an info line, not an error."""
+    from nacrith.cli import predictor_parts
+
+    assert predictor_parts({"llm": "exp2-q64", "ensemble": "v9"}) is None
+    assert predictor_parts({"llm": "exp2-q64", "ensemble": "v2", "set": {"match": False}}) == ["llm", "ngram", "bias", "mixer", "skip"]
