@@ -17,6 +17,16 @@
 #include <emmintrin.h>
 #endif
 
+/* The row loops are also compiled for AVX2 and picked at load time where the CPU has it
+ * (GCC's target_clones, on x86-64 Linux). Wider vectors do the same IEEE operations on each
+ * element in the same order (the build allows no reassociation and no FMA contraction), so
+ * the results are the same bits either way. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define WIDE __attribute__((target_clones("avx2", "default")))
+#else
+#define WIDE
+#endif
+
 #define STEPS_PER_BIT 64
 #define LIMIT (1000 * STEPS_PER_BIT)
 #define ONE ((int64_t)1023 << 52)
@@ -72,7 +82,7 @@ static inline void row_levels(const float *restrict row, long count, float best,
 
 /* One row: see exp2_rows. Levels go through a small int32 buffer so that both loops
  * work on lanes of one width (which SSE2 alone can vectorise). */
-static void exp2_row(const float *restrict row, int64_t *restrict dest, long n, float scale) {
+WIDE static void exp2_row(const float *restrict row, int64_t *restrict dest, long n, float scale) {
     float best = row_max(row, n);
     uint32_t levels[BLOCK];
     for (long start = 0; start < n; start += BLOCK) {
@@ -172,7 +182,7 @@ static float *bias_row(const Bias *bias, Py_ssize_t r, Py_ssize_t cols) {
 
 /* scores[i] = ((row[i] * temperature) + a[i]) + b[i], each step rounded to float32; a or b
  * NULL adds nothing. One loop per case, so that each vectorises. */
-static void scale_and_add(const float *restrict row, const float *restrict a, const float *restrict b, float temperature,
+WIDE static void scale_and_add(const float *restrict row, const float *restrict a, const float *restrict b, float temperature,
                           float *restrict scores, Py_ssize_t n) {
     if (a && b)
         for (Py_ssize_t i = 0; i < n; i++) {
@@ -197,7 +207,7 @@ static void scale_and_add(const float *restrict row, const float *restrict a, co
  * additions in the same order, so the same bits; ELEMENT(i) gives value i (a row entry, or
  * a float64 product computed as numpy's multiply would). */
 #define PAIRWISE_SUM(name, ARGS, ELEMENT, CALL_ARGS_LEFT, CALL_ARGS_RIGHT)                              \
-    static double name ARGS {                                                                         \
+    WIDE static double name ARGS {                                                                         \
         if (n < 8) {                                                                                  \
             double sum = -0.0;                                                                        \
             for (long i = 0; i < n; i++)                                                              \
@@ -284,6 +294,12 @@ static PyObject *scores_exp2_rows(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* table[i] -= float32(row[i] * factor): one bias table's learning step. */
+WIDE static void subtract_step(float *restrict table, const double *restrict row, double factor, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++)
+        table[i] = table[i] - (float)(row[i] * factor);
+}
+
 /* learn_bias(probabilities, cols, streams, totals, symbols, lr, table_a, rows_a, table_b, rows_b):
  * for each stream s of `streams` in order, with step = float32(probabilities[s] * (lr / totals[s])):
  * table_a[rows_a[s]] -= step, then its symbols[s] entry += float32(lr); the same for table_b
@@ -318,11 +334,9 @@ static PyObject *learn_bias(PyObject *self, PyObject *args) {
             double factor = lr / total[s];
             float *ta = bias_row(&a, s, cols), *tb = bias_row(&b, s, cols);
             if (ta)
-                for (Py_ssize_t i = 0; i < cols; i++)
-                    ta[i] = ta[i] - (float)(row[i] * factor);
+                subtract_step(ta, row, factor, cols);
             if (tb)
-                for (Py_ssize_t i = 0; i < cols; i++)
-                    tb[i] = tb[i] - (float)(row[i] * factor);
+                subtract_step(tb, row, factor, cols);
             if (ta)
                 ta[symbol[s]] = ta[symbol[s]] + lr32;
             if (tb)
@@ -658,7 +672,7 @@ static double exp2_value(uint32_t level) {
  * float64 row exp2_row would write. A row with a finite maximum has a level-0 entry (the
  * maximum itself), so its largest value is 1.0 and its factor 2^30: one fused pass. Other
  * rows (NaN or infinite logits) take quant_row's general rule from their levels. */
-static uint64_t exp2_weight_row(const float *restrict row, uint32_t *restrict w, long n, float scale, uint32_t *restrict levels) {
+WIDE static uint64_t exp2_weight_row(const float *restrict row, uint32_t *restrict w, long n, float scale, uint32_t *restrict levels) {
     float best = row_max(row, n);
     uint64_t total = 0;
     if (best - best == 0.0f) {  /* finite */
@@ -734,6 +748,12 @@ static PyObject *exp2_weight_rows(PyObject *self, PyObject *args) {
  * row[candidates[k]] += additions[k] in order, then the row's sum in numpy's pairwise order
  * (taken while the row is still in the cache). row: float64; candidates: int64, distinct and
  * in range; additions: float64. The ensemble's linear mix of one row and rows.sum(axis=1). */
+/* p[i] *= factor. */
+WIDE static void scale_row(double *restrict p, double factor, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++)
+        p[i] *= factor;
+}
+
 static PyObject *scale_add_sum(PyObject *self, PyObject *args) {
     Py_buffer row, candidates, additions;
     double factor, total = 0.0;
@@ -748,8 +768,7 @@ static PyObject *scale_add_sum(PyObject *self, PyObject *args) {
         double *p = (double *)row.buf;
         const double *add = (const double *)additions.buf;
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t i = 0; i < n; i++)
-            p[i] *= factor;
+        scale_row(p, factor, n);
         for (Py_ssize_t j = 0; j < k; j++)
             p[index[j]] += add[j];
         total = pairwise_sum(p, (long)n);
