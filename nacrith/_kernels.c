@@ -18,10 +18,10 @@
 #endif
 
 /* The row loops are also compiled for AVX2 and picked at load time where the CPU has it
- * (GCC's target_clones, on x86-64 Linux). Wider vectors do the same IEEE operations on each
- * element in the same order (the build allows no reassociation and no FMA contraction), so
- * the results are the same bits either way. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+ * (GCC's target_clones, on x86-64 with glibc, whose ifunc does the dispatch). Wider vectors
+ * do the same IEEE operations on each element in the same order (the build allows no
+ * reassociation and no FMA contraction), so the results are the same bits either way. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__GLIBC__)
 #define WIDE __attribute__((target_clones("avx2", "default")))
 #else
 #define WIDE
