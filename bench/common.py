@@ -17,8 +17,7 @@ sys.path.insert(0, str(ROOT))
 from nacrith import container as fmt  # noqa: E402
 from nacrith import pipeline  # noqa: E402
 from nacrith.predictors import EnsembleConfig  # noqa: E402
-
-PARTS = ("ngram", "match", "bias", "mixer", "skip")
+from nacrith.predictors.ensemble import PARTS  # noqa: E402
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:

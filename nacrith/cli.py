@@ -306,16 +306,13 @@ def decompress_command(files, output, to_stdout, force, keep, remove, quiet, ver
     run_each(files, output, lambda name: decompress_one(name, model, threads, workers, gpus or None, output, to_stdout, force, quiet, verbose, remove))
 
 
-ENSEMBLE_PARTS = ("ngram", "match", "bias", "mixer", "skip")  # the parts --no-PART switches off
-
-
 def predictor_parts(settings: dict) -> list[str] | None:
     """The predictor parts a container's settings turn on ("llm" first), None if unknown."""
     try:
         config = recorded_ensemble(settings)
     except ValueError:  # a preset or setting this version does not know
         return None
-    return ["llm"] + ([part for part in ENSEMBLE_PARTS if getattr(config, part)] if config else [])
+    return ["llm"] + (config.parts if config else [])
 
 
 def describe(name: str) -> dict:

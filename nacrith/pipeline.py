@@ -110,8 +110,7 @@ class Settings:
         if "ensemble" not in self.predictor:
             return "llm-only"
         config = self.ensemble
-        parts = [name for name, on in (("ngram", config.ngram), ("match", config.match), ("bias", config.bias), ("mixer", config.mixer), ("skip", config.skip)) if on]
-        return "llm+" + "+".join(parts) + ("" if config.mix == "geometric" else f" ({config.mix})")
+        return "llm+" + "+".join(config.parts) + ("" if config.mix == "geometric" else f" ({config.mix})")
 
     def describe(self) -> dict:
         """The settings as a JSON-ready dict."""

@@ -11,10 +11,10 @@ import pytest
 from nacrith import container as fmt
 from nacrith.lockstep import Lockstep, split_streams
 from nacrith.predictors import EnsembleConfig, ensemble_config, make_predictor, predictor_settings
+from nacrith.predictors.ensemble import PARTS
 
 from .conftest import SMALL, pack, unpack
 
-PARTS = ("ngram", "match", "bias", "mixer", "skip")
 TEXT = (
     b"The Mock Turtle went on. 'We had the best of educations--in fact, we went to school every day--' "
     b"'I've been to a day-school, too,' said Alice; 'you needn't be so proud as all that.'\n"

@@ -49,6 +49,7 @@ from .ngram import NGramTables
 
 MATCH_BUCKETS = (1, 4, 16)  # match length bounds
 N_MATCH_BUCKETS = len(MATCH_BUCKETS) + 2  # no match, then lengths 0, 1-3, 4-15, 16+
+PARTS = ("ngram", "match", "bias", "mixer", "skip")  # the parts a config switches (--no-PART)
 
 # e**x from exactly rounded IEEE operations alone (multiply, add, floor, ldexp), so every
 # machine computes the same bits. numpy's float64 exp does not: its AVX-512 code and the
@@ -108,6 +109,11 @@ class EnsembleConfig:
     @property
     def llm_only(self) -> bool:
         return not (self.ngram or self.match or self.bias)
+
+    @property
+    def parts(self) -> list[str]:
+        """The names of the parts switched on, in :data:`PARTS` order."""
+        return [part for part in PARTS if getattr(self, part)]
 
     def to_dict(self) -> dict:
         return asdict(self)
