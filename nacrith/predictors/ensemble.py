@@ -349,14 +349,15 @@ class EnsemblePredictor:
             probabilities[wanted] = model_rows
             for index in np.flatnonzero(want == 0):
                 self._skip_row(self.streams[index], probabilities[index])
-        self._totals = None
+        self._totals = None  # update() sums the rows itself unless the mix took their sums
         if self.config.mix == "linear":
             mixed_totals = self._linear_mix(probabilities, wanted, model_totals)
-            if mixed_totals is not None and len(wanted) == running:  # update() need not sum the rows again
-                self._totals = mixed_totals
-            elif mixed_totals is not None:  # and the skipped rows' sums
-                self._totals = probabilities.sum(axis=1)
-                self._totals[wanted] = mixed_totals
+            if mixed_totals is not None and len(wanted) < running:  # the skipped rows' sums beside them
+                skipped = np.flatnonzero(want == 0)
+                totals = np.empty(running, np.float64)
+                totals[wanted], totals[skipped] = mixed_totals, probabilities[skipped].sum(axis=1)
+                mixed_totals = totals
+            self._totals = mixed_totals
         self._probabilities = probabilities
         self.steps += running
         self.skipped += running - len(wanted)
