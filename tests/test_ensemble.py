@@ -177,6 +177,69 @@ def test_portable_exp():
     assert math.isnan(portable_exp(math.nan))
 
 
+def test_portable_exp_array_and_row_sums_give_the_scalar_bits():
+    """The mixer's array forms: portable_exp_array is portable_exp element by element, and
+    row_sums is each row's own ``row.sum()``, bit for bit (rows of 1 to 140 values)."""
+    import math
+
+    from nacrith.predictors.ensemble import portable_exp, portable_exp_array, row_sums
+
+    rng = np.random.default_rng(2)
+    x = np.concatenate([-rng.exponential(5.0, 20000), -rng.uniform(0.0, 800.0, 2000),
+                        [0.0, -0.0, -745.9, -746.0, -1e300, -math.inf, math.nan, -5e-324]])
+    assert np.array_equal(portable_exp_array(x).view(np.int64), np.array([portable_exp(v) for v in x.tolist()]).view(np.int64))
+    for n in range(1, 141):
+        values = rng.exponential(1.0, (50, n)) * rng.choice([1e-300, 1e-5, 1.0, 1e5], (50, n))
+        assert np.array_equal(row_sums(values).view(np.int64), np.array([row.sum() for row in values]).view(np.int64)), n
+
+
+def _coded_state(config: EnsembleConfig, n_streams: int = 4, steps: int = 200, n_vocab: int = 300):
+    """A hash of the mixer weights, the bias table and the int24 code after an ensemble ran
+    on random logits and a noisy repeated phrase (no model needed), and its skip count."""
+    import hashlib
+
+    from nacrith.coder import make_encoder
+    from nacrith.predictors.ensemble import EnsemblePredictor
+
+    rng = np.random.default_rng(11)
+    pieces = [bytes([32 + t % 90]) + (b"\n" if t % 7 == 0 else b" " if t % 5 == 0 else b"") for t in range(n_vocab)]
+    predictor, encoder = EnsemblePredictor(n_vocab, n_streams, config, pieces), make_encoder("int24")
+    phrase = rng.integers(0, 12, 9)
+    for step in range(steps):
+        running = n_streams - (step >= steps - 5)  # the last stream stops early
+        want = predictor.want_logits(running)
+        logits = (rng.normal(size=(running, n_vocab)) * 3).astype(np.float32)
+        if want is not None:
+            logits = np.ascontiguousarray(logits[want.astype(bool)])
+        rows = predictor.probabilities(logits, running)
+        # the phrase 80% of the time: the n-gram, match model, mixer and skip all take part
+        symbols = np.where(rng.random(running) < 0.8, phrase[(step + np.arange(running)) % 9], rng.integers(0, 40, running))
+        encoder.encode(symbols, rows)
+        predictor.update(symbols)
+    weights = np.array([w for stream in predictor.streams for row in stream.weights for w in row])
+    return hashlib.sha256(weights.tobytes() + predictor.bias.tobytes() + encoder.finish()).hexdigest()[:16], predictor.skipped
+
+
+# what preset v3 (and variants) computed when released: a change of the ensemble's arithmetic
+# that alters any bit fails here, before it could make released files undecodable
+RELEASED_V3 = [
+    ({}, "7203648b9d1058d8", 0),
+    ({"share": False}, "329a932463ed0a74", 0),
+    ({"mix": "geometric"}, "e0321faef5dfbf4d", 0),
+    ({"ngram": False}, "f35f6e3072b9166a", 0),
+    ({"skip_min_trials": 2, "skip_confidence": 0.5}, "2ed8366c31d77302", 311),
+]
+
+
+@pytest.mark.parametrize("extra, digest, skipped", RELEASED_V3)
+def test_ensemble_computes_what_it_computed_when_released(extra, digest, skipped):
+    """Preset v3's state and code on a fixed input are pinned (hashes taken with the code
+    that released v3, before its per-stream loops became array operations)."""
+    from nacrith.predictors.ensemble import PRESETS
+
+    assert _coded_state(replace(PRESETS["v3"], **extra)) == (digest, skipped)
+
+
 def _dispatched_features() -> list[str]:
     """numpy's run-time SIMD targets that this host has (AVX2, AVX-512 groups on x86)."""
     try:

@@ -77,6 +77,45 @@ def portable_exp(x: float) -> float:
     return math.ldexp(value, whole)
 
 
+def portable_exp_array(x: np.ndarray) -> np.ndarray:
+    """:func:`portable_exp` of every element of a float64 array: the same operations
+    element by element (numpy's multiply, add, floor and ldexp round exactly as Python's),
+    so the same bits, without a Python call per element."""
+    x = np.asarray(x, np.float64)
+    out = np.where(x != x, x, 0.0)  # NaN stays NaN; below the smallest float64 (and -inf): 0
+    inside = x > -746.0
+    t = x[inside] * _LOG2_E
+    whole = np.floor(t)
+    fraction = t - whole  # exact
+    value = np.zeros_like(t)
+    for coefficient in reversed(_EXP2_COEFFICIENTS):
+        value = value * fraction + coefficient
+    out[inside] = np.ldexp(value, whole.astype(np.int32))
+    return out
+
+
+def row_sums(values: np.ndarray) -> np.ndarray:
+    """Per row of a float64 matrix, the bits of ``row.sum()`` (numpy's pairwise order:
+    one running sum below 8 values, else 8 interleaved partial sums combined as a tree, then
+    the rest; rows of up to 128 values, as the mixer's), in a few array operations."""
+    m, n = values.shape
+    if n > 128:
+        return np.array([row.sum() for row in values], np.float64)
+    if n < 8:
+        total = np.full(m, -0.0)
+        for column in range(n):
+            total = total + values[:, column]
+        return total
+    partial = values[:, :8].copy()
+    end = n - n % 8
+    for start in range(8, end, 8):
+        partial += values[:, start:start + 8]
+    total = ((partial[:, 0] + partial[:, 1]) + (partial[:, 2] + partial[:, 3])) + ((partial[:, 4] + partial[:, 5]) + (partial[:, 6] + partial[:, 7]))
+    for column in range(end, n):
+        total = total + values[:, column]
+    return total
+
+
 @dataclass(frozen=True)
 class EnsembleConfig:
     """Which parts run, and their constants. Stored in the container's header.
@@ -167,15 +206,17 @@ def token_classes(pieces: list[bytes] | None, n_vocab: int) -> np.ndarray:
 class StreamState:
     """The cheap predictors and mixer weights of one stream."""
 
-    def __init__(self, config: EnsembleConfig, n_features: int, n_sets: int, ngram: NGramTables | None, match: MatchIndex | None):
+    def __init__(self, n_features: int, weights: np.ndarray, ngram: NGramTables | None, match: MatchIndex | None):
         self.history: list[int] = []
         self.ngram = ngram
         self.match = MatchState(match, self.history) if match is not None else None
-        initial = [1.0] + [config.ngram_weight] * (n_features - 2) + [config.match_weight]
-        self.weights = [list(initial) for _ in range(n_sets)]
+        self.weights = weights  # raw mixer weights, one row per weight set (a view of the predictor's array)
+        self.keys: list[tuple] | None = None  # the n-gram context keys of the history, while it is this long:
+        self.keys_length = -1
         self.skip_hits: dict[int, list[int]] = {}  # confidence bucket -> [hits, trials]
         # this step's candidates and features, filled by EnsemblePredictor._prepare
         self.candidates: np.ndarray = np.empty(0, np.int64)
+        self.columns: dict[int, list[float]] = {}  # candidate -> its features, in candidates' order
         self.features: np.ndarray = np.empty((0, n_features - 1))
         self.weight_set = 0
         self.simplex: np.ndarray | None = None  # this step's mixing weights (linear mixing)
@@ -183,9 +224,15 @@ class StreamState:
         self.top_bucket = -1
         self.skip = False
 
+    def context_keys(self) -> list[tuple]:
+        """The n-gram tables' keys of the current history (computed once per step)."""
+        if self.keys_length != len(self.history):
+            self.keys, self.keys_length = self.ngram.keys(self.history), len(self.history)
+        return self.keys
+
     def update(self, token: int) -> None:
         if self.ngram:
-            self.ngram.update(self.history, token)
+            self.ngram.update(self.history, token, self.context_keys())
         self.history.append(token)
         if self.match:
             self.match.update(token)
@@ -203,13 +250,17 @@ class EnsemblePredictor:
         self.orders = config.max_order if config.ngram else 0
         self.n_features = 1 + self.orders + 1  # llm, orders, match
         self.n_sets = (self.orders + 1) * N_MATCH_BUCKETS
+        # raw mixer weights of every stream and weight set, in one array so that a step's
+        # softmaxes and learning steps run as array operations across the streams
+        initial = [1.0] + [config.ngram_weight] * (self.n_features - 2) + [config.match_weight]
+        self.weights = np.tile(np.array(initial, np.float64), (n_streams, self.n_sets, 1))
         self.streams = []
         ngram = match = None
-        for _ in range(n_streams):
+        for index in range(n_streams):
             if ngram is None or not config.share:
                 ngram = NGramTables(config.max_order) if config.ngram else None
                 match = MatchIndex(config.match_min) if config.match else None
-            self.streams.append(StreamState(config, self.n_features, self.n_sets, ngram, match))
+            self.streams.append(StreamState(self.n_features, self.weights[index], ngram, match))
         self.bias_classes = config.bias_classes
         tables = (1 if config.share else n_streams) * self.bias_classes
         self.bias = np.zeros((tables, n_vocab), np.float32) if config.bias else None
@@ -242,16 +293,17 @@ class EnsemblePredictor:
     def want_logits(self, running: int):
         self._running = running
         want = np.ones(running, np.int8)
-        for index in range(running):
-            state = self.streams[index]
-            if self.token_class is not None:
-                previous = self.token_class[state.history[-1]] if state.history else 0
-                self._bias_row[index] = (0 if self.config.share else index) * self.bias_classes + previous
-            elif not self.config.share:
-                self._bias_row[index] = index
-            if self.context_bias is not None:  # Knuth's multiplicative hash of the previous token
-                last = state.history[-1] if state.history else -1
-                self._context_row[index] = ((last + 1) * 2654435761 % (1 << 32)) % len(self.context_bias)
+        streams = self.streams[:running]
+        last = np.fromiter((state.history[-1] if state.history else -1 for state in streams), np.int64, running)
+        first_table = np.arange(running) if not self.config.share else np.zeros(running, np.int64)
+        if self.token_class is not None:  # the class of the previous token (0 at the start)
+            previous = np.where(last >= 0, self.token_class[np.maximum(last, 0)], 0)
+            self._bias_row[:running] = first_table * self.bias_classes + previous
+        else:
+            self._bias_row[:running] = first_table
+        if self.context_bias is not None:  # Knuth's multiplicative hash of the previous token
+            self._context_row[:running] = (last + 1) * 2654435761 % (1 << 32) % len(self.context_bias)
+        for index, state in enumerate(streams):
             self._prepare(state)
             if state.skip:
                 want[index] = 0
@@ -264,8 +316,9 @@ class EnsemblePredictor:
         n_cheap = self.n_features - 1
         highest = 0
         top, top_count, top_total = -1, 0, 0
+        geometric = self.config.mix == "geometric"
         if state.ngram:
-            for order, followers in enumerate(state.ngram.contexts(state.history), start=1):
+            for order, followers in enumerate(state.ngram.contexts(state.history, state.context_keys()), start=1):
                 if not followers:
                     continue
                 highest = order
@@ -274,7 +327,8 @@ class EnsemblePredictor:
                     row = columns.get(token)
                     if row is None:
                         row = columns[token] = [0.0] * n_cheap
-                    row[order - 1] = self._ngram_feature(count, total)
+                    # the n-gram's evidence: ln(1 + count) for geometric mixing, else its frequency
+                    row[order - 1] = math.log1p(count) if geometric else count / total
                 best = max(followers, key=followers.__getitem__)
                 top, top_count, top_total = best, followers[best], total
         match_bucket = 0
@@ -285,8 +339,9 @@ class EnsemblePredictor:
                 row = columns.get(predicted)
                 if row is None:
                     row = columns[predicted] = [0.0] * n_cheap
-                row[-1] = math.log1p(min(state.match.length, 64)) + 1.0 if self.config.mix == "geometric" else 1.0
+                row[-1] = math.log1p(min(state.match.length, 64)) + 1.0 if geometric else 1.0
         state.weight_set = highest * N_MATCH_BUCKETS + match_bucket
+        state.columns = columns
         state.candidates = np.fromiter(columns, np.int64, len(columns))
         state.features = np.array(list(columns.values()), np.float64).reshape(len(columns), n_cheap)
         # confidence of the top cheap candidate, for the skip decision
@@ -298,11 +353,6 @@ class EnsemblePredictor:
         else:
             state.top, state.top_bucket = -1, -1
         state.skip = self.config.skip and self._skip_probability(state) >= self.config.skip_confidence
-
-    def _ngram_feature(self, count: int, total: int) -> float:
-        if self.config.mix == "geometric":
-            return math.log1p(count)
-        return count / total
 
     def _skip_probability(self, state: StreamState) -> float:
         """Estimated probability that the top cheap candidate is right (0 when unknown)."""
@@ -416,10 +466,12 @@ class EnsemblePredictor:
         ``row.sum()``), taken in the same pass; else None.
         """
         mixed_totals = np.empty(len(rows), np.float64) if self.table.use_kernel else None
-        for position, index in enumerate(rows):
-            state = self.streams[index]
+        states = [self.streams[index] for index in rows]
+        sets = np.fromiter((state.weight_set for state in states), np.int64, len(states))
+        simplexes = self._simplexes(self.weights[rows, sets])
+        for position, (index, state) in enumerate(zip(rows, states)):
             row = probabilities[index]
-            weights = state.simplex = self._simplex(state.weights[state.weight_set])  # _learn_weights uses it too
+            weights = state.simplex = simplexes[position]  # _learn_weights uses it too
             factor = weights[0] / totals[position]
             additions = (state.features * weights[1:]).sum(axis=1) if len(state.candidates) else np.empty(0)
             if mixed_totals is not None:
@@ -430,15 +482,16 @@ class EnsemblePredictor:
                 row[state.candidates] += additions
         return mixed_totals
 
-    def _simplex(self, raw: list[float]) -> np.ndarray:
-        """Mixing weights on the simplex (softmax of the raw weights)."""
-        values = np.array(raw, np.float64)
-        if self.config.mixer_exp == "numpy":
-            values = np.exp(values - values.max())
-        else:
-            values -= values.max()
-            values = np.array([portable_exp(value) for value in values.tolist()], np.float64)
-        return values / values.sum()
+    def _simplexes(self, raw: np.ndarray) -> np.ndarray:
+        """Mixing weights on the simplex (softmax of each row of raw weights)."""
+        if self.config.mixer_exp == "numpy":  # presets v1, v2: row by row, as they were made
+            simplexes = np.empty_like(raw)
+            for position, values in enumerate(raw):
+                values = np.exp(values - values.max())
+                simplexes[position] = values / values.sum()
+            return simplexes
+        values = portable_exp_array(raw - raw.max(axis=1, keepdims=True))
+        return values / row_sums(values)[:, None]
 
     def _skip_row(self, state: StreamState, row: np.ndarray) -> None:
         """A skipped stream's distribution: the top candidate, then other candidates, then anything."""
@@ -477,41 +530,49 @@ class EnsemblePredictor:
             state.update(token)
 
     def _learn_weights(self, rows: np.ndarray, symbols: np.ndarray, probabilities: np.ndarray, totals: np.ndarray) -> None:
+        if self.config.mix == "linear":
+            self._learn_linear_weights(rows, symbols, probabilities, totals)
+            return
         lr = self.config.mixer_lr
-        geometric = self.config.mix == "geometric"
         if self._learn_llm_weight:  # expected logit under p, for the gradient of w_llm
             expected_logit = (probabilities[rows] * self.logits_seen[rows]).sum(axis=1) / totals[rows]
         for position, index in enumerate(rows):
             state = self.streams[index]
-            weights = state.weights[state.weight_set]
+            weights = state.weights[state.weight_set]  # a view: updated in place
             token = int(symbols[index])
             hit = np.flatnonzero(state.candidates == token)
             observed = state.features[hit[0]] if len(hit) else np.zeros(self.n_features - 1)
-            if geometric:
-                # d(-ln p(x))/dw_i = E_p[f_i] - f_i(x)
-                p_candidates = probabilities[index, state.candidates] / totals[index]
-                expected = (p_candidates[:, None] * state.features).sum(axis=0) if len(state.candidates) else np.zeros(self.n_features - 1)
-                if self._learn_llm_weight:
-                    weights[0] -= self.config.llm_weight_lr * float(expected_logit[position] - self.logits_seen[index, token])
-                for i in range(1, self.n_features):
-                    weights[i] -= lr * float(expected[i - 1] - observed[i - 1])
-            else:
-                # p(x) = sum_i s_i q_i(x), s = softmax(w): d(-ln p)/dw_i = s_i (1 - q_i(x) / p(x))
-                simplex = state.simplex  # this step's, from _linear_mix
-                p_token = probabilities[index, token] / totals[index]
-                q = np.concatenate(([self._llm_share(index, token, simplex, hit)], observed))
-                # element by element the same IEEE operations as a scalar loop would do
-                step = simplex * (1.0 - q / max(p_token, 1e-300))
-                state.weights[state.weight_set] = (np.array(weights, np.float64) - lr * step).tolist()
+            # d(-ln p(x))/dw_i = E_p[f_i] - f_i(x)
+            p_candidates = probabilities[index, state.candidates] / totals[index]
+            expected = (p_candidates[:, None] * state.features).sum(axis=0) if len(state.candidates) else np.zeros(self.n_features - 1)
+            if self._learn_llm_weight:
+                weights[0] -= self.config.llm_weight_lr * float(expected_logit[position] - self.logits_seen[index, token])
+            for i in range(1, self.n_features):
+                weights[i] -= lr * float(expected[i - 1] - observed[i - 1])
 
-    def _llm_share(self, index: int, token: int, simplex: np.ndarray, hit: np.ndarray) -> float:
-        """The model's own normalised probability of ``token`` in a linear-mixed row
-        (``hit``: where ``token`` is among the stream's candidates, if it is)."""
-        probabilities = self._probabilities[index]
-        state = self.streams[index]
-        mixed = probabilities[token]
-        extra = float((state.features[hit[0]] * simplex[1:]).sum()) if len(hit) else 0.0
-        return (mixed - extra) / simplex[0]
+    def _learn_linear_weights(self, rows: np.ndarray, symbols: np.ndarray, probabilities: np.ndarray, totals: np.ndarray) -> None:
+        """One gradient step of the code length on each learning stream's weight set.
+
+        ``p(x) = sum_i s_i q_i(x)`` with ``s = softmax(w)``, so ``d(-ln p(x))/dw_i = s_i (1 -
+        q_i(x) / p(x))``; ``q_0(x)``, the model's own share, is recovered from the mixed row
+        by subtracting the cheap predictors' part. All streams at once, element by element
+        the same IEEE operations as one stream at a time.
+        """
+        states = [self.streams[index] for index in rows]
+        tokens = symbols[rows].astype(np.int64)
+        observed = np.zeros((len(rows), self.n_features - 1))  # each token's cheap features (0: not a candidate)
+        for position, (state, token) in enumerate(zip(states, tokens.tolist())):
+            features = state.columns.get(token)
+            if features is not None:
+                observed[position] = features
+        simplexes = np.array([state.simplex for state in states])  # this step's, from _linear_mix
+        mixed = probabilities[rows, tokens]
+        llm_share = (mixed - row_sums(observed * simplexes[:, 1:])) / simplexes[:, 0]
+        shares = np.concatenate((llm_share[:, None], observed), axis=1)
+        p_token = np.maximum(mixed / totals[rows], 1e-300)
+        step = simplexes * (1.0 - shares / p_token[:, None])
+        sets = np.fromiter((state.weight_set for state in states), np.int64, len(states))
+        self.weights[rows, sets] = self.weights[rows, sets] - self.config.mixer_lr * step
 
     def _learn_bias(self, rows: np.ndarray, symbols: np.ndarray, probabilities: np.ndarray, totals: np.ndarray) -> None:
         """One gradient step of the code length per learning stream: ``bias -= lr * (p - onehot)``.

@@ -18,23 +18,29 @@ class NGramTables:
         self.max_per_context = max_per_context
         self.tables: list[dict] = [dict() for _ in range(max_order + 1)]  # index = order; 0 unused
 
-    def contexts(self, history: list[int]) -> list[dict | None]:
-        """For orders 1..max_order, the follower counts after ``history`` (None if unseen)."""
-        found = []
-        for order in range(1, self.max_order + 1):
-            if len(history) < order:
-                found.append(None)
-                continue
-            found.append(self.tables[order].get(tuple(history[-order:])))
-        return found
+    def keys(self, history: list[int]) -> list[tuple]:
+        """The context keys ending ``history``, for orders 1..max_order (as far as it reaches)."""
+        tail = history[-self.max_order:]
+        return [tuple(tail[-order:]) for order in range(1, len(tail) + 1)]
 
-    def update(self, history: list[int], token: int) -> None:
-        """Count ``token`` after every context ending ``history`` (before it is appended)."""
-        for order in range(1, min(self.max_order, len(history)) + 1):
-            key = tuple(history[-order:])
-            followers = self.tables[order].get(key)
+    def contexts(self, history: list[int], keys: list[tuple] | None = None) -> list[dict | None]:
+        """For orders 1..max_order, the follower counts after ``history`` (None if unseen);
+        ``keys``: :meth:`keys` of ``history``, when the caller already has them."""
+        if keys is None:
+            keys = self.keys(history)
+        found = [self.tables[order].get(key) for order, key in enumerate(keys, start=1)]
+        return found + [None] * (self.max_order - len(found))
+
+    def update(self, history: list[int], token: int, keys: list[tuple] | None = None) -> None:
+        """Count ``token`` after every context ending ``history`` (before it is appended);
+        ``keys``: :meth:`keys` of ``history``, when the caller already has them."""
+        if keys is None:
+            keys = self.keys(history)
+        for order, key in enumerate(keys, start=1):
+            table = self.tables[order]
+            followers = table.get(key)
             if followers is None:
-                self.tables[order][key] = {token: 1}
+                table[key] = {token: 1}
             elif token in followers:
                 followers[token] += 1
             else:

@@ -1,0 +1,106 @@
+"""The ensemble's CPU cost per token without the model: C kernel passes against Python.
+
+Replays the first ``--tokens`` logits rows that ``bench/hidden_replay.py dump FILE`` stored
+(the default lockstep schedule, 16 streams for a Canterbury text) through the default
+ensemble and the int24 coder, all rows loaded in memory first, and times each call into
+nacrith's C kernel; the rest of the wall time is the ensemble's Python (per-stream
+candidates, mixer, n-gram and match updates) and the loop. Prints the coded bytes' and
+the mixer weights' hashes, so two versions of the code can be checked for the same bits.
+Results are appended to bench/results/ensemble-replay.json. Usage:
+    python bench/hidden_replay.py dump asyoulik.txt
+    python bench/ensemble_replay.py asyoulik.txt --tokens 12000 --repeat 2 --tag ...
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS  # noqa: E402
+
+from nacrith.coder import make_encoder  # noqa: E402
+from nacrith.predictors import EnsembleConfig, EnsemblePredictor  # noqa: E402
+from nacrith.predictors import ensemble as ensemble_module  # noqa: E402
+from nacrith.predictors import llm as llm_module  # noqa: E402
+from nacrith import coder as coder_module  # noqa: E402
+
+
+class TimedKernels:
+    """nacrith._kernels with a stopwatch around every call."""
+
+    def __init__(self, kernels):
+        self.kernels, self.seconds = kernels, {}
+
+    def __getattr__(self, name):
+        function = getattr(self.kernels, name)
+
+        def timed(*args):
+            began = time.perf_counter()
+            try:
+                return function(*args)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - began
+        return timed
+
+
+def run(folder: Path, name: str, limit: int) -> dict:
+    logits = np.load(folder / f"{name}.logits.npy", mmap_mode="r")
+    meta = np.load(folder / f"{name}.meta.npz", allow_pickle=True)
+    running, symbols = meta["running"], meta["symbols"]
+    steps = np.cumsum(running) <= limit
+    tokens = int(running[steps].sum())
+    rows = np.array(logits[:tokens])
+    timed = TimedKernels(llm_module._kernels)
+    saved = llm_module._kernels, ensemble_module._kernels, coder_module._kernels
+    llm_module._kernels = ensemble_module._kernels = coder_module._kernels = timed
+    try:
+        predictor = EnsemblePredictor(logits.shape[1], int(running[0]), EnsembleConfig(), list(meta["pieces"]))
+        encoder, row = make_encoder("int24"), 0
+        began = time.perf_counter()
+        for n in map(int, running[steps]):
+            want = predictor.want_logits(n)
+            step_rows = rows[row:row + n] if want is None else np.ascontiguousarray(rows[row:row + n][want.astype(bool)])
+            encoder.encode(symbols[row:row + n], predictor.probabilities(step_rows, n))
+            predictor.update(symbols[row:row + n])
+            row += n
+        wall = time.perf_counter() - began
+    finally:
+        llm_module._kernels, ensemble_module._kernels, coder_module._kernels = saved
+    kernel = sum(timed.seconds.values())
+    return {"file": name, "tokens": tokens, "streams": int(running[0]), "us_per_token": round(wall / tokens * 1e6, 1),
+            "kernel_us_per_token": round(kernel / tokens * 1e6, 1), "python_us_per_token": round((wall - kernel) / tokens * 1e6, 1),
+            "kernel_calls_us_per_token": {k: round(v / tokens * 1e6, 1) for k, v in sorted(timed.seconds.items())},
+            "coded_sha256": hashlib.sha256(encoder.finish()).hexdigest()[:16],
+            "weights_sha256": hashlib.sha256(np.array([w for stream in predictor.streams for row in stream.weights for w in row]).tobytes()).hexdigest()[:16]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("file")
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/nacrith-replay"))
+    parser.add_argument("--tokens", type=int, default=12000)
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--tag", default="cpu")
+    args = parser.parse_args()
+    if llm_module._kernels is None:
+        print("nacrith's C kernel is not built: nothing to time", file=sys.stderr)
+        return 1
+    results = []
+    for _ in range(args.repeat):
+        results.append({"tag": args.tag, **run(args.dir, args.file, args.tokens)})
+        print(json.dumps(results[-1]), flush=True)
+    path = RESULTS / "ensemble-replay.json"
+    previous = json.loads(path.read_text()) if path.exists() else []
+    path.write_text(json.dumps(previous + results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Probe: would the ensemble gain from a learned state shipped with the model (a prior)?
+
+The bias heads, the temperature and the mixer weights all start from zero (or their
+initial values) in every block. If part of what they learn were the same for every text
+(a miscalibration of the quantised model, say), a state learned once on other text could
+be shipped with nacrith as their starting point. This replays the logits that
+``bench/hidden_replay.py dump`` stored for two corpus files (ideal code length, default
+ensemble): the ensemble runs over SOURCE, and its final (or its step-averaged) state
+starts the run over TARGET.
+
+With SOURCE equal to TARGET the result is an upper bound that no shipped prior could
+reach (the state has seen the text it codes). Results are appended to
+bench/results/warmstart.json. Usage:
+    python bench/hidden_replay.py dump alice29.txt; python bench/hidden_replay.py dump asyoulik.txt
+    python bench/warmstart.py alice29.txt asyoulik.txt
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS  # noqa: E402
+
+from nacrith.predictors import EnsembleConfig, EnsemblePredictor  # noqa: E402
+
+ALL_PARTS = ("bias", "context", "temperature", "weights")
+
+
+def replay(folder: Path, name: str, start: dict | None = None, parts=ALL_PARTS, average: bool = False) -> tuple[float, dict]:
+    """Bits per byte of the default ensemble over a stored file, and its learned state at
+    the end (``average``: the bias tables averaged over the steps instead)."""
+    logits = np.load(folder / f"{name}.logits.npy", mmap_mode="r")
+    meta = np.load(folder / f"{name}.meta.npz", allow_pickle=True)
+    running, symbols = meta["running"], meta["symbols"]
+    predictor = EnsemblePredictor(logits.shape[1], int(running[0]), EnsembleConfig(), list(meta["pieces"]))
+    if start is not None:
+        if "bias" in parts:
+            predictor.bias[:] = start["bias"]
+        if "context" in parts:
+            predictor.context_bias[:] = start["context"]
+        if "temperature" in parts:
+            predictor.temperature = start["temperature"]
+        if "weights" in parts:
+            predictor.weights[:] = start["weights"]
+    bias_sum, context_sum = np.zeros_like(predictor.bias), np.zeros_like(predictor.context_bias)
+    bits, row, steps = 0.0, 0, 0
+    for n in map(int, running):
+        rows, tokens = np.array(logits[row:row + n]), symbols[row:row + n]
+        want = predictor.want_logits(n)
+        probabilities = predictor.probabilities(rows if want is None else np.ascontiguousarray(rows[want.astype(bool)]), n)
+        bits -= np.log2(probabilities[np.arange(n), tokens] / probabilities.sum(axis=1)).sum()
+        predictor.update(tokens)
+        if average:
+            bias_sum += predictor.bias
+            context_sum += predictor.context_bias
+        row, steps = row + n, steps + 1
+    state = {"bias": bias_sum / steps if average else predictor.bias.copy(),
+             "context": context_sum / steps if average else predictor.context_bias.copy(),
+             "temperature": predictor.temperature,
+             "weights": predictor.weights.mean(axis=0)}  # every stream starts from the streams' mean
+    return bits / int(meta["nbytes"]), state
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source")
+    parser.add_argument("target")
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/nacrith-replay"))
+    args = parser.parse_args()
+    cold, _ = replay(args.dir, args.target)
+    rows = [{"source": None, "target": args.target, "start": "cold (default)", "bpb": cold}]
+    print(json.dumps(rows[0]), flush=True)
+    final = replay(args.dir, args.source)[1]
+    averaged = replay(args.dir, args.source, average=True)[1]
+    trials = [("final state", final, ALL_PARTS), ("final bias tables", final, ("bias",)),
+              ("final bias tables + temperature", final, ("bias", "temperature")), ("final mixer weights", final, ("weights",)),
+              ("averaged state", averaged, ALL_PARTS), ("averaged bias tables + temperature", averaged, ("bias", "temperature"))]
+    for label, state, parts in trials:
+        bpb, _ = replay(args.dir, args.target, state, parts)
+        rows.append({"source": args.source, "target": args.target, "start": label, "bpb": bpb, "vs cold": f"{(bpb / cold - 1) * 100:+.2f}%"})
+        print(json.dumps(rows[-1]), flush=True)
+    path = RESULTS / "warmstart.json"
+    previous = json.loads(path.read_text()) if path.exists() else []
+    path.write_text(json.dumps(previous + rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
