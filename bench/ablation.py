@@ -47,7 +47,8 @@ CONFIGS = {
     "all but match": replace(EnsembleConfig(), match=False),
     "all but skip": replace(EnsembleConfig(), skip=False),
     "v1": PRESETS["v1"],
-    "v2 (previous default)": PRESETS["v2"],
+    "v2": PRESETS["v2"],
+    "v3 (previous default)": PRESETS["v3"],
     "all (default)": EnsembleConfig(),
 }
 

@@ -24,7 +24,7 @@ numpy's SIMD code (see README, "How it works").
 Results are appended to bench/results/hidden-replay.json. Usage:
     python bench/hidden_replay.py dump asyoulik.txt [--dir /tmp/nacrith-replay]
     python bench/hidden_replay.py replay asyoulik.txt --mode linear --r 16 --lr 0.002
-    python bench/hidden_replay.py code asyoulik.txt --preset v3
+    python bench/hidden_replay.py code asyoulik.txt --preset v4
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ from nacrith import pipeline  # noqa: E402
 from nacrith.coder import make_encoder  # noqa: E402
 from nacrith.lockstep import Lockstep  # noqa: E402
 from nacrith.predictors import EnsembleConfig, EnsemblePredictor, LLMPredictor  # noqa: E402
-from nacrith.predictors.ensemble import PRESETS  # noqa: E402
+from nacrith.predictors.ensemble import DEFAULT_PRESET, PRESETS  # noqa: E402
 from nacrith.session import Session  # noqa: E402
 
 DATA = ROOT / "corpora" / "data"
@@ -178,7 +178,7 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=0.16)
     parser.add_argument("--llm", action="store_true", help="the model alone (with --mode none)")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--preset", default="v3", choices=sorted(PRESETS))
+    parser.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
     args = parser.parse_args()
     if args.action == "dump":
         dump(args.file, args.dir)

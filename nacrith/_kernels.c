@@ -300,19 +300,77 @@ WIDE static void subtract_step(float *restrict table, const double *restrict row
         table[i] = table[i] - (float)(row[i] * factor);
 }
 
-/* learn_bias(probabilities, cols, streams, totals, symbols, lr, table_a, rows_a, table_b, rows_b):
- * for each stream s of `streams` in order, with step = float32(probabilities[s] * (lr / totals[s])):
- * table_a[rows_a[s]] -= step, then its symbols[s] entry += float32(lr); the same for table_b
- * (a table of None is skipped).
- * probabilities: float64 rows; totals: float64 and symbols: int64, one per row. The
- * ensemble's _learn_bias, one pass per stream. */
+/* One AdaGrad step of a table row: g = (float)(row[i] * inverse) (minus 1 at the token),
+ * squares[i] += g * g, table[i] -= (lr * g) / sqrtf(eps + squares[i]), each operation
+ * rounded to float32 (sqrtf and the division are exactly rounded by IEEE 754). The loop
+ * takes g without the 1 everywhere, then redoes the token's entry from its saved values. */
+WIDE static void adagrad_step(float *restrict table, float *restrict squares, const double *restrict row, double inverse, float lr,
+                              float eps, Py_ssize_t n, Py_ssize_t token) {
+    float table_token = table[token], squares_token = squares[token];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        float g = (float)(row[i] * inverse);
+        float sum = squares[i] + g * g;
+        squares[i] = sum;
+        table[i] = table[i] - (lr * g) / sqrtf(eps + sum);
+    }
+    float g = (float)(row[token] * inverse) - 1.0f;
+    float sum = squares_token + g * g;
+    squares[token] = sum;
+    table[token] = table_token - (lr * g) / sqrtf(eps + sum);
+}
+
+/* The writable float32 buffer of an AdaGrad squares table shaped like its bias table (0),
+ * none when the object is None or the table is absent (0, buffer->obj NULL), else -1. */
+static int squares_open(PyObject *object, const Bias *table, Py_buffer *buffer) {
+    buffer->obj = NULL;
+    if (object == Py_None || !table->n_rows)
+        return 0;
+    if (PyObject_GetBuffer(object, buffer, PyBUF_WRITABLE) < 0)
+        return -1;
+    if (buffer->len != table->table.len) {
+        PyBuffer_Release(buffer);
+        buffer->obj = NULL;
+        PyErr_SetString(PyExc_ValueError, "learn_bias: a squares table differs from its bias table");
+        return -1;
+    }
+    return 0;
+}
+
+/* Stream s's learning step on its row of one bias table (none if the table is absent):
+ * adagrad when the table's squares are given, else sgd. */
+static void learn_row(const Bias *bias, const Py_buffer *squares, Py_ssize_t s, const double *row, double total, double lr, float eps,
+                      Py_ssize_t cols, Py_ssize_t token) {
+    float *table = bias_row(bias, s, cols);
+    if (!table)
+        return;
+    if (squares->obj) {
+        float *sums = (float *)squares->buf + ((const int64_t *)bias->rows.buf)[s] * cols;
+        adagrad_step(table, sums, row, 1.0 / total, (float)lr, eps, cols, token);
+        return;
+    }
+    subtract_step(table, row, lr / total, cols);
+    table[token] = table[token] + (float)lr;
+}
+
+/* learn_bias(probabilities, cols, streams, totals, symbols, lr, table_a, rows_a, table_b, rows_b
+ *            [, lr_b, eps, squares_a, squares_b]):
+ * for each stream s of `streams` in order, one gradient step of the code length on its row
+ * of table_a (rate lr) and then of table_b (rate lr_b, default lr); a table of None is
+ * skipped. sgd (no squares): with step = float32(probabilities[s] * (lr / totals[s])),
+ * table -= step, then its symbols[s] entry += float32(lr). adagrad (squares_a/b: float32
+ * tables shaped like their bias tables, the sums of squared gradients): adagrad_step with
+ * eps. probabilities: float64 rows; totals: float64 and symbols: int64, one per row. The
+ * ensemble's _learn_bias, one pass per stream and table. */
 static PyObject *learn_bias(PyObject *self, PyObject *args) {
     Py_buffer probabilities, streams, totals, symbols;
     Py_ssize_t cols;
-    double lr;
-    PyObject *table_a, *rows_a, *table_b, *rows_b;
-    if (!PyArg_ParseTuple(args, "y*ny*y*y*dOOOO", &probabilities, &cols, &streams, &totals, &symbols, &lr, &table_a, &rows_a, &table_b, &rows_b))
+    double lr, lr_b = NAN, eps = 1.0;
+    PyObject *table_a, *rows_a, *table_b, *rows_b, *squares_a = Py_None, *squares_b = Py_None;
+    if (!PyArg_ParseTuple(args, "y*ny*y*y*dOOOO|ddOO", &probabilities, &cols, &streams, &totals, &symbols, &lr, &table_a, &rows_a,
+                          &table_b, &rows_b, &lr_b, &eps, &squares_a, &squares_b))
         return NULL;
+    if (lr_b != lr_b)
+        lr_b = lr;
     Py_ssize_t n_rows = cols > 0 ? probabilities.len / (Py_ssize_t)sizeof(double) / cols : 0;
     Py_ssize_t n_learn = streams.len / (Py_ssize_t)sizeof(int64_t);
     const int64_t *learn = (const int64_t *)streams.buf, *symbol = (const int64_t *)symbols.buf;
@@ -322,29 +380,27 @@ static PyObject *learn_bias(PyObject *self, PyObject *args) {
     if (!ok)
         PyErr_SetString(PyExc_ValueError, "learn_bias: buffer sizes or indices do not match");
     Bias a, b;
+    Py_buffer sq_a = {0}, sq_b = {0};
     if (ok && biases_open(table_a, rows_a, table_b, rows_b, cols, n_rows, &a, &b) < 0)
         ok = 0;
+    else if (ok && (squares_open(squares_a, &a, &sq_a) < 0 || squares_open(squares_b, &b, &sq_b) < 0)) {
+        ok = 0;
+        biases_close(&a, &b);
+    }
     if (ok) {
         const double *p = (const double *)probabilities.buf, *total = (const double *)totals.buf;
-        float lr32 = (float)lr;
+        float eps32 = (float)eps;
         Py_BEGIN_ALLOW_THREADS
         for (Py_ssize_t k = 0; k < n_learn; k++) {
             Py_ssize_t s = learn[k];
-            const double *row = p + s * cols;
-            double factor = lr / total[s];
-            float *ta = bias_row(&a, s, cols), *tb = bias_row(&b, s, cols);
-            if (ta)
-                subtract_step(ta, row, factor, cols);
-            if (tb)
-                subtract_step(tb, row, factor, cols);
-            if (ta)
-                ta[symbol[s]] = ta[symbol[s]] + lr32;
-            if (tb)
-                tb[symbol[s]] = tb[symbol[s]] + lr32;
+            learn_row(&a, &sq_a, s, p + s * cols, total[s], lr, eps32, cols, symbol[s]);
+            learn_row(&b, &sq_b, s, p + s * cols, total[s], lr_b, eps32, cols, symbol[s]);
         }
         Py_END_ALLOW_THREADS
         biases_close(&a, &b);
     }
+    PyBuffer_Release(&sq_a);
+    PyBuffer_Release(&sq_b);
     PyBuffer_Release(&probabilities);
     PyBuffer_Release(&streams);
     PyBuffer_Release(&totals);

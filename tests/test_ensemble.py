@@ -104,17 +104,24 @@ def test_presets_are_frozen():
         "skip_min_trials": 32, "share": True,
         # fields added after v1 are off in it, so v1 files decode as they were made
         "temperature_lr": 0.0, "bias_hash": 0, "mixer_exp": "numpy",
+        "bias_rule": "sgd", "context_bias_lr": 0.16, "bias_eps": 1.0,
     }
     assert PRESETS["v1"].to_dict() == v1
     v2 = {**v1, "temperature_lr": 1e-4, "bias_hash": 256}
     assert PRESETS["v2"].to_dict() == v2
-    assert PRESETS["v3"].to_dict() == {**v2, "mixer_exp": "portable"}
-    assert predictor_settings(EnsembleConfig()) == {"llm": "exp2-q64", "ensemble": "v3"}
+    v3 = {**v2, "mixer_exp": "portable"}
+    assert PRESETS["v3"].to_dict() == v3
+    assert PRESETS["v4"].to_dict() == {**v3, "bias_rule": "adagrad", "bias_lr": 0.5, "context_bias_lr": 0.3}
+    assert predictor_settings(EnsembleConfig()) == {"llm": "exp2-q64", "ensemble": "v4"}
+    assert ensemble_config({"llm": "exp2-q64", "ensemble": "v3"}) == PRESETS["v3"]
     assert ensemble_config({"llm": "exp2-q64", "ensemble": "v2"}) == PRESETS["v2"]  # old files keep np.exp
     assert ensemble_config({"llm": "exp2-q64", "ensemble": "v1"}) == PRESETS["v1"]  # old files
     assert ensemble_config({"llm": "exp2-q64", "ensemble": "v1", "set": {"skip": False}}).skip is False
     with pytest.raises(ValueError):
         ensemble_config({"llm": "exp2-q64", "ensemble": "v9"})
+    for name in ("bias_rule", "mix", "mixer_exp"):  # a value this version does not know: refused, not guessed
+        with pytest.raises(ValueError, match=name):
+            ensemble_config({"llm": "exp2-q64", "ensemble": "v4", "set": {name: "newer"}})
 
 
 def _replay(config: EnsembleConfig, use_kernel: bool, pieces, n_streams: int = 3, steps: int = 40, n_vocab: int = 300):
@@ -147,7 +154,8 @@ def _replay(config: EnsembleConfig, use_kernel: bool, pieces, n_streams: int = 3
 
 
 @pytest.mark.parametrize("extra", [{}, {"share": False}, {"bias_hash": 0, "temperature_lr": 0.0}, {"bias_classes": 1}, {"bias": False},
-                                   {"skip_min_trials": 2, "skip_confidence": 0.5}])
+                                   {"skip_min_trials": 2, "skip_confidence": 0.5}, {"bias_rule": "sgd"},
+                                   {"bias_rule": "sgd", "bias_hash": 0}, {"bias_eps": 1e-30}])
 def test_ensemble_kernels_match_numpy(extra):
     """The C kernels (scores + table in one pass, bias learning) give numpy's bits exactly."""
     from nacrith.predictors.llm import _kernels
@@ -231,13 +239,23 @@ RELEASED_V3 = [
 ]
 
 
-@pytest.mark.parametrize("extra, digest, skipped", RELEASED_V3)
-def test_ensemble_computes_what_it_computed_when_released(extra, digest, skipped):
-    """Preset v3's state and code on a fixed input are pinned (hashes taken with the code
-    that released v3, before its per-stream loops became array operations)."""
+RELEASED_V4 = [
+    ({}, "68a633ed71f9f177", 0),
+    ({"share": False}, "cb8df55e7538560a", 0),
+    ({"mix": "geometric"}, "2341ad65bfa4023e", 0),
+    ({"bias_hash": 0}, "9764b0e0aec60a7d", 0),
+    ({"skip_min_trials": 2, "skip_confidence": 0.5}, "9520e2af94cd6cff", 311),
+]
+
+
+@pytest.mark.parametrize("preset, extra, digest, skipped", [("v3", *case) for case in RELEASED_V3] + [("v4", *case) for case in RELEASED_V4])
+def test_ensemble_computes_what_it_computed_when_released(preset, extra, digest, skipped):
+    """Each preset's state and code on a fixed input are pinned (v3's hashes were taken with
+    the code that released it, before its per-stream loops became array operations; v4's
+    when it was released)."""
     from nacrith.predictors.ensemble import PRESETS
 
-    assert _coded_state(replace(PRESETS["v3"], **extra)) == (digest, skipped)
+    assert _coded_state(replace(PRESETS[preset], **extra)) == (digest, skipped)
 
 
 def _dispatched_features() -> list[str]:
@@ -269,7 +287,7 @@ def state(preset):
     weights = np.array([w for stream in predictor.streams for row in stream.weights for w in row])
     return hashlib.sha256(weights.tobytes() + encoder.finish()).hexdigest()
 
-print(json.dumps({"exp": np.exp(np.linspace(-30.0, 0.0, 20001)).tolist(), "v2": state("v2"), "v3": state("v3")}))
+print(json.dumps({"exp": np.exp(np.linspace(-30.0, 0.0, 20001)).tolist(), "v2": state("v2"), "v3": state("v3"), "v4": state("v4")}))
 """
 
 
@@ -297,3 +315,4 @@ def test_mixer_state_is_the_same_without_numpys_simd():
         pytest.skip("numpy's exp is the same without its SIMD variants here: nothing to compare")
     assert here["v2"] != elsewhere["v2"]  # the check sees the difference np.exp makes
     assert here["v3"] == elsewhere["v3"]
+    assert here["v4"] == elsewhere["v4"]
