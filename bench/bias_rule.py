@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS  # noqa: E402
+from common import append_results, replay_steps, stored_logits  # noqa: E402
 
 from nacrith.predictors import EnsemblePredictor  # noqa: E402
 from nacrith.predictors.ensemble import PRESETS  # noqa: E402
@@ -40,18 +40,11 @@ SETTINGS = [
 
 
 def ideal_bits_per_byte(folder: Path, name: str, config) -> float:
-    logits = np.load(folder / f"{name}.logits.npy", mmap_mode="r")
-    meta = np.load(folder / f"{name}.meta.npz", allow_pickle=True)
-    running, symbols = meta["running"], meta["symbols"]
-    predictor = EnsemblePredictor(logits.shape[1], int(running[0]), config, list(meta["pieces"]))
-    bits, row = 0.0, 0
-    for n in map(int, running):
-        rows, tokens = np.array(logits[row:row + n]), symbols[row:row + n]
-        want = predictor.want_logits(n)
-        probabilities = predictor.probabilities(rows if want is None else np.ascontiguousarray(rows[want.astype(bool)]), n)
-        bits -= np.log2(probabilities[np.arange(n), tokens] / probabilities.sum(axis=1)).sum()
-        predictor.update(tokens)
-        row += n
+    logits, meta = stored_logits(folder, name)
+    predictor = EnsemblePredictor(logits.shape[1], int(meta["running"][0]), config, list(meta["pieces"]))
+    bits = 0.0
+    for tokens, probabilities in replay_steps(predictor, logits, meta["running"], meta["symbols"]):
+        bits -= np.log2(probabilities[np.arange(len(tokens)), tokens] / probabilities.sum(axis=1)).sum()
     return bits / int(meta["nbytes"])
 
 
@@ -66,9 +59,7 @@ def main() -> int:
             bpb = ideal_bits_per_byte(args.dir, name, replace(PRESETS[preset], **changes))
             rows.append({"file": name, "setting": label, "preset": preset, "changes": changes, "bpb": bpb})
             print(json.dumps(rows[-1]), flush=True)
-    path = RESULTS / "bias-rule.json"
-    previous = json.loads(path.read_text()) if path.exists() else []
-    path.write_text(json.dumps(previous + rows, indent=1))
+    append_results("bias-rule.json", rows)
     return 0
 
 

@@ -83,3 +83,37 @@ def round_trip(data: bytes, settings: pipeline.Settings, workers=1) -> RoundTrip
     decompress_s = time.perf_counter() - began
     tokens = sum(block.n_tokens for block in fmt.parse(blob).blocks)
     return RoundTrip(blob, restored.getvalue() == data, compress_s, decompress_s, tokens)
+
+
+def append_results(name: str, rows: list) -> Path:
+    """Append ``rows`` to the JSON list in bench/results/``name`` (made if missing)."""
+    import json
+
+    path = RESULTS / name
+    previous = json.loads(path.read_text()) if path.exists() else []
+    path.write_text(json.dumps(previous + rows, indent=1))
+    return path
+
+
+def stored_logits(folder: Path, name: str):
+    """The logits rows ``bench/hidden_replay.py dump`` stored for a corpus file (memory-mapped,
+    one row per token in lockstep order) and its metadata (``running``: streams per step,
+    ``symbols``, ``nbytes``, ``pieces``, ``hidden``)."""
+    import numpy as np
+
+    return np.load(folder / f"{name}.logits.npy", mmap_mode="r"), np.load(folder / f"{name}.meta.npz", allow_pickle=True)
+
+
+def replay_steps(predictor, logits, running, symbols):
+    """Feed stored logits rows to ``predictor`` step by step as the lockstep loop would
+    (only the rows it wants); yields each step's (tokens, probabilities) before the
+    predictor learns the tokens."""
+    import numpy as np
+
+    row = 0
+    for n in map(int, running):
+        rows, tokens = np.asarray(logits[row:row + n]), symbols[row:row + n]
+        want = predictor.want_logits(n)
+        yield tokens, predictor.probabilities(rows if want is None else np.ascontiguousarray(rows[want.astype(bool)]), n)
+        predictor.update(tokens)
+        row += n

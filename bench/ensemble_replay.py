@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS  # noqa: E402
+from common import append_results, replay_steps, stored_logits  # noqa: E402
 
 from nacrith.coder import make_encoder  # noqa: E402
 from nacrith.predictors import EnsembleConfig, EnsemblePredictor  # noqa: E402
@@ -51,25 +51,20 @@ class TimedKernels:
 
 
 def run(folder: Path, name: str, limit: int) -> dict:
-    logits = np.load(folder / f"{name}.logits.npy", mmap_mode="r")
-    meta = np.load(folder / f"{name}.meta.npz", allow_pickle=True)
+    logits, meta = stored_logits(folder, name)
     running, symbols = meta["running"], meta["symbols"]
     steps = np.cumsum(running) <= limit
     tokens = int(running[steps].sum())
-    rows = np.array(logits[:tokens])
+    rows = np.array(logits[:tokens])  # in memory before the clock starts
     timed = TimedKernels(llm_module._kernels)
     saved = llm_module._kernels, ensemble_module._kernels, coder_module._kernels
     llm_module._kernels = ensemble_module._kernels = coder_module._kernels = timed
     try:
         predictor = EnsemblePredictor(logits.shape[1], int(running[0]), EnsembleConfig(), list(meta["pieces"]))
-        encoder, row = make_encoder("int24"), 0
+        encoder = make_encoder("int24")
         began = time.perf_counter()
-        for n in map(int, running[steps]):
-            want = predictor.want_logits(n)
-            step_rows = rows[row:row + n] if want is None else np.ascontiguousarray(rows[row:row + n][want.astype(bool)])
-            encoder.encode(symbols[row:row + n], predictor.probabilities(step_rows, n))
-            predictor.update(symbols[row:row + n])
-            row += n
+        for step_tokens, probabilities in replay_steps(predictor, rows, running[steps], symbols):
+            encoder.encode(step_tokens, probabilities)
         wall = time.perf_counter() - began
     finally:
         llm_module._kernels, ensemble_module._kernels, coder_module._kernels = saved
@@ -96,9 +91,7 @@ def main() -> int:
     for _ in range(args.repeat):
         results.append({"tag": args.tag, **run(args.dir, args.file, args.tokens)})
         print(json.dumps(results[-1]), flush=True)
-    path = RESULTS / "ensemble-replay.json"
-    previous = json.loads(path.read_text()) if path.exists() else []
-    path.write_text(json.dumps(previous + results, indent=1))
+    append_results("ensemble-replay.json", results)
     return 0
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS  # noqa: E402
+from common import append_results, replay_steps, stored_logits  # noqa: E402
 
 from nacrith.predictors import EnsembleConfig, EnsemblePredictor  # noqa: E402
 
@@ -35,10 +35,8 @@ ALL_PARTS = ("bias", "context", "temperature", "weights")
 def replay(folder: Path, name: str, start: dict | None = None, parts=ALL_PARTS, average: bool = False) -> tuple[float, dict]:
     """Bits per byte of the default ensemble over a stored file, and its learned state at
     the end (``average``: the bias tables averaged over the steps instead)."""
-    logits = np.load(folder / f"{name}.logits.npy", mmap_mode="r")
-    meta = np.load(folder / f"{name}.meta.npz", allow_pickle=True)
-    running, symbols = meta["running"], meta["symbols"]
-    predictor = EnsemblePredictor(logits.shape[1], int(running[0]), EnsembleConfig(), list(meta["pieces"]))
+    logits, meta = stored_logits(folder, name)
+    predictor = EnsemblePredictor(logits.shape[1], int(meta["running"][0]), EnsembleConfig(), list(meta["pieces"]))
     if start is not None:
         if "bias" in parts:
             predictor.bias[:] = start["bias"]
@@ -49,17 +47,16 @@ def replay(folder: Path, name: str, start: dict | None = None, parts=ALL_PARTS, 
         if "weights" in parts:
             predictor.weights[:] = start["weights"]
     bias_sum, context_sum = np.zeros_like(predictor.bias), np.zeros_like(predictor.context_bias)
-    bits, row, steps = 0.0, 0, 0
-    for n in map(int, running):
-        rows, tokens = np.array(logits[row:row + n]), symbols[row:row + n]
-        want = predictor.want_logits(n)
-        probabilities = predictor.probabilities(rows if want is None else np.ascontiguousarray(rows[want.astype(bool)]), n)
-        bits -= np.log2(probabilities[np.arange(n), tokens] / probabilities.sum(axis=1)).sum()
-        predictor.update(tokens)
-        if average:
+    bits, steps = 0.0, 0
+    for tokens, probabilities in replay_steps(predictor, logits, meta["running"], meta["symbols"]):
+        bits -= np.log2(probabilities[np.arange(len(tokens)), tokens] / probabilities.sum(axis=1)).sum()
+        if average and steps:  # the state after the previous step's update
             bias_sum += predictor.bias
             context_sum += predictor.context_bias
-        row, steps = row + n, steps + 1
+        steps += 1
+    if average:  # and after the last one
+        bias_sum += predictor.bias
+        context_sum += predictor.context_bias
     state = {"bias": bias_sum / steps if average else predictor.bias.copy(),
              "context": context_sum / steps if average else predictor.context_bias.copy(),
              "temperature": predictor.temperature,
@@ -85,9 +82,7 @@ def main() -> int:
         bpb, _ = replay(args.dir, args.target, state, parts)
         rows.append({"source": args.source, "target": args.target, "start": label, "bpb": bpb, "vs cold": f"{(bpb / cold - 1) * 100:+.2f}%"})
         print(json.dumps(rows[-1]), flush=True)
-    path = RESULTS / "warmstart.json"
-    previous = json.loads(path.read_text()) if path.exists() else []
-    path.write_text(json.dumps(previous + rows, indent=1))
+    append_results("warmstart.json", rows)
     return 0
 
 
