@@ -22,9 +22,9 @@ from common import RESULTS, machine  # noqa: E402
 PROBE = """
 import json
 import numpy as np
-from nacrith.predictors.ensemble import portable_exp
+from nacrith.predictors.ensemble import portable_exp_array
 x = np.random.default_rng(0).uniform(-30.0, 0.0, 400000)
-print(json.dumps({"numpy": np.exp(x).tolist(), "portable": [portable_exp(v) for v in x.tolist()]}))
+print(json.dumps({"numpy": np.exp(x).tolist(), "portable": portable_exp_array(x).tolist()}))
 """
 
 

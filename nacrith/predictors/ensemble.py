@@ -71,23 +71,10 @@ _EXP2_COEFFICIENTS = (1.0, 0.6931471805599453, 0.24022650695910072, 0.0555041086
                       1.3691488853904128e-12)
 
 
-def portable_exp(x: float) -> float:
-    """``e**x`` for ``x <= 0`` (relative error below 1e-12) with the same bits on every machine."""
-    if not x > -746.0:  # below the smallest float64 (and -inf): 0; NaN stays NaN
-        return x if x != x else 0.0
-    t = x * _LOG2_E
-    whole = math.floor(t)
-    fraction = t - whole  # exact
-    value = 0.0
-    for coefficient in reversed(_EXP2_COEFFICIENTS):  # Horner: one multiply and one add per term
-        value = value * fraction + coefficient
-    return math.ldexp(value, whole)
-
-
 def portable_exp_array(x: np.ndarray) -> np.ndarray:
-    """:func:`portable_exp` of every element of a float64 array: the same operations
-    element by element (numpy's multiply, add, floor and ldexp round exactly as Python's),
-    so the same bits, without a Python call per element."""
+    """``e**x`` of every element of a float64 array where ``x <= 0`` (relative error below
+    1e-12), with the same bits on every machine: exactly rounded IEEE operations alone
+    (numpy's multiply, add, floor and ldexp), element by element."""
     x = np.asarray(x, np.float64)
     out = np.where(x != x, x, 0.0)  # NaN stays NaN; below the smallest float64 (and -inf): 0
     inside = x > -746.0
@@ -95,10 +82,15 @@ def portable_exp_array(x: np.ndarray) -> np.ndarray:
     whole = np.floor(t)
     fraction = t - whole  # exact
     value = np.zeros_like(t)
-    for coefficient in reversed(_EXP2_COEFFICIENTS):
+    for coefficient in reversed(_EXP2_COEFFICIENTS):  # Horner: one multiply and one add per term
         value = value * fraction + coefficient
     out[inside] = np.ldexp(value, whole.astype(np.int32))
     return out
+
+
+def portable_exp(x: float) -> float:
+    """:func:`portable_exp_array` of one value."""
+    return float(portable_exp_array(np.array([x], np.float64))[0])
 
 
 def row_sums(values: np.ndarray) -> np.ndarray:
@@ -240,7 +232,6 @@ class StreamState:
         self.columns: dict[int, list[float]] = {}  # candidate -> its features, in candidates' order
         self.features: np.ndarray = np.empty((0, n_features - 1))
         self.weight_set = 0
-        self.simplex: np.ndarray | None = None  # this step's mixing weights (linear mixing)
         self.top = -1
         self.top_bucket = -1
         self.skip = False
@@ -312,6 +303,10 @@ class EnsemblePredictor:
         self._want: np.ndarray | None = None
         self._probabilities: np.ndarray | None = None
         self._totals: np.ndarray | None = None  # this step's row sums, where probabilities() took them
+        # this step's weight set and mixing weights (softmax) of each model-fed stream, in
+        # stream order (linear mixing: _linear_mix makes them, _learn_linear_weights uses them)
+        self._mix_sets: np.ndarray | None = None
+        self._simplexes: np.ndarray | None = None
 
     # --- step 1: cheap features, and which streams skip the model ---------------------
 
@@ -492,11 +487,11 @@ class EnsemblePredictor:
         """
         mixed_totals = np.empty(len(rows), np.float64) if self.table.use_kernel else None
         states = [self.streams[index] for index in rows]
-        sets = np.fromiter((state.weight_set for state in states), np.int64, len(states))
-        simplexes = self._simplexes(self.weights[rows, sets])
+        sets = self._mix_sets = np.fromiter((state.weight_set for state in states), np.int64, len(states))
+        simplexes = self._simplexes = self._softmax_rows(self.weights[rows, sets])
         for position, (index, state) in enumerate(zip(rows, states)):
             row = probabilities[index]
-            weights = state.simplex = simplexes[position]  # _learn_weights uses it too
+            weights = simplexes[position]
             factor = weights[0] / totals[position]
             additions = (state.features * weights[1:]).sum(axis=1) if len(state.candidates) else np.empty(0)
             if mixed_totals is not None:
@@ -507,7 +502,7 @@ class EnsemblePredictor:
                 row[state.candidates] += additions
         return mixed_totals
 
-    def _simplexes(self, raw: np.ndarray) -> np.ndarray:
+    def _softmax_rows(self, raw: np.ndarray) -> np.ndarray:
         """Mixing weights on the simplex (softmax of each row of raw weights)."""
         if self.config.mixer_exp == "numpy":  # presets v1, v2: row by row, as they were made
             simplexes = np.empty_like(raw)
@@ -581,7 +576,8 @@ class EnsemblePredictor:
         ``p(x) = sum_i s_i q_i(x)`` with ``s = softmax(w)``, so ``d(-ln p(x))/dw_i = s_i (1 -
         q_i(x) / p(x))``; ``q_0(x)``, the model's own share, is recovered from the mixed row
         by subtracting the cheap predictors' part. All streams at once, element by element
-        the same IEEE operations as one stream at a time.
+        the same IEEE operations as one stream at a time. ``rows`` are the streams the model
+        fed this step, those :meth:`_linear_mix` mixed, in the same order.
         """
         states = [self.streams[index] for index in rows]
         tokens = symbols[rows].astype(np.int64)
@@ -590,13 +586,12 @@ class EnsemblePredictor:
             features = state.columns.get(token)
             if features is not None:
                 observed[position] = features
-        simplexes = np.array([state.simplex for state in states])  # this step's, from _linear_mix
+        simplexes, sets = self._simplexes, self._mix_sets  # this step's, from _linear_mix
         mixed = probabilities[rows, tokens]
         llm_share = (mixed - row_sums(observed * simplexes[:, 1:])) / simplexes[:, 0]
         shares = np.concatenate((llm_share[:, None], observed), axis=1)
         p_token = np.maximum(mixed / totals[rows], 1e-300)
         step = simplexes * (1.0 - shares / p_token[:, None])
-        sets = np.fromiter((state.weight_set for state in states), np.int64, len(states))
         self.weights[rows, sets] = self.weights[rows, sets] - self.config.mixer_lr * step
 
     def _learn_bias(self, rows: np.ndarray, symbols: np.ndarray, probabilities: np.ndarray, totals: np.ndarray) -> None:
