@@ -240,6 +240,10 @@ def test_kernel_rejects_bad_buffers():
         _kernels.scale_add_sum(np.zeros(10), 1.0, np.array([10]), np.zeros(1))
     with pytest.raises(ValueError):  # one addition per candidate
         _kernels.scale_add_sum(np.zeros(10), 1.0, np.array([1, 2]), np.zeros(1))
+    table = np.zeros((2, 10), np.float32)
+    with pytest.raises(ValueError):  # AdaGrad squares shaped unlike their bias table
+        _kernels.learn_bias(np.ones((1, 10)), 10, np.array([0]), np.ones(1), np.array([3]), 0.5, table, np.array([1]),
+                            None, (), 0.3, 1.0, np.zeros((1, 10), np.float32), None)
 
 
 # --- the int24 range coder (nacrith.coder) ---------------------------------------------------
