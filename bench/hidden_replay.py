@@ -15,6 +15,11 @@ ideal code length in bits per byte:
   ``r`` random projections; ``r`` 0 is one global table, a slower second bias head);
 * ``linear``: ``logits += (h @ U) @ W``, ``U`` a fixed random ``r``-column projection and
   ``W`` learned.
+* ``rows``: full-rank online adaptation of the output layer, kept sparse: ``logits[t] +=
+  D[t] . (h - m)``, ``m`` the mean of the hidden states of the earlier steps; after each
+  token only the rows of the token and of the ``--top`` most probable tokens learn,
+  ``D[t] -= lr * g[t] * (h - m) / |h - m|^2`` (a step of ``lr * g[t]`` in that token's logit
+  in the same context: the bias head's step, moved into the space the model predicts from).
 
 ``code FILE --preset v2`` codes the stored rows with an ensemble preset and the int24 coder
 and prints the coded size and hashes of the coded bytes and of the mixer weights: run it
@@ -24,6 +29,7 @@ numpy's SIMD code (see README, "How it works").
 Results are appended to bench/results/hidden-replay.json. Usage:
     python bench/hidden_replay.py dump asyoulik.txt [--dir /tmp/nacrith-replay]
     python bench/hidden_replay.py replay asyoulik.txt --mode linear --r 16 --lr 0.002
+    python bench/hidden_replay.py replay asyoulik.txt --mode rows --top 8 --lr 0.05
     python bench/hidden_replay.py code asyoulik.txt --preset v4
 """
 from __future__ import annotations
@@ -105,7 +111,7 @@ def dump(name: str, folder: Path) -> None:
     print(f"{name}: {len(tokens)} tokens in {time.perf_counter() - began:.0f} s")
 
 
-def replay(name: str, folder: Path, mode: str, rank: int, lr: float, llm: bool, seed: int) -> dict:
+def replay(name: str, folder: Path, mode: str, rank: int, lr: float, llm: bool, seed: int, top: int = 8) -> dict:
     logits = np.load(folder / f"{name}.logits.npy", mmap_mode="r")
     meta = np.load(folder / f"{name}.meta.npz", allow_pickle=True)
     hidden, running, symbols = meta["hidden"], meta["running"], meta["symbols"]
@@ -120,6 +126,10 @@ def replay(name: str, folder: Path, mode: str, rank: int, lr: float, llm: bool, 
     elif mode == "linear":
         projection = (rng.standard_normal((n_embd, rank)) / np.sqrt(n_embd)).astype(np.float32)
         learned = np.zeros((rank, n_vocab), np.float32)
+    elif mode == "rows":
+        corrections = np.zeros((n_vocab, n_embd), np.float32)
+        touched, touched_rows = np.zeros(n_vocab, bool), np.empty(0, np.int64)
+        mean, seen = np.zeros(n_embd, np.float64), 0
     bits, row = 0.0, 0
     began = time.perf_counter()
     for n in map(int, running):
@@ -130,6 +140,10 @@ def replay(name: str, folder: Path, mode: str, rank: int, lr: float, llm: bool, 
         elif mode == "linear":
             features = h @ projection
             rows += features @ learned
+        elif mode == "rows":
+            centred = (h - mean.astype(np.float32)) if seen else np.zeros_like(h)
+            if len(touched_rows):
+                rows[:, touched_rows] += centred @ corrections[touched_rows].T
         want = predictor.want_logits(n)
         wanted = rows if want is None else rows[want.astype(bool)]
         probabilities = predictor.probabilities(np.ascontiguousarray(wanted), n)
@@ -141,11 +155,22 @@ def replay(name: str, folder: Path, mode: str, rank: int, lr: float, llm: bool, 
             if mode == "lsh":
                 for i in range(n):
                     tables[buckets[i]] -= lr * gradient[i]
+            elif mode == "rows":
+                for i in range(n):
+                    learning = np.union1d(np.argpartition(gradient[i], -top)[-top:], tokens[i])
+                    size = float(centred[i] @ centred[i])
+                    if size > 0:
+                        corrections[learning] -= (lr / size) * gradient[i, learning, None] * centred[i]
+                    touched[learning] = True
+                touched_rows = np.flatnonzero(touched)
+                mean = (mean * seen + h.sum(axis=0, dtype=np.float64)) / (seen + n)
+                seen += n
             else:
                 learned -= lr * (features.T @ gradient)
         predictor.update(tokens)
         row += n
-    return {"file": name, "mode": "llm only" if llm else mode, "r": rank if mode != "none" else None, "lr": lr if mode != "none" else None,
+    return {"file": name, "mode": "llm only" if llm else mode, "r": rank if mode in ("lsh", "linear") else None,
+            "top": top if mode == "rows" else None, "lr": lr if mode != "none" else None,
             "tokens": row, "bpb": bits / int(meta["nbytes"]), "seconds": round(time.perf_counter() - began, 1)}
 
 
@@ -173,8 +198,9 @@ def main() -> int:
     parser.add_argument("action", choices=["dump", "replay", "code"])
     parser.add_argument("file")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/nacrith-replay"))
-    parser.add_argument("--mode", choices=["none", "lsh", "linear"], default="none")
+    parser.add_argument("--mode", choices=["none", "lsh", "linear", "rows"], default="none")
     parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--top", type=int, default=8, help="rows: the most probable tokens whose rows learn beside the coded one")
     parser.add_argument("--lr", type=float, default=0.16)
     parser.add_argument("--llm", action="store_true", help="the model alone (with --mode none)")
     parser.add_argument("--seed", type=int, default=1)
@@ -187,7 +213,7 @@ def main() -> int:
         result = code(args.file, args.dir, args.preset)
         path = RESULTS / "preset-portability.json"
     else:
-        result = replay(args.file, args.dir, args.mode, args.r, args.lr, args.llm, args.seed)
+        result = replay(args.file, args.dir, args.mode, args.r, args.lr, args.llm, args.seed, args.top)
         path = RESULTS / "hidden-replay.json"
     print(json.dumps(result), flush=True)
     rows = json.loads(path.read_text()) if path.exists() else []
