@@ -20,6 +20,9 @@ ideal code length in bits per byte:
   token only the rows of the token and of the ``--top`` most probable tokens learn,
   ``D[t] -= lr * g[t] * (h - m) / |h - m|^2`` (a step of ``lr * g[t]`` in that token's logit
   in the same context: the bias head's step, moved into the space the model predicts from).
+* ``argmax``: one more bias table per bucket of a hash of the model's most probable token
+  (``--r`` tables), learned by the v4 tables' AdaGrad step (rate ``--lr``, eps 1): a
+  correction of what the model confuses ("when it expects X, the text has Y").
 
 ``code FILE --preset v2`` codes the stored rows with an ensemble preset and the int24 coder
 and prints the coded size and hashes of the coded bytes and of the mixer weights: run it
@@ -30,6 +33,7 @@ Results are appended to bench/results/hidden-replay.json. Usage:
     python bench/hidden_replay.py dump asyoulik.txt [--dir /tmp/nacrith-replay]
     python bench/hidden_replay.py replay asyoulik.txt --mode linear --r 16 --lr 0.002
     python bench/hidden_replay.py replay asyoulik.txt --mode rows --top 8 --lr 0.05
+    python bench/hidden_replay.py replay asyoulik.txt --mode argmax --r 256 --lr 0.3
     python bench/hidden_replay.py code asyoulik.txt --preset v4
 """
 from __future__ import annotations
@@ -126,6 +130,8 @@ def replay(name: str, folder: Path, mode: str, rank: int, lr: float, llm: bool, 
     elif mode == "linear":
         projection = (rng.standard_normal((n_embd, rank)) / np.sqrt(n_embd)).astype(np.float32)
         learned = np.zeros((rank, n_vocab), np.float32)
+    elif mode == "argmax":
+        tables, squares = np.zeros((rank, n_vocab), np.float32), np.zeros((rank, n_vocab), np.float32)
     elif mode == "rows":
         corrections = np.zeros((n_vocab, n_embd), np.float32)
         touched, touched_rows = np.zeros(n_vocab, bool), np.empty(0, np.int64)
@@ -140,6 +146,9 @@ def replay(name: str, folder: Path, mode: str, rank: int, lr: float, llm: bool, 
         elif mode == "linear":
             features = h @ projection
             rows += features @ learned
+        elif mode == "argmax":  # Knuth's multiplicative hash, as the previous-token tables
+            buckets = (rows.argmax(axis=1).astype(np.int64) + 1) * 2654435761 % (1 << 32) % rank
+            rows += tables[buckets]
         elif mode == "rows":
             centred = (h - mean.astype(np.float32)) if seen else np.zeros_like(h)
             if len(touched_rows):
@@ -155,6 +164,10 @@ def replay(name: str, folder: Path, mode: str, rank: int, lr: float, llm: bool, 
             if mode == "lsh":
                 for i in range(n):
                     tables[buckets[i]] -= lr * gradient[i]
+            elif mode == "argmax":
+                for i in range(n):
+                    squares[buckets[i]] += gradient[i] * gradient[i]
+                    tables[buckets[i]] -= (np.float32(lr) * gradient[i]) / np.sqrt(np.float32(1.0) + squares[buckets[i]])
             elif mode == "rows":
                 for i in range(n):
                     learning = np.union1d(np.argpartition(gradient[i], -top)[-top:], tokens[i])
@@ -169,7 +182,7 @@ def replay(name: str, folder: Path, mode: str, rank: int, lr: float, llm: bool, 
                 learned -= lr * (features.T @ gradient)
         predictor.update(tokens)
         row += n
-    return {"file": name, "mode": "llm only" if llm else mode, "r": rank if mode in ("lsh", "linear") else None,
+    return {"file": name, "mode": "llm only" if llm else mode, "r": rank if mode in ("lsh", "linear", "argmax") else None,
             "top": top if mode == "rows" else None, "lr": lr if mode != "none" else None,
             "tokens": row, "bpb": bits / int(meta["nbytes"]), "seconds": round(time.perf_counter() - began, 1)}
 
@@ -198,7 +211,7 @@ def main() -> int:
     parser.add_argument("action", choices=["dump", "replay", "code"])
     parser.add_argument("file")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/nacrith-replay"))
-    parser.add_argument("--mode", choices=["none", "lsh", "linear", "rows"], default="none")
+    parser.add_argument("--mode", choices=["none", "lsh", "linear", "rows", "argmax"], default="none")
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--top", type=int, default=8, help="rows: the most probable tokens whose rows learn beside the coded one")
     parser.add_argument("--lr", type=float, default=0.16)
