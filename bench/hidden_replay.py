@@ -184,7 +184,8 @@ def replay(name: str, folder: Path, mode: str, rank: int, lr: float, llm: bool, 
         row += n
     return {"file": name, "mode": "llm only" if llm else mode, "r": rank if mode in ("lsh", "linear", "argmax") else None,
             "top": top if mode == "rows" else None, "lr": lr if mode != "none" else None,
-            "tokens": row, "bpb": bits / int(meta["nbytes"]), "seconds": round(time.perf_counter() - began, 1)}
+            "preset": None if llm else DEFAULT_PRESET, "tokens": row, "bpb": bits / int(meta["nbytes"]),
+            "seconds": round(time.perf_counter() - began, 1)}
 
 
 def code(name: str, folder: Path, preset: str) -> dict:
