@@ -50,7 +50,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, ROOT  # noqa: E402
+from common import ROOT, append_results, replay_steps, stored_logits  # noqa: E402
 
 import llama_cpp as L  # noqa: E402
 
@@ -116,8 +116,7 @@ def dump(name: str, folder: Path) -> None:
 
 
 def replay(name: str, folder: Path, mode: str, rank: int, lr: float, llm: bool, seed: int, top: int = 8) -> dict:
-    logits = np.load(folder / f"{name}.logits.npy", mmap_mode="r")
-    meta = np.load(folder / f"{name}.meta.npz", allow_pickle=True)
+    logits, meta = stored_logits(folder, name)
     hidden, running, symbols = meta["hidden"], meta["running"], meta["symbols"]
     n_vocab, n_embd = logits.shape[1], hidden.shape[1]
     off = dict(ngram=False, match=False, bias=False, mixer=False, skip=False)
@@ -189,17 +188,11 @@ def replay(name: str, folder: Path, mode: str, rank: int, lr: float, llm: bool, 
 
 
 def code(name: str, folder: Path, preset: str) -> dict:
-    logits = np.load(folder / f"{name}.logits.npy", mmap_mode="r")
-    meta = np.load(folder / f"{name}.meta.npz", allow_pickle=True)
-    running, symbols = meta["running"], meta["symbols"]
-    predictor = EnsemblePredictor(logits.shape[1], int(running[0]), PRESETS[preset], list(meta["pieces"]))
-    encoder, row = make_encoder("int24"), 0
-    for n in map(int, running):
-        rows, want = np.array(logits[row:row + n]), predictor.want_logits(n)
-        probabilities = predictor.probabilities(rows if want is None else np.ascontiguousarray(rows[want.astype(bool)]), n)
-        encoder.encode(symbols[row:row + n], probabilities)
-        predictor.update(symbols[row:row + n])
-        row += n
+    logits, meta = stored_logits(folder, name)
+    predictor = EnsemblePredictor(logits.shape[1], int(meta["running"][0]), PRESETS[preset], list(meta["pieces"]))
+    encoder = make_encoder("int24")
+    for tokens, probabilities in replay_steps(predictor, logits, meta["running"], meta["symbols"]):
+        encoder.encode(tokens, probabilities)
     coded = encoder.finish()
     weights = np.array([w for stream in predictor.streams for ws in stream.weights for w in ws])
     return {"file": name, "preset": preset, "npy_disable_cpu_features": os.environ.get("NPY_DISABLE_CPU_FEATURES", ""),
@@ -224,14 +217,11 @@ def main() -> int:
         dump(args.file, args.dir)
         return 0
     if args.action == "code":
-        result = code(args.file, args.dir, args.preset)
-        path = RESULTS / "preset-portability.json"
+        result, results = code(args.file, args.dir, args.preset), "preset-portability.json"
     else:
-        result = replay(args.file, args.dir, args.mode, args.r, args.lr, args.llm, args.seed, args.top)
-        path = RESULTS / "hidden-replay.json"
+        result, results = replay(args.file, args.dir, args.mode, args.r, args.lr, args.llm, args.seed, args.top), "hidden-replay.json"
     print(json.dumps(result), flush=True)
-    rows = json.loads(path.read_text()) if path.exists() else []
-    path.write_text(json.dumps(rows + [result], indent=1))
+    append_results(results, [result])
     return 0
 
 
