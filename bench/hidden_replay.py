@@ -1,7 +1,8 @@
 """Probe: can the model's final hidden state improve the ensemble? (replay, ideal code length)
 
 ``dump FILE`` runs the default lockstep schedule (streams, window, slides) over a corpus
-file once and stores every step's logits (float32, 8 GB for asyoulik.txt), the model's
+file once (``--streams N`` and ``--bytes B``: N streams over its first B bytes, stored as
+``FILE.Ns.Bb``, the name the other actions then take) and stores every step's logits (float32, 8 GB for asyoulik.txt), the model's
 final hidden state beside them (llama.cpp returns it with ``llama_set_embeddings``; the
 logits stay bit-identical, which the dump checks on its first step) and the true tokens.
 
@@ -90,9 +91,15 @@ class Recorder:
         self.row += n
 
 
-def dump(name: str, folder: Path) -> None:
-    data = (DATA / name).read_bytes()
-    settings = pipeline.Settings()
+def stored_name(name: str, streams: int | None, nbytes: int | None) -> str:
+    """The name a dump is stored under: the file's, or with its stream count and prefix length."""
+    return name + (f".{streams}s" if streams else "") + (f".{nbytes}b" if nbytes else "")
+
+
+def dump(name: str, folder: Path, streams: int | None = None, nbytes: int | None = None) -> None:
+    data = (DATA / name).read_bytes()[:nbytes]
+    settings = pipeline.Settings() if streams is None else pipeline.Settings(streams=streams)
+    name = stored_name(name, streams, nbytes)
     session = Session()
     tokens = pipeline.text_tokens(data, session.tokenizer)
     streams = pipeline.lockstep_streams(tokens, settings)
@@ -212,9 +219,11 @@ def main() -> int:
     parser.add_argument("--llm", action="store_true", help="the model alone (with --mode none)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS))
+    parser.add_argument("--streams", type=int, help="dump: this many lockstep streams instead of the default")
+    parser.add_argument("--bytes", type=int, help="dump: only the file's first BYTES bytes")
     args = parser.parse_args()
     if args.action == "dump":
-        dump(args.file, args.dir)
+        dump(args.file, args.dir, args.streams, args.bytes)
         return 0
     if args.action == "code":
         result, results = code(args.file, args.dir, args.preset), "preset-portability.json"

@@ -246,6 +246,43 @@ def test_kernel_rejects_bad_buffers():
                             None, (), 0.3, 1.0, np.zeros((1, 10), np.float32), None)
 
 
+def _adagrad_reference(table, squares, row, total, lr, eps, token):
+    """One AdaGrad step of a bias table row, as the ensemble's numpy code takes it."""
+    step = (row * (1.0 / total)).astype(np.float32)
+    step[token] -= np.float32(1.0)
+    squares += step * step
+    table -= (np.float32(lr) * step) / np.sqrt(np.float32(eps) + squares)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_learn_bias_adagrad_both_tables(shared):
+    """learn_bias's AdaGrad steps are the numpy code's bits: table a's step, then table b's,
+    stream by stream in order (streams 0 and 2 share rows; with ``shared`` both tables are
+    one array)."""
+    from nacrith.predictors.llm import _kernels
+
+    if _kernels is None:
+        pytest.skip("nacrith's C kernel is not built here")
+    rng = np.random.default_rng(5)
+    n, streams = 1000, 3
+    probabilities = rng.random((streams, n)) ** 4
+    totals = probabilities.sum(axis=1)
+    symbols = rng.integers(0, n, streams).astype(np.int64)
+    table_a, squares_a = rng.standard_normal((4, n)).astype(np.float32), rng.random((4, n)).astype(np.float32)
+    table_b, squares_b = (table_a, squares_a) if shared else (rng.standard_normal((2, n)).astype(np.float32), rng.random((2, n)).astype(np.float32))
+    rows_a, rows_b = np.array([1, 3, 1]), np.array([1, 0, 1])
+    want = [array.copy() for array in (table_a, squares_a, table_b, squares_b)]
+    if shared:
+        want[2:] = want[:2]
+    for s in range(streams):
+        _adagrad_reference(want[0][rows_a[s]], want[1][rows_a[s]], probabilities[s], totals[s], 0.5, 1.0, symbols[s])
+        _adagrad_reference(want[2][rows_b[s]], want[3][rows_b[s]], probabilities[s], totals[s], 0.3, 1.0, symbols[s])
+    _kernels.learn_bias(probabilities, n, np.arange(streams), totals, symbols, 0.5, table_a, rows_a, table_b, rows_b, 0.3, 1.0,
+                        squares_a, squares_b)
+    for got, expected in zip((table_a, squares_a, table_b, squares_b), want):
+        assert np.array_equal(got, expected)
+
+
 # --- the int24 range coder (nacrith.coder) ---------------------------------------------------
 
 from nacrith import coder as coders  # noqa: E402
