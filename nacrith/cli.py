@@ -36,6 +36,29 @@ class UsageError(NacrithError):
     """A command line that cannot be carried out as given."""
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: raised in the main thread so that partial output files
+    are removed on the way out, as on Ctrl-C (the default action would leave them)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+def catch_termination() -> None:
+    """Turn SIGTERM and SIGHUP (where the platform has it) into :class:`Terminated`."""
+    import signal
+
+    for name in ("SIGTERM", "SIGHUP"):
+        number = getattr(signal, name, None)
+        if number is not None and signal.getsignal(number) is signal.SIG_DFL:  # an ignored SIGHUP (nohup) stays ignored
+            signal.signal(number, _raise_terminated)
+
+
 def fail(message: str) -> None:
     click.echo(f"nacrith: {message}", err=True)
 
@@ -396,6 +419,7 @@ def normalise_argv(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     argv = normalise_argv(list(sys.argv[1:] if argv is None else argv))
     try:
+        catch_termination()
         main_group.main(args=argv, prog_name="nacrith", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
@@ -405,6 +429,9 @@ def main(argv: list[str] | None = None) -> None:
     except (KeyboardInterrupt, click.exceptions.Abort):
         fail("interrupted")
         sys.exit(130)
+    except Terminated as exc:
+        fail("terminated")
+        sys.exit(128 + exc.signum)
     except NacrithError as exc:
         fail(str(exc))
         sys.exit(EXIT_ERROR)

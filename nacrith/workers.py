@@ -203,8 +203,16 @@ class WorkerPool:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, exc_type, *rest):
+        if exc_type is not None:  # an error or an interrupt: the blocks still running are lost anyway
+            self.terminate()
         self.executor.shutdown(wait=True, cancel_futures=True)
+
+    def terminate(self) -> None:
+        """Stop the worker processes now, not after the blocks they are coding (minutes)."""
+        for process in list((self.executor._processes or {}).values()):  # no public API for this
+            if process.is_alive():
+                process.terminate()
 
     def compress(self, blocks: Iterable[bytes], settings) -> Iterator[tuple[bytes, object]]:
         """(block, EncodedBlock) for each input block, in order."""

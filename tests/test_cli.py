@@ -170,3 +170,31 @@ def test_info_parts_of_unknown_settings():
 
     assert predictor_parts({"llm": "exp2-q64", "ensemble": "v9"}) is None
     assert predictor_parts({"llm": "exp2-q64", "ensemble": "v2", "set": {"match": False}}) == ["llm", "ngram", "bias", "mixer", "skip"]
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGHUP"), reason="POSIX signals")
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_termination_removes_partial_output_and_stops_workers(tmp_path: Path, signame: str):
+    """kill (SIGTERM) or a closed terminal (SIGHUP) mid-way: no partial file is left, the
+    exit status is 128 + the signal, and the worker processes stop at once (the input
+    would take minutes)."""
+    import signal
+    import time
+
+    source = tmp_path / "long.txt"
+    source.write_bytes(TEXT * 60)
+    process = subprocess.Popen([*NACRITH, source, "--workers", "2", "--block-size", "24000"], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(p.suffix == ".part" for p in tmp_path.iterdir()):
+            assert process.poll() is None and time.monotonic() < deadline, "no partial output appeared"
+            time.sleep(0.2)
+        time.sleep(3)  # the workers are coding by now
+        process.send_signal(getattr(signal, signame))
+        _, stderr = process.communicate(timeout=30)  # each block alone takes about a minute here
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 128 + getattr(signal, signame)
+    assert stderr.decode().strip() == "nacrith: terminated"
+    assert [p.name for p in tmp_path.iterdir()] == ["long.txt"]
