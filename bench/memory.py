@@ -9,8 +9,18 @@ Two measurements, each a fresh `python -m nacrith.cli` process timed with getrus
   cache), predictor tables and the block buffers.
 
 With the default one worker on a small CPU the coding runs inside that process, so its
-peak is the whole job's. Usage:
-    python bench/memory.py [--random-mb 100] [--text FILE] [--text-bytes 200000]
+peak is the whole job's.
+
+``--block-bytes N`` adds a third: the default ensemble's own memory over one whole text
+block of N bytes (a full block is 1 MiB), without the model's work: a fresh process
+tokenizes the text, cuts it into the block's lockstep streams and runs the predictor and
+the int24 coder over every step, with logits rows of zeros in place of the model's. Its
+n-gram and match tables grow with the block's tokens whatever the logits; the bias tables
+are dense. It reports the process's peak RSS and its RSS before the predictor was made
+(the model file mapped, the tokenizer built), so the difference is what one worker's
+predictor adds for such a block. Coding a full block with the model takes about an hour on
+2 cores; this takes minutes. Usage:
+    python bench/memory.py [--random-mb 100] [--text FILE] [--text-bytes 200000] [--block-bytes 1048576 [--block-texts FILE ...]]
 """
 from __future__ import annotations
 
@@ -49,13 +59,56 @@ def random_feed(megabytes: int):
     return feed
 
 
+def predictor_block(path: Path, nbytes: int) -> dict:
+    """In this process: the ensemble and coder over one block of ``path``'s first ``nbytes``."""
+    import resource
+
+    import numpy as np
+
+    from nacrith import pipeline
+    from nacrith.coder import make_encoder
+    from nacrith.predictors import make_predictor, predictor_settings
+    from nacrith.session import Session
+
+    def rss_mib() -> float:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    settings = pipeline.Settings()
+    session = Session()
+    streams = pipeline.lockstep_streams(pipeline.text_tokens(path.read_bytes()[:nbytes], session.tokenizer), settings)
+    n_vocab = session.llama.n_vocab
+    before = rss_mib()
+    predictor = make_predictor(predictor_settings(settings.ensemble), n_vocab, len(streams), session.tokenizer.pieces)
+    encoder = make_encoder("int24")
+    zeros = np.zeros((len(streams), n_vocab), np.float32)
+    began = time.perf_counter()
+    for step in range(max(map(len, streams))):
+        tokens = np.array([stream[step] for stream in streams if step < len(stream)], np.int32)  # streams end longest first
+        want = predictor.want_logits(len(tokens))
+        rows = zeros[: len(tokens) if want is None else int(want.sum())]
+        encoder.encode(tokens, predictor.probabilities(rows, len(tokens)))
+        predictor.update(tokens)
+    coded = encoder.finish()
+    return {"input": f"{path.name}, first {nbytes} B: one block's predictor (zero logits)", "bytes": nbytes,
+            "tokens": int(sum(map(len, streams))), "streams": len(streams), "rss_before_predictor_mib": before,
+            "rss_after_mib": rss_mib(), "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "seconds": time.perf_counter() - began, "coded_bytes": len(coded)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--random-mb", type=int, default=100)
     parser.add_argument("--text", type=Path, default=ROOT / "corpora" / "data" / "bible.txt")
     parser.add_argument("--text-bytes", type=int, default=200_000)
+    parser.add_argument("--block-bytes", type=int, help="also the ensemble's memory over one block of this many bytes of --text")
+    parser.add_argument("--block-texts", type=Path, nargs="+", help="with --block-bytes: these texts, each in a fresh process (default: --text)")
+    parser.add_argument("--child-block", action="store_true", help=argparse.SUPPRESS)  # the fresh process of --block-bytes
     parser.add_argument("--tag", default="cpu")
     args = parser.parse_args()
+    if args.child_block:
+        print(json.dumps(predictor_block(args.text, args.block_bytes)))
+        return 0
     command = [sys.executable, "-m", "nacrith.cli", "compress", "-q", "-c", "-"]
     rows = []
     text = args.text.read_bytes()[: args.text_bytes]
@@ -65,9 +118,18 @@ def main() -> int:
     peak, seconds = peak_of(command, random_feed(args.random_mb))
     rows.append({"input": f"{args.random_mb} MiB of random bytes (stdin)", "bytes": args.random_mb << 20, "peak_mib": peak, "seconds": seconds})
     print(json.dumps(rows[-1]), flush=True)
+    for block_text in (args.block_texts or [args.text]) if args.block_bytes else []:
+        child = subprocess.run([sys.executable, __file__, "--child-block", "--text", str(block_text), "--block-bytes", str(args.block_bytes)],
+                               capture_output=True, text=True, check=True)
+        rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
     lines = ["# Peak memory", "", f"`nacrith compress -c -` in a fresh process, default settings. Machine: {machine()}.", "",
              "| input | bytes | peak RSS MiB | seconds |", "|---|---:|---:|---:|"]
     lines += [f"| {row['input']} | {row['bytes']} | {row['peak_mib']:.0f} | {row['seconds']:.1f} |" for row in rows]
+    for row in rows:
+        if "rss_before_predictor_mib" in row:
+            lines += ["", f"{row['input']}: {row['tokens']} tokens in {row['streams']} streams; resident before the predictor "
+                      f"{row['rss_before_predictor_mib']:.0f} MiB, after the block {row['rss_after_mib']:.0f} MiB, peak {row['peak_mib']:.0f} MiB."]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"memory-{args.tag}.md").write_text("\n".join(lines) + "\n")
     (RESULTS / f"memory-{args.tag}.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
