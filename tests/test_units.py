@@ -198,7 +198,7 @@ def test_scores_kernel_rounds_like_numpy(tables):
 
 
 @pytest.mark.skipif(not LogitTable(4, 1).use_kernel, reason="nacrith's C kernel is not built here")
-@pytest.mark.parametrize("n_vocab", [1, 7, 8, 9, 127, 128, 129, 300, 1000, 49152])
+@pytest.mark.parametrize("n_vocab", [1, 7, 8, 9, 127, 128, 129, 300, 1000, 1030, 4100, 49152, 65537, 262144])
 def test_kernel_sums_match_numpy(n_vocab):
     """The kernels' row sums (scores_exp2_rows' totals and dots, scale_add_sum) are numpy's
     pairwise sums bit for bit, at sizes around its block edges and at the real vocabulary."""
