@@ -43,3 +43,7 @@ class CorruptError(ContainerError):
 
 class EngineError(NacrithError):
     """llama.cpp refused an operation (context creation, decode)."""
+
+
+class WorkerError(NacrithError):
+    """A worker process stopped without finishing its blocks (killed, or out of memory)."""

@@ -198,3 +198,37 @@ def test_termination_removes_partial_output_and_stops_workers(tmp_path: Path, si
     assert process.returncode == 128 + getattr(signal, signame)
     assert stderr.decode().strip() == "nacrith: terminated"
     assert [p.name for p in tmp_path.iterdir()] == ["long.txt"]
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker through /proc")
+def test_killed_worker_is_a_one_line_error(tmp_path: Path):
+    """A worker process killed mid-way (as the kernel's OOM killer would): a one-line error
+    naming the cause, exit status 1, no partial output."""
+    import signal
+    import time
+
+    source = tmp_path / "long.txt"
+    source.write_bytes(TEXT * 60)
+    process = subprocess.Popen([*NACRITH, source, "--workers", "2", "--block-size", "24000"], stderr=subprocess.PIPE)
+    try:
+        deadline, workers = time.monotonic() + 120, []
+        while not workers:  # the parent's children that multiprocessing spawned (not its resource tracker)
+            assert process.poll() is None and time.monotonic() < deadline, "no worker process appeared"
+            time.sleep(0.2)
+            for entry in Path("/proc").iterdir():
+                try:
+                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                    if entry.name.isdigit() and int(fields[1]) == process.pid and b"spawn_main" in (entry / "cmdline").read_bytes():
+                        workers.append(int(entry.name))
+                except (OSError, IndexError, ValueError):
+                    continue
+        time.sleep(3)  # coding by now
+        os.kill(workers[0], signal.SIGKILL)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 1
+    message = stderr.decode()
+    assert len(message.strip().splitlines()) == 1 and "worker process stopped unexpectedly" in message, message
+    assert [p.name for p in tmp_path.iterdir()] == ["long.txt"]
