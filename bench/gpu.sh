@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU run for the H100 test machine (see README "GPU"): set up what it is given, run the GPU
+# GPU run for the H100 (or H200) test machine (see README "GPU"): set up what it is given, run the GPU
 # tests and the GPU benchmarks, copy results to $OUT. Finishes within 10 minutes: each step
 # has its own time limit, and the later steps run only while time is left.
 #
@@ -14,7 +14,11 @@ OUT=${OUT:-/tmp/gpu-out}
 G=/tmp/gpu
 BEGAN=$(date +%s)
 mkdir -p "$OUT" "$G"
-export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
+# the CUDA runtime and cuBLAS (CUDA 13 on the H100 machine; any installed version is tried)
+for CUDA_LIB in /usr/local/cuda*/targets/x86_64-linux/lib /usr/local/cuda*/lib64; do
+  [ -d "$CUDA_LIB" ] && LD_LIBRARY_PATH=$CUDA_LIB:${LD_LIBRARY_PATH:-}
+done
+export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}
 if [ ! -d "$G/site/llama_cpp" ]; then  # normally done by the first call
   mkdir -p "$G/site"
   tar -xJf .gpu/llama_cpp-*.tar.xz -C "$G/site"
