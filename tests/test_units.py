@@ -1,6 +1,7 @@
 """Tokenizer, segmentation, probability table and stream layout, without the coder."""
 from __future__ import annotations
 
+import re
 
 import numpy as np
 import pytest
@@ -38,6 +39,83 @@ def test_segments_cover_input_and_alternate(session):
 def test_short_text_in_binary_stays_binary(session):
     data = bytes(range(128, 256)) * 4 + b"short" + bytes(range(128, 256)) * 4
     assert split_segments(data, session.tokenizer.has_byte_token) == [(False, len(data))]
+
+
+# The segmentation as first written (a regular expression for the texty bytes, a Python loop
+# over the runs): split_segments must cut every input exactly as it does.
+_TEXT_RUN = re.compile(
+    rb"(?:[\t\n\r\x20-\x7e]|[\xc2-\xdf][\x80-\xbf]"
+    rb"|\xe0[\xa0-\xbf][\x80-\xbf]|[\xe1-\xec\xee\xef][\x80-\xbf]{2}|\xed[\x80-\x9f][\x80-\xbf]"
+    rb"|\xf0[\x90-\xbf][\x80-\xbf]{2}|[\xf1-\xf3][\x80-\xbf]{3}|\xf4[\x80-\x8f][\x80-\xbf]{2})+"
+)
+
+
+def _reference_runs(mask):
+    edges = np.flatnonzero(mask[1:] != mask[:-1]) + 1
+    starts, ends = np.concatenate(([0], edges)), np.concatenate((edges, [len(mask)]))
+    return [(bool(mask[s]), int(s), int(e)) for s, e in zip(starts, ends)] if len(mask) else []
+
+
+def _reference_segments(data, has_byte_token, min_text=64, max_gap=8, max_stray_fraction=0.2):
+    if not data:
+        return []
+    spellable = has_byte_token[np.frombuffer(data, np.uint8)]
+    texty = np.zeros(len(data), bool)
+    for match in _TEXT_RUN.finditer(data):
+        texty[match.start():match.end()] = True
+    texty &= spellable
+    text = np.zeros(len(data), bool)
+    region_start, strays, region_end = None, 0, 0
+
+    def accept():
+        length = region_end - region_start
+        if length >= min_text and strays <= max_stray_fraction * length:
+            text[region_start:region_end] = True
+
+    for is_texty, start, end in _reference_runs(texty):
+        if is_texty:
+            if region_start is None:
+                region_start, strays = start, 0
+            region_end = end
+            continue
+        short_gap = end - start <= max_gap
+        if short_gap and start == 0:
+            region_start, strays, region_end = 0, end, end
+            continue
+        if short_gap and region_start is not None:
+            strays += end - start
+            region_end = end if end == len(data) else region_end
+            continue
+        if region_start is not None:
+            accept()
+            region_start = None
+    if region_start is not None:
+        accept()
+    text &= spellable
+    return [(kind, end - start) for kind, start, end in _reference_runs(text)]
+
+
+def test_segmentation_matches_the_reference_loop():
+    """split_segments (array operations) cuts random mixtures of ASCII, UTF-8 (valid,
+    overlong, surrogate, truncated), control and random bytes exactly as the loop above,
+    with the defaults and with other limits, and some byte values unspellable."""
+    rng = np.random.default_rng(7)
+    pieces = [b"hello world ", "h\u00e9llo w\u00f6rld \u2014 ".encode(), "\u65e5\u672c\u8a9e".encode(), b"\x00\x01", b"\xff\xfe",
+              b"\xe1\x80", b"\xed\xa0\x80", b"\xf0\x90\x80\x80", b"\xf4\x90\x80\x80", b"\xc0\xaf", b"\x80\x80", b"\t\r\n"]
+    for trial in range(400):
+        has_byte_token = np.ones(256, bool) if trial % 3 else rng.random(256) < 0.92
+        parts = []
+        for _ in range(rng.integers(1, 40)):
+            kind = rng.random()
+            if kind < 0.4:
+                parts.append(pieces[rng.integers(len(pieces))] * int(rng.integers(1, 12)))
+            elif kind < 0.7:
+                parts.append(rng.integers(0, 256, rng.integers(1, 20)).astype(np.uint8).tobytes())
+            else:
+                parts.append(rng.integers(32, 127, rng.integers(1, 200)).astype(np.uint8).tobytes())
+        data = b"".join(parts)
+        for limits in ({}, {"min_text": 8, "max_gap": 3}, {"min_text": 1, "max_gap": 0, "max_stray_fraction": 0.0}):
+            assert split_segments(data, has_byte_token, **limits) == _reference_segments(data, has_byte_token, **limits), (trial, limits)
 
 
 def test_logit_table_close_to_softmax():
