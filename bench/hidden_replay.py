@@ -96,10 +96,10 @@ def stored_name(name: str, streams: int | None, nbytes: int | None) -> str:
     return name + (f".{streams}s" if streams else "") + (f".{nbytes}b" if nbytes else "")
 
 
-def dump(name: str, folder: Path, streams: int | None = None, nbytes: int | None = None) -> None:
+def dump(name: str, folder: Path, n_streams: int | None = None, nbytes: int | None = None) -> None:
     data = (DATA / name).read_bytes()[:nbytes]
-    settings = pipeline.Settings() if streams is None else pipeline.Settings(streams=streams)
-    name = stored_name(name, streams, nbytes)
+    settings = pipeline.Settings() if n_streams is None else pipeline.Settings(streams=n_streams)
+    name = stored_name(name, n_streams, nbytes)
     session = Session()
     tokens = pipeline.text_tokens(data, session.tokenizer)
     streams = pipeline.lockstep_streams(tokens, settings)

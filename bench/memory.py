@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, ROOT, machine  # noqa: E402
+from common import RESULTS, ROOT, machine, replay_steps  # noqa: E402
 
 
 def peak_of(command: list[str], feed) -> tuple[float, float]:
@@ -81,14 +81,13 @@ def predictor_block(path: Path, nbytes: int) -> dict:
     before = rss_mib()
     predictor = make_predictor(predictor_settings(settings.ensemble), n_vocab, len(streams), session.tokenizer.pieces)
     encoder = make_encoder("int24")
-    zeros = np.zeros((len(streams), n_vocab), np.float32)
+    # the lockstep order: step by step, the streams still running (they end longest first)
+    running = np.array([sum(step < len(stream) for stream in streams) for step in range(max(map(len, streams)))])
+    symbols = np.array([stream[step] for step, n in enumerate(running) for stream in streams[:n]], np.int32)
+    zeros = np.broadcast_to(np.zeros(n_vocab, np.float32), (len(symbols), n_vocab))  # one row, seen as every token's
     began = time.perf_counter()
-    for step in range(max(map(len, streams))):
-        tokens = np.array([stream[step] for stream in streams if step < len(stream)], np.int32)  # streams end longest first
-        want = predictor.want_logits(len(tokens))
-        rows = zeros[: len(tokens) if want is None else int(want.sum())]
-        encoder.encode(tokens, predictor.probabilities(rows, len(tokens)))
-        predictor.update(tokens)
+    for tokens, probabilities in replay_steps(predictor, zeros, running, symbols):
+        encoder.encode(tokens, probabilities)
     coded = encoder.finish()
     return {"input": f"{path.name}, first {nbytes} B: one block's predictor (zero logits)", "bytes": nbytes,
             "tokens": int(sum(map(len, streams))), "streams": len(streams), "rss_before_predictor_mib": before,

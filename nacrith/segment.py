@@ -94,7 +94,8 @@ def split_segments(
     text = np.zeros(n, bool)
     if values.any():
         # a region spans from its first texty run to its last, or from a short gap that opens
-        # the data (at 0) and to one that closes it (at n)
+        # the data (at 0) and to one that closes it (at n); runs alternate, so such a gap is
+        # next to a texty run of its region, and every region holds one
         member = values.copy()
         member[0] |= not breaks[0]
         member[-1] |= not breaks[-1]
@@ -103,10 +104,9 @@ def split_segments(
         region_start = np.minimum.reduceat(starts[member], first)
         region_end = np.maximum.reduceat(ends[member], first)
         texty_bytes = np.add.reduceat(np.where(values[member], lengths[member], 0), first)
-        has_texty = np.add.reduceat(values[member].astype(np.int64), first) > 0
         length = region_end - region_start
         strays = length - texty_bytes
-        accepted = has_texty & (length >= min_text) & (strays <= max_stray_fraction * length)
+        accepted = (length >= min_text) & (strays <= max_stray_fraction * length)
         for start, end in zip(region_start[accepted].tolist(), region_end[accepted].tolist()):
             text[start:end] = True
     text &= has_byte_token[np.frombuffer(data, np.uint8)]

@@ -38,7 +38,7 @@ MAX_PROCESSES_PER_GPU = 8  # measured on an H100 at 256 streams: 8 processes rea
 GPU_MEMORY_MARGIN = 1 << 30  # per worker, for llama.cpp's compute buffers and CUDA itself
 BYTES_PER_KV_CELL = 64 << 10  # upper bound for the small models nacrith runs (SmolLM2-135M: 23 KiB)
 # per CPU worker: the model's pages, compute buffers, Python and the ensemble's tables (up to
-# ~430 MiB over a full 1 MiB text block: bench/results/memory-cpu-v4-block.md); with the KV
+# ~420 MiB over a full 1 MiB text block: bench/results/memory-cpu-v4-block.md); with the KV
 # bound above, 1.5 GiB at 16 streams x 1024 tokens, where a worker was estimated near 0.8 GiB
 CPU_MEMORY_MARGIN = 512 << 20
 

@@ -172,6 +172,14 @@ def test_info_parts_of_unknown_settings():
     assert predictor_parts({"llm": "exp2-q64", "ensemble": "v2", "set": {"match": False}}) == ["llm", "ngram", "bias", "mixer", "skip"]
 
 
+def start_long_compression(folder: Path) -> subprocess.Popen:
+    """``nacrith long.txt`` in ``folder`` with two workers, each block about a minute of
+    coding here; stderr is piped."""
+    source = folder / "long.txt"
+    source.write_bytes(TEXT * 60)
+    return subprocess.Popen([*NACRITH, source, "--workers", "2", "--block-size", "24000"], stderr=subprocess.PIPE)
+
+
 @pytest.mark.skipif(not hasattr(__import__("signal"), "SIGHUP"), reason="POSIX signals")
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
 def test_termination_removes_partial_output_and_stops_workers(tmp_path: Path, signame: str):
@@ -181,9 +189,7 @@ def test_termination_removes_partial_output_and_stops_workers(tmp_path: Path, si
     import signal
     import time
 
-    source = tmp_path / "long.txt"
-    source.write_bytes(TEXT * 60)
-    process = subprocess.Popen([*NACRITH, source, "--workers", "2", "--block-size", "24000"], stderr=subprocess.PIPE)
+    process = start_long_compression(tmp_path)
     try:
         deadline = time.monotonic() + 120
         while not any(p.suffix == ".part" for p in tmp_path.iterdir()):
@@ -207,9 +213,7 @@ def test_killed_worker_is_a_one_line_error(tmp_path: Path):
     import signal
     import time
 
-    source = tmp_path / "long.txt"
-    source.write_bytes(TEXT * 60)
-    process = subprocess.Popen([*NACRITH, source, "--workers", "2", "--block-size", "24000"], stderr=subprocess.PIPE)
+    process = start_long_compression(tmp_path)
     try:
         deadline, workers = time.monotonic() + 120, []
         while not workers:  # the parent's children that multiprocessing spawned (not its resource tracker)
