@@ -45,10 +45,12 @@ def settings_from_arguments(args: argparse.Namespace, **overrides) -> pipeline.S
 
 
 def machine() -> str:
+    from nacrith.devices import gpus
     from nacrith.engine import L, default_threads
 
     info = L.llama_print_system_info().decode().strip().rstrip("|").strip()
-    return f"{platform.machine()}, {default_threads()} cores; llama.cpp: {info}"
+    cards = ", ".join(sorted({device.description for device in gpus()}))  # the GPU's name, where llama.cpp sees one
+    return f"{platform.machine()}, {default_threads()} cores{'; ' + cards if cards else ''}; llama.cpp: {info}"
 
 
 @dataclass(frozen=True)

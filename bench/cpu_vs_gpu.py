@@ -1,6 +1,8 @@
 """Bits per byte of the GPU path against the CPU path at the same settings, same machine.
 
-Usage: python bench/cpu_vs_gpu.py FILE [--bytes N] [--streams N] [--llm-only]
+Usage: python bench/cpu_vs_gpu.py FILE [--bytes N] [--streams N] [--llm-only] [--tag NAME]
+
+Writes bench/results/cpu-vs-gpu-NAME.json (NAME: gpu unless given).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("file", type=Path)
     parser.add_argument("--bytes", type=int, default=65536)
+    parser.add_argument("--tag", default="gpu")
     add_settings_arguments(parser)
     args = parser.parse_args()
     data = args.file.read_bytes()[: args.bytes]
@@ -40,7 +43,7 @@ def main() -> int:
     summary = {"file": args.file.name, "rows": rows, "gpu_vs_cpu_bpb": difference, "machine": machine()}
     print(f"GPU bpb vs CPU bpb: {100 * difference:+.2f}%")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cpu-vs-gpu-gpu.json").write_text(json.dumps(summary, indent=1))
+    (RESULTS / f"cpu-vs-gpu-{args.tag}.json").write_text(json.dumps(summary, indent=1))
     return 0 if all(row["exact"] for row in rows) else 1
 
 

@@ -41,27 +41,20 @@ mkdir -p corpora/data && for f in "$G"/corpora/*; do ln -sf "$f" corpora/data/; 
 left() { echo $(( ${1} - ($(date +%s) - BEGAN) )); }
 step() { echo "== [$(( $(date +%s) - BEGAN )) s] $*" | tee -a "$OUT/run.log"; "$@" 2>&1 | grep -v -e '^ggml_cuda_init' -e '^  Device 0' | tee -a "$OUT/run.log"; }
 step timeout 150 python3 -m pytest -q -s tests/test_gpu.py
+# the card's short name (h100, h200, ...) tags the results that a later run would overwrite
+CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | awk '{print tolower($2)}')
+CARD=${CARD:-gpu}
 BIBLE=corpora/data/bible.txt
-RESULT=bench/results/throughput-gpu.json
-BEFORE=$(python3 -c "import json; print(len(json.load(open('$RESULT'))))" 2>/dev/null || echo 0)
-# Model only, 3 MB: 8 processes (the best layout with constriction's coder, 89% of raw), then
-# lanes, which decode up to 45.6k tokens/s in one process (lanes-gpu.json) and, with the
-# int24 coder, no longer wait for the GIL while coding.
-step timeout 150 python3 bench/throughput.py $BIBLE --bytes 3000000 --gpu --streams 256 --workers 8 --llm-only --tag gpu
-for LAYOUT in 2x4 1x4; do
-  [ "$(left 380)" -gt 100 ] && step timeout "$(left 380)" python3 bench/throughput.py $BIBLE --bytes 3000000 --gpu --streams 256 --workers $LAYOUT --llm-only --tag gpu
-done
-# the layout that compressed fastest above (for the record)
-BEST=$(python3 -c "
-import json, sys
-rows = json.load(open('$RESULT'))[$BEFORE:]
-print(max(rows, key=lambda r: r['compress_tok_s'])['workers'] if rows else '8')" 2>/dev/null || echo 8)
-echo "fastest model-only layout: $BEST" | tee -a "$OUT/run.log"
-# the default ensemble on 1 MB with 8 processes: half of its CPU work per token is Python per
-# stream, which lanes (threads) would take in turns under the GIL
-[ "$(left 470)" -gt 60 ] && step timeout "$(left 470)" python3 bench/throughput.py $BIBLE --bytes 1000000 --gpu --streams 256 --workers 8 --tag gpu
-[ "$(left 520)" -gt 45 ] && step timeout "$(left 520)" python3 bench/cpu_vs_gpu.py $BIBLE --bytes 40000 --streams 256
-# raw decode of layouts (lanes-gpu.json, measured 2026-11-27), only if time is left
-[ "$(left 560)" -gt 40 ] && step timeout "$(left 560)" python3 bench/lanes.py $BIBLE --gpu --streams 256 --steps 64 --ctx 256 --layouts 1x1,1x4,2x4,8x1 --tag gpu
+# Model only, 3 MB, `auto` (2 processes of 4 lanes: 96-100% of raw, 168-176 KB/s on an H200
+# in throughput-gpu.json, where 8 processes of one lane reached 90%, 79 KB/s)
+step timeout 120 python3 bench/throughput.py $BIBLE --bytes 3000000 --gpu --streams 256 --workers auto --llm-only --tag gpu
+# the default ensemble, 4 MB (long enough that model loading and start-up do not dominate, as
+# they did on 1 MB) with `auto` (8 processes of one lane)
+[ "$(left 400)" -gt 120 ] && step timeout "$(left 400)" python3 bench/throughput.py $BIBLE --bytes 4000000 --gpu --streams 256 --workers auto --tag gpu
+# bits per byte, CPU against GPU, same settings: the ensemble and the model alone
+[ "$(left 470)" -gt 45 ] && step timeout "$(left 470)" python3 bench/cpu_vs_gpu.py $BIBLE --bytes 40000 --streams 256 --tag "gpu-$CARD"
+[ "$(left 530)" -gt 40 ] && step timeout "$(left 530)" python3 bench/cpu_vs_gpu.py $BIBLE --bytes 40000 --streams 256 --llm-only --tag "gpu-$CARD-llm-only"
+# raw decode of layouts (lanes-gpu*.json), only if time is left
+[ "$(left 560)" -gt 20 ] && step timeout "$(left 560)" python3 bench/lanes.py $BIBLE --gpu --streams 256 --steps 64 --ctx 256 --layouts 1x1,1x4,2x4,8x1 --tag "gpu-$CARD"
 cp bench/results/*gpu* "$OUT/" 2>/dev/null
 echo "done in $(( $(date +%s) - BEGAN )) s" | tee -a "$OUT/run.log"

@@ -5,9 +5,10 @@ window (one token per stream per llama_decode, the same slides) and reads every 
 into numpy, but does no prediction or coding. nacrith then compresses and decompresses the
 same text with the same settings. With ``--workers N`` both sides run N processes at once
 (one context each), the raw side on N equal slices of the text; with ``PxL`` each process
-runs L contexts in threads (lanes), the raw side too.
+runs L contexts in threads (lanes), the raw side too; ``auto`` is resolved as nacrith's
+command line resolves it (on a GPU with ``--llm-only``: 2 processes of 4 lanes).
 
-Usage: python bench/throughput.py [FILE] [--bytes N] [--streams N] [--ctx N] [--workers N|PxL] [--gpu] [--tag NAME]
+Usage: python bench/throughput.py [FILE] [--bytes N] [--streams N] [--ctx N] [--workers N|PxL|auto] [--gpu] [--tag NAME]
 """
 from __future__ import annotations
 
@@ -79,13 +80,14 @@ def main() -> int:
     add_settings_arguments(parser)
     args = parser.parse_args()
     data = args.file.read_bytes()[: args.bytes]
-    from nacrith.workers import parse_workers, plan_workers
+    from nacrith.workers import plan_workers
 
-    processes, lanes = parse_workers(args.workers)
+    settings = settings_from_arguments(args, fallback=False)
+    # "auto" resolves as nacrith's command line resolves it; each context then gets one block
+    plan = plan_workers(args.workers, settings.gpu, settings.streams, settings.ctx, settings.threads, model_only=settings.ensemble is None)
+    processes, lanes = plan.processes, plan.lanes
     parts = slices(data, processes * lanes)
-    block = len(parts[0])
-    settings = settings_from_arguments(args, fallback=False, block_size=block)
-    plan = plan_workers(args.workers, settings.gpu, settings.streams, settings.ctx, settings.threads)
+    settings = pipeline.Settings(**{**settings.__dict__, "block_size": len(parts[0])})
     raw_settings = settings if settings.threads else pipeline.Settings(**{**settings.__dict__, "threads": plan.threads})
     jobs = [(parts[p * lanes:(p + 1) * lanes], raw_settings, device or 0) for p, device in enumerate(plan.devices)]
     began = time.perf_counter()
@@ -99,7 +101,7 @@ def main() -> int:
     # raw: the slowest process decides (model loading excluded, as below)
     raw_rate = tokens / max(seconds for _, seconds in results)
 
-    trip = round_trip(data, settings, args.workers)
+    trip = round_trip(data, settings, f"{processes}x{lanes}")
     row = {
         "file": args.file.name,
         "bytes": len(data),

@@ -472,7 +472,8 @@ def compress_stream(source: BinaryIO, destination: BinaryIO, settings: Settings,
 
     size = remaining_size(source)
     n_blocks = None if size is None else max(1, -(-size // settings.block_size))
-    plan = plan_workers(workers, settings.gpu, settings.streams, settings.ctx, settings.threads, settings.gpu_ids, n_blocks)
+    plan = plan_workers(workers, settings.gpu, settings.streams, settings.ctx, settings.threads, settings.gpu_ids, n_blocks,
+                        model_only=settings.ensemble is None, model_path=settings.model)
     if plan.contexts <= 1 or session is not None:
         factory = LocalSession(settings.model, settings.gpu, plan.threads if settings.threads is None else settings.threads, session, plan.devices[0])
         for block in blocks:
@@ -552,7 +553,9 @@ def decode_parsed(parsed: fmt.Container, destination: BinaryIO, progress: Progre
     from .workers import plan_workers
 
     model_blocks = sum(block.kind == fmt.MODEL for block in parsed.blocks)
-    plan = plan_workers(workers, gpu, max((len(b.stream_tokens) for b in parsed.blocks), default=1), section.ctx if section else 0, threads, gpu_ids, max(1, model_blocks))
+    model_only = section is not None and "ensemble" not in section.predictor
+    plan = plan_workers(workers, gpu, max((len(b.stream_tokens) for b in parsed.blocks), default=1), section.ctx if section else 0, threads, gpu_ids,
+                        max(1, model_blocks), model_only, model_path)
     if plan.contexts <= 1 or model_blocks <= 1 or session is not None:
         factory = LocalSession(model_path, gpu, plan.threads if threads is None else threads, session, plan.devices[0])
         decoded = (decode_block(block, section, factory, progress) for block in parsed.blocks)

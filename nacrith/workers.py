@@ -31,16 +31,23 @@ from typing import Callable, Iterable, Iterator
 
 from . import container as fmt
 from .engine import default_threads
-from .errors import WorkerError
+from .errors import ModelNotFoundError, WorkerError
 
 IN_FLIGHT_PER_WORKER = 2
 MAX_PROCESSES_PER_GPU = 8  # measured on an H100 at 256 streams: 8 processes reach 85% of raw decode, 4 only 58%
+# The model alone on a GPU: 2 processes of 4 lanes each. On an H200 at 256 streams they coded
+# 3 MB of bible.txt at 96% (compress) and 100% (decompress) of their raw rate of 44.3k tokens/s,
+# where 8 processes of 1 lane reached 20.0k (90% of 22.2k) and 1 x 4 27.2k (64% of 42.9k)
+# (bench/results/throughput-gpu.json). With the ensemble, 8 x 1 stays: 8 x 2 and 16 x 1 coded
+# 1 MB slower (7.4k and 6.1k tokens/s against 9.8k; two lanes share one process's GIL).
+MODEL_ONLY_GPU_LAYOUT = (2, 4)  # processes per GPU, lanes per process
 GPU_MEMORY_MARGIN = 1 << 30  # per worker, for llama.cpp's compute buffers and CUDA itself
-BYTES_PER_KV_CELL = 64 << 10  # upper bound for the small models nacrith runs (SmolLM2-135M: 23 KiB)
-# per CPU worker: the model's pages, compute buffers, Python and the ensemble's tables (up to
-# ~420 MiB over a full 1 MiB text block: bench/results/memory-cpu-v4-block.md); with the KV
-# bound above, 1.5 GiB at 16 streams x 1024 tokens, where a worker was estimated near 0.8 GiB
-CPU_MEMORY_MARGIN = 512 << 20
+BYTES_PER_KV_CELL = 64 << 10  # where the model's header cannot be read: a bound for small models (SmolLM2-135M: 22.5 KiB)
+# per CPU worker beside its KV cache: the model's pages, compute buffers, Python and the
+# ensemble's tables (up to ~420 MiB over a full 1 MiB text block:
+# bench/results/memory-cpu-v4-block.md). With SmolLM2-135M's KV cache at 16 streams x 1024
+# tokens (360 MiB) that reserves 1.0 GiB per worker, where README estimates a worker near 0.8 GiB
+CPU_MEMORY_MARGIN = 640 << 20
 
 
 @dataclass(frozen=True)
@@ -71,14 +78,21 @@ def parse_workers(requested) -> tuple:
     return processes, lanes
 
 
-def plan_workers(requested, gpu: bool, streams: int, ctx: int, threads: int | None = None, gpu_ids=None, blocks: int | None = None) -> WorkerPlan:
+def plan_workers(requested, gpu: bool, streams: int, ctx: int, threads: int | None = None, gpu_ids=None, blocks: int | None = None,
+                 model_only: bool = False, model_path=None) -> WorkerPlan:
     """Resolve ``--workers N|PxL|auto`` for the CPU or the GPUs (``gpu_ids``: which ones, None for all).
 
     ``blocks``, when known, caps the contexts: a worker or lane without a block would only
-    take CPU threads from the others.
+    take CPU threads from the others. ``model_only`` (no ensemble) lets ``auto`` on a GPU
+    run lanes, :data:`MODEL_ONLY_GPU_LAYOUT`. ``auto`` sizes each context's KV cache from
+    the header of the model at ``model_path`` (None: the default model), or from
+    :data:`BYTES_PER_KV_CELL` where that cannot be read.
     """
     cores = default_threads()
     requested, lanes = parse_workers(requested)
+    auto_gpu_lanes = gpu and requested == "auto" and model_only
+    if auto_gpu_lanes:  # contexts are capped at half the cores, as processes are below
+        lanes = max(1, min(MODEL_ONLY_GPU_LAYOUT[1], cores // 2))
     if blocks is not None:
         lanes = max(1, min(lanes, blocks))
         blocks = -(-blocks // lanes)  # the processes that the lanes leave work for
@@ -90,10 +104,11 @@ def plan_workers(requested, gpu: bool, streams: int, ctx: int, threads: int | No
         if not found:
             raise EngineError("no GPU visible to llama.cpp" + ("" if gpu_ids is None else f" among {sorted(gpu_ids)}") + " (see `make install-cuda`)")
         if requested == "auto":
-            per_worker = BYTES_PER_KV_CELL * streams * max(ctx, 1) + GPU_MEMORY_MARGIN
-            per_gpu = [max(1, min(MAX_PROCESSES_PER_GPU, device.free_bytes // per_worker)) for device in found]
+            per_context = kv_cell_bytes(model_path) * streams * max(ctx, 1) + GPU_MEMORY_MARGIN
+            most = MODEL_ONLY_GPU_LAYOUT[0] if auto_gpu_lanes else MAX_PROCESSES_PER_GPU
+            per_gpu = [max(1, min(most, device.free_bytes // (per_context * lanes))) for device in found]
             devices = tuple(device.index for device, count in zip(found, per_gpu) for _ in range(count))
-            devices = devices[: max(1, cores // 2)] or devices[:1]
+            devices = devices[: max(1, cores // 2 // lanes)]
         else:
             devices = tuple(found[i % len(found)].index for i in range(int(requested)))
         devices = devices[: max(1, blocks)] if blocks is not None else devices
@@ -103,14 +118,26 @@ def plan_workers(requested, gpu: bool, streams: int, ctx: int, threads: int | No
     # 21-26% in an earlier run; 2 processes also beat 1 process of 2 lanes in
     # workers-cpu-v4.json: parts of the ensemble hold Python's GIL), as long as memory holds a
     # context per process.
-    processes = min(cores, _processes_fitting_in_memory(streams, ctx)) if requested == "auto" else int(requested)
+    processes = min(cores, _processes_fitting_in_memory(streams, ctx, model_path)) if requested == "auto" else int(requested)
     processes = max(1, min(processes, blocks) if blocks is not None else processes)
     return WorkerPlan(processes, threads or max(1, cores // (processes * lanes)), (None,) * processes, lanes)
 
 
-def _processes_fitting_in_memory(streams: int, ctx: int) -> int:
+def kv_cell_bytes(model_path=None) -> int:
+    """KV cache bytes per token cell of the model (:func:`nacrith.gguf.kv_cell_bytes`), or the bound."""
+    from .gguf import kv_cell_bytes as read_kv_cell_bytes
+    from .model import resolve_model_path
+
+    try:
+        path = resolve_model_path(model_path)
+    except (OSError, ModelNotFoundError):
+        return BYTES_PER_KV_CELL
+    return read_kv_cell_bytes(path) or BYTES_PER_KV_CELL
+
+
+def _processes_fitting_in_memory(streams: int, ctx: int, model_path=None) -> int:
     """How many CPU workers the available memory holds (each: a KV cache and a margin)."""
-    per_worker = BYTES_PER_KV_CELL * streams * max(ctx, 1) + CPU_MEMORY_MARGIN
+    per_worker = kv_cell_bytes(model_path) * streams * max(ctx, 1) + CPU_MEMORY_MARGIN
     try:
         with open("/proc/meminfo") as meminfo:
             fields = dict(line.split(":", 1) for line in meminfo)

@@ -197,7 +197,7 @@ def test_cpu_worker_plan(monkeypatch):
     from nacrith import workers
 
     monkeypatch.setattr(workers, "default_threads", lambda: 4)
-    monkeypatch.setattr(workers, "_processes_fitting_in_memory", lambda streams, ctx: 3)
+    monkeypatch.setattr(workers, "_processes_fitting_in_memory", lambda streams, ctx, model_path=None: 3)
     assert workers.plan_workers("auto", False, 16, 1024) == workers.WorkerPlan(3, 1, (None,) * 3)  # memory caps 4 cores
     assert workers.plan_workers("auto", False, 16, 1024, blocks=2).processes == 2
     assert workers.plan_workers(2, False, 16, 1024) == workers.WorkerPlan(2, 2, (None, None))
@@ -221,6 +221,48 @@ def test_worker_plan_with_lanes(monkeypatch):
     # lanes and processes never outnumber the blocks: 3 blocks fill 2 lanes of 2 processes
     assert workers.plan_workers("4x2", False, 16, 1024, blocks=3) == workers.WorkerPlan(2, 2, (None, None), 2)
     assert workers.plan_workers("4x4", False, 16, 1024, blocks=1) == workers.WorkerPlan(1, 8, (None,), 1)
+
+
+def test_gpu_worker_plan(monkeypatch):
+    from nacrith import devices, workers
+
+    gib = 1 << 30
+    monkeypatch.setattr(workers, "default_threads", lambda: 16)
+    monkeypatch.setattr(workers, "kv_cell_bytes", lambda model_path=None: 23040)  # SmolLM2-135M: a context of 256 x 1024 cells is 5.6 GiB
+    monkeypatch.setattr(devices, "gpus", lambda: [devices.Device(0, "CUDA0", "test", 80 * gib, 80 * gib), devices.Device(1, "CUDA1", "test", 80 * gib, 80 * gib)])
+    # the ensemble: up to 8 processes per GPU, no more than half the cores
+    assert workers.plan_workers("auto", True, 256, 1024) == workers.WorkerPlan(8, 2, (0,) * 8, 1)
+    assert workers.plan_workers("auto", True, 256, 1024, gpu_ids={1}) == workers.WorkerPlan(8, 2, (1,) * 8, 1)
+    # the model alone: 2 processes of 4 lanes per GPU
+    assert workers.plan_workers("auto", True, 256, 1024, model_only=True) == workers.WorkerPlan(2, 2, (0, 0), 4)
+    assert workers.plan_workers("auto", True, 256, 1024, gpu_ids={1}, model_only=True) == workers.WorkerPlan(2, 2, (1, 1), 4)
+    # fewer blocks, fewer lanes and processes
+    assert workers.plan_workers("auto", True, 256, 1024, blocks=3, model_only=True) == workers.WorkerPlan(1, 5, (0,), 3)
+    assert workers.plan_workers("auto", True, 256, 1024, blocks=6, model_only=True) == workers.WorkerPlan(2, 2, (0, 0), 4)
+    # a GPU with room for one 4-lane process only (each context: 5.6 GiB of KV cache and a 1 GiB margin)
+    monkeypatch.setattr(devices, "gpus", lambda: [devices.Device(0, "CUDA0", "test", 40 * gib, 80 * gib)])
+    assert workers.plan_workers("auto", True, 256, 1024, model_only=True) == workers.WorkerPlan(1, 4, (0,), 4)
+    assert workers.plan_workers("auto", True, 256, 1024) == workers.WorkerPlan(6, 2, (0,) * 6, 1)
+    # few cores: contexts stay at half of them
+    monkeypatch.setattr(workers, "default_threads", lambda: 4)
+    assert workers.plan_workers("auto", True, 256, 1024, model_only=True) == workers.WorkerPlan(1, 2, (0,), 2)
+    assert workers.plan_workers("2x4", True, 256, 1024, model_only=True) == workers.WorkerPlan(2, 1, (0, 0), 4)
+
+
+def test_kv_cell_bytes_from_the_gguf_header(tmp_path):
+    from nacrith import gguf, workers
+    from nacrith.model import resolve_model_path
+
+    # SmolLM2-135M: 30 layers x 3 KV heads x (64 + 64) values x 2 bytes (f16)
+    path = resolve_model_path()
+    assert gguf.read_metadata(path, {"llama.block_count", "llama.attention.head_count_kv"}) == {"llama.block_count": 30, "llama.attention.head_count_kv": 3}
+    assert gguf.kv_cell_bytes(path) == 30 * 3 * 128 * 2 == workers.kv_cell_bytes(path)
+    header = path.read_bytes()[:4096]
+    for name, data in {"empty": b"", "text": b"not a model", "truncated": header, "v9": b"GGUF" + (9).to_bytes(4, "little") + header[8:]}.items():
+        (tmp_path / name).write_bytes(data)
+        assert gguf.kv_cell_bytes(tmp_path / name) is None
+        assert workers.kv_cell_bytes(tmp_path / name) == workers.BYTES_PER_KV_CELL
+    assert workers.kv_cell_bytes(tmp_path / "absent.gguf") == workers.BYTES_PER_KV_CELL
 
 
 def test_remaining_size(tmp_path):

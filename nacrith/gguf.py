@@ -1,0 +1,106 @@
+"""What the parent process reads from a GGUF file's header without loading the model.
+
+Worker planning (:mod:`nacrith.workers`) sizes each context's KV cache before any worker
+has loaded the model: :func:`kv_cell_bytes` reads the layer and head counts from the
+header's key-value metadata (GGUF v2 and v3, little-endian) and stops once it has them, so
+it never walks the tokenizer's large arrays in the common key order, and returns None for
+anything it cannot read (the caller then uses a bound).
+"""
+from __future__ import annotations
+
+import os
+import struct
+from typing import BinaryIO
+
+MAGIC = b"GGUF"
+KV_CELL_ELEMENT_BYTES = 2  # llama.cpp's default KV cache type, f16, which nacrith does not change
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+_MAX_KEYS = 1 << 16  # a sanity bound against damaged headers
+
+
+class GGUFFormatError(ValueError):
+    """The file is not a GGUF file this reader understands."""
+
+
+def _read(handle: BinaryIO, size: int) -> bytes:
+    data = handle.read(size)
+    if len(data) != size:
+        raise GGUFFormatError("truncated GGUF header")
+    return data
+
+
+def _unpack(handle: BinaryIO, code: str):
+    return struct.unpack(code, _read(handle, struct.calcsize(code)))[0]
+
+
+def _string(handle: BinaryIO) -> str:
+    return _read(handle, _unpack(handle, "<Q")).decode("utf-8", "replace")
+
+
+def _value(handle: BinaryIO, kind: int):
+    if kind in _SCALARS:
+        return _unpack(handle, _SCALARS[kind])
+    if kind == _STRING:
+        return _string(handle)
+    if kind == _ARRAY:
+        item_kind, count = _unpack(handle, "<I"), _unpack(handle, "<Q")
+        if item_kind in _SCALARS:  # read whole: per-layer head counts are arrays of a few dozen
+            size = struct.calcsize(_SCALARS[item_kind])
+            return list(struct.unpack(f"<{count}{_SCALARS[item_kind][1]}", _read(handle, size * count)))
+        return [_value(handle, item_kind) for _ in range(count)]
+    raise GGUFFormatError(f"unknown GGUF value type {kind}")
+
+
+def read_metadata(path: str | os.PathLike, wanted) -> dict:
+    """The header's values for the keys in ``wanted`` (a callable on a key, or a collection of keys).
+
+    Reading stops as soon as every key of a collection has been seen.
+    """
+    accept = wanted if callable(wanted) else set(wanted).__contains__
+    remaining = None if callable(wanted) else set(wanted)
+    found = {}
+    with open(path, "rb") as handle:
+        if _read(handle, 4) != MAGIC:
+            raise GGUFFormatError("not a GGUF file")
+        version = _unpack(handle, "<I")
+        if version not in (2, 3):
+            raise GGUFFormatError(f"GGUF version {version} is not supported")
+        _unpack(handle, "<Q")  # tensor count
+        n_keys = _unpack(handle, "<Q")
+        if n_keys > _MAX_KEYS:
+            raise GGUFFormatError("implausible GGUF key count")
+        for _ in range(n_keys):
+            key, kind = _string(handle), _unpack(handle, "<I")
+            value = _value(handle, kind)
+            if accept(key):
+                found[key] = value
+                if remaining is not None:
+                    remaining.discard(key)
+                    if not remaining:
+                        break
+    return found
+
+
+def kv_cell_bytes(path: str | os.PathLike) -> int | None:
+    """Bytes of KV cache per token cell (keys and values of every layer, f16), or None if unknown."""
+    try:
+        architecture = read_metadata(path, {"general.architecture"}).get("general.architecture")
+        if not isinstance(architecture, str):
+            return None
+        prefix = architecture + "."
+        meta = read_metadata(path, lambda key: key.startswith(prefix))
+    except (OSError, GGUFFormatError, struct.error):
+        return None
+    try:
+        layers = int(meta[prefix + "block_count"])
+        heads = meta[prefix + "attention.head_count"]
+        kv_heads = meta.get(prefix + "attention.head_count_kv", heads)
+        heads = max(heads) if isinstance(heads, list) else int(heads)
+        kv_heads = max(kv_heads) if isinstance(kv_heads, list) else int(kv_heads)
+        head_size = int(meta[prefix + "embedding_length"]) // max(1, heads)
+        key_size = int(meta.get(prefix + "attention.key_length", head_size))
+        value_size = int(meta.get(prefix + "attention.value_length", head_size))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return layers * kv_heads * (key_size + value_size) * KV_CELL_ELEMENT_BYTES
