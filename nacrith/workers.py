@@ -107,7 +107,8 @@ def plan_workers(requested, gpu: bool, streams: int, ctx: int, threads: int | No
             per_context = kv_cell_bytes(model_path) * streams * max(ctx, 1) + GPU_MEMORY_MARGIN
             most = MODEL_ONLY_GPU_LAYOUT[0] if auto_gpu_lanes else MAX_PROCESSES_PER_GPU
             per_gpu = [max(1, min(most, device.free_bytes // (per_context * lanes))) for device in found]
-            devices = tuple(device.index for device, count in zip(found, per_gpu) for _ in range(count))
+            # one process per GPU in turn, so that the cap on cores leaves every GPU some
+            devices = tuple(device.index for turn in range(max(per_gpu)) for device, count in zip(found, per_gpu) if turn < count)
             devices = devices[: max(1, cores // 2 // lanes)]
         else:
             devices = tuple(found[i % len(found)].index for i in range(int(requested)))

@@ -230,15 +230,18 @@ def test_gpu_worker_plan(monkeypatch):
     monkeypatch.setattr(workers, "default_threads", lambda: 16)
     monkeypatch.setattr(workers, "kv_cell_bytes", lambda model_path=None: 23040)  # SmolLM2-135M: a context of 256 x 1024 cells is 5.6 GiB
     monkeypatch.setattr(devices, "gpus", lambda: [devices.Device(0, "CUDA0", "test", 80 * gib, 80 * gib), devices.Device(1, "CUDA1", "test", 80 * gib, 80 * gib)])
-    # the ensemble: up to 8 processes per GPU, no more than half the cores
-    assert workers.plan_workers("auto", True, 256, 1024) == workers.WorkerPlan(8, 2, (0,) * 8, 1)
+    # the ensemble: up to 8 processes per GPU, no more than half the cores, the GPUs taken in turn
+    assert workers.plan_workers("auto", True, 256, 1024) == workers.WorkerPlan(8, 2, (0, 1) * 4, 1)
     assert workers.plan_workers("auto", True, 256, 1024, gpu_ids={1}) == workers.WorkerPlan(8, 2, (1,) * 8, 1)
-    # the model alone: 2 processes of 4 lanes per GPU
-    assert workers.plan_workers("auto", True, 256, 1024, model_only=True) == workers.WorkerPlan(2, 2, (0, 0), 4)
+    # the model alone: 2 processes of 4 lanes per GPU, within half the cores
+    assert workers.plan_workers("auto", True, 256, 1024, model_only=True) == workers.WorkerPlan(2, 2, (0, 1), 4)
     assert workers.plan_workers("auto", True, 256, 1024, gpu_ids={1}, model_only=True) == workers.WorkerPlan(2, 2, (1, 1), 4)
+    monkeypatch.setattr(workers, "default_threads", lambda: 32)
+    assert workers.plan_workers("auto", True, 256, 1024, model_only=True) == workers.WorkerPlan(4, 2, (0, 1, 0, 1), 4)
+    monkeypatch.setattr(workers, "default_threads", lambda: 16)
     # fewer blocks, fewer lanes and processes
     assert workers.plan_workers("auto", True, 256, 1024, blocks=3, model_only=True) == workers.WorkerPlan(1, 5, (0,), 3)
-    assert workers.plan_workers("auto", True, 256, 1024, blocks=6, model_only=True) == workers.WorkerPlan(2, 2, (0, 0), 4)
+    assert workers.plan_workers("auto", True, 256, 1024, blocks=6, model_only=True) == workers.WorkerPlan(2, 2, (0, 1), 4)
     # a GPU with room for one 4-lane process only (each context: 5.6 GiB of KV cache and a 1 GiB margin)
     monkeypatch.setattr(devices, "gpus", lambda: [devices.Device(0, "CUDA0", "test", 40 * gib, 80 * gib)])
     assert workers.plan_workers("auto", True, 256, 1024, model_only=True) == workers.WorkerPlan(1, 4, (0,), 4)
