@@ -50,12 +50,13 @@ BIBLE=corpora/data/bible.txt
 step timeout 120 python3 bench/throughput.py $BIBLE --bytes 3000000 --gpu --streams 256 --workers auto --llm-only --tag gpu
 # bits per byte of the model alone, CPU against GPU, same settings (the ensemble's: +0.74% on the H200)
 [ "$(left 260)" -gt 45 ] && step timeout "$(left 260)" python3 bench/cpu_vs_gpu.py $BIBLE --bytes 40000 --streams 256 --llm-only --tag "gpu-$CARD-llm-only"
-# The default ensemble on 4 MB (long enough that model loading and start-up do not weigh as
-# they did on 1 MB): 2 processes of 4 lanes (the ensemble's Python, ~50 of ~225 us per token
-# in ensemble-replay.json, is what lanes share a GIL for; ensemble-lanes.json), then `auto`
-# (8 processes of one lane)
-[ "$(left 400)" -gt 100 ] && step timeout "$(left 400)" python3 bench/throughput.py $BIBLE --bytes 4000000 --gpu --streams 256 --workers 2x4 --tag gpu
-[ "$(left 565)" -gt 120 ] && step timeout "$(left 565)" python3 bench/throughput.py $BIBLE --bytes 4000000 --gpu --streams 256 --workers auto --tag gpu
+# The default ensemble on 2 MB (8 blocks of 250 KB: twice the steps of the 1 MB runs, so
+# model loading and start-up weigh less): 2 processes of 4 lanes (the ensemble's Python, ~50
+# of ~225 us per token in ensemble-replay.json, is what lanes share a GIL for;
+# ensemble-lanes.json), then `auto` (8 processes of one lane). At the 1 MB runs' 9.8k
+# tokens/s each takes about 150 s.
+[ "$(left 400)" -gt 100 ] && step timeout "$(left 400)" python3 bench/throughput.py $BIBLE --bytes 2000000 --gpu --streams 256 --workers 2x4 --tag gpu
+[ "$(left 565)" -gt 110 ] && step timeout "$(left 565)" python3 bench/throughput.py $BIBLE --bytes 2000000 --gpu --streams 256 --workers auto --tag gpu
 # raw decode of layouts (lanes-gpu*.json), only if time is left
 [ "$(left 585)" -gt 20 ] && step timeout "$(left 585)" python3 bench/lanes.py $BIBLE --gpu --streams 256 --steps 64 --ctx 256 --layouts 1x1,1x4,2x4,8x1 --tag "gpu-$CARD"
 cp bench/results/*gpu* "$OUT/" 2>/dev/null
