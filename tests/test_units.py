@@ -261,7 +261,9 @@ def test_kv_cell_bytes_from_the_gguf_header(tmp_path):
     assert gguf.read_metadata(path, {"llama.block_count", "llama.attention.head_count_kv"}) == {"llama.block_count": 30, "llama.attention.head_count_kv": 3}
     assert gguf.kv_cell_bytes(path) == 30 * 3 * 128 * 2 == workers.kv_cell_bytes(path)
     header = path.read_bytes()[:4096]
-    for name, data in {"empty": b"", "text": b"not a model", "truncated": header, "v9": b"GGUF" + (9).to_bytes(4, "little") + header[8:]}.items():
+    huge_string = header[:24] + (1 << 62).to_bytes(8, "little") + header[32:]  # the first key's length
+    damaged = {"empty": b"", "text": b"not a model", "truncated": header, "v9": b"GGUF" + (9).to_bytes(4, "little") + header[8:], "huge": huge_string}
+    for name, data in damaged.items():
         (tmp_path / name).write_bytes(data)
         assert gguf.kv_cell_bytes(tmp_path / name) is None
         assert workers.kv_cell_bytes(tmp_path / name) == workers.BYTES_PER_KV_CELL
