@@ -84,7 +84,7 @@ def main() -> int:
 
     settings = settings_from_arguments(args, fallback=False)
     # "auto" resolves as nacrith's command line resolves it; each context then gets one block
-    plan = plan_workers(args.workers, settings.gpu, settings.streams, settings.ctx, settings.threads, model_only=settings.ensemble is None)
+    plan = plan_workers(args.workers, settings.gpu, settings.streams, settings.ctx, settings.threads, model_only=settings.model_only)
     processes, lanes = plan.processes, plan.lanes
     parts = slices(data, processes * lanes)
     settings = pipeline.Settings(**{**settings.__dict__, "block_size": len(parts[0])})

@@ -34,7 +34,7 @@ from .coder import CODERS, DEFAULT_CODER
 from .engine import ATTENTION_MODES, default_attention
 from .errors import BackendMismatchError, CorruptError, ModelMismatchError, UnsupportedVersionError
 from .lockstep import Lockstep, check_window, split_streams
-from .predictors import EnsembleConfig, make_predictor, predictor_settings
+from .predictors import EnsembleConfig, make_predictor, model_alone, predictor_settings
 from .segment import split_segments
 
 ZSTD_LEVEL = 19
@@ -109,9 +109,15 @@ class Settings:
         return predictor_settings(self.ensemble)
 
     @property
+    def model_only(self) -> bool:
+        """Whether the model's distribution is coded alone, as the container will record it
+        (an ensemble with every part off is recorded as the model alone)."""
+        return model_alone(self.predictor)
+
+    @property
     def predictor_name(self) -> str:
         """A short description of the predictor, for reports."""
-        if "ensemble" not in self.predictor:
+        if self.model_only:
             return "llm-only"
         config = self.ensemble
         return "llm+" + "+".join(config.parts) + ("" if config.mix == "geometric" else f" ({config.mix})")
@@ -473,7 +479,7 @@ def compress_stream(source: BinaryIO, destination: BinaryIO, settings: Settings,
     size = remaining_size(source)
     n_blocks = None if size is None else max(1, -(-size // settings.block_size))
     plan = plan_workers(workers, settings.gpu, settings.streams, settings.ctx, settings.threads, settings.gpu_ids, n_blocks,
-                        model_only=settings.ensemble is None, model_path=settings.model)
+                        model_only=settings.model_only, model_path=settings.model)
     if plan.contexts <= 1 or session is not None:
         factory = LocalSession(settings.model, settings.gpu, plan.threads if settings.threads is None else settings.threads, session, plan.devices[0])
         for block in blocks:
@@ -553,7 +559,7 @@ def decode_parsed(parsed: fmt.Container, destination: BinaryIO, progress: Progre
     from .workers import plan_workers
 
     model_blocks = sum(block.kind == fmt.MODEL for block in parsed.blocks)
-    model_only = section is not None and "ensemble" not in section.predictor
+    model_only = section is not None and model_alone(section.predictor)
     plan = plan_workers(workers, gpu, max((len(b.stream_tokens) for b in parsed.blocks), default=1), section.ctx if section else 0, threads, gpu_ids,
                         max(1, model_blocks), model_only, model_path)
     if plan.contexts <= 1 or model_blocks <= 1 or session is not None:

@@ -223,6 +223,18 @@ def test_worker_plan_with_lanes(monkeypatch):
     assert workers.plan_workers("4x4", False, 16, 1024, blocks=1) == workers.WorkerPlan(1, 8, (None,), 1)
 
 
+def test_model_only_follows_the_recorded_predictor():
+    from nacrith.pipeline import Settings
+    from nacrith.predictors import EnsembleConfig, ensemble_config
+
+    # an ensemble with every part off is recorded, and decoded, as the model alone: worker
+    # planning must see it so on both sides
+    for ensemble, alone in ((None, True), (EnsembleConfig(), False), (EnsembleConfig(ngram=False, match=False, bias=False), True)):
+        settings = Settings(ensemble=ensemble)
+        assert settings.model_only is alone
+        assert (ensemble_config(settings.predictor) is None) is alone
+
+
 def test_gpu_worker_plan(monkeypatch):
     from nacrith import devices, workers
 

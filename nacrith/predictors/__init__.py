@@ -29,6 +29,11 @@ def predictor_settings(config: EnsembleConfig | None) -> dict:
     return {**LLM_ONLY, "ensemble": name, **({"set": changed} if changed else {})}
 
 
+def model_alone(settings: dict) -> bool:
+    """Whether a container's predictor settings describe the model alone (no ensemble)."""
+    return "ensemble" not in settings
+
+
 def ensemble_config(settings: dict) -> EnsembleConfig | None:
     """The ensemble a container's predictor settings describe (None: the model alone)."""
     if settings.get("llm") != LLM_ONLY["llm"]:
@@ -36,7 +41,7 @@ def ensemble_config(settings: dict) -> EnsembleConfig | None:
     extra = set(settings) - {"llm", "ensemble", "set"}
     if extra:
         raise ValueError(f"unknown predictor settings: {', '.join(sorted(extra))}")
-    if "ensemble" not in settings:
+    if model_alone(settings):
         return None
     if settings["ensemble"] not in PRESETS:
         raise ValueError(f"unknown ensemble preset {settings['ensemble']!r}")
@@ -56,4 +61,4 @@ def make_predictor(settings: dict, n_vocab: int, n_streams: int, pieces: list[by
     return EnsemblePredictor(n_vocab, n_streams, config, pieces, threads)
 
 
-__all__ = ["EnsembleConfig", "EnsemblePredictor", "LLMPredictor", "ensemble_config", "make_predictor", "predictor_settings"]
+__all__ = ["EnsembleConfig", "EnsemblePredictor", "LLMPredictor", "ensemble_config", "make_predictor", "model_alone", "predictor_settings"]
