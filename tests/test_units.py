@@ -270,7 +270,9 @@ def test_kv_cell_bytes_from_the_gguf_header(tmp_path):
 
     # SmolLM2-135M: 30 layers x 3 KV heads x (64 + 64) values x 2 bytes (f16)
     path = resolve_model_path()
-    assert gguf.read_metadata(path, {"llama.block_count", "llama.attention.head_count_kv"}) == {"llama.block_count": 30, "llama.attention.head_count_kv": 3}
+    metadata = gguf.read_metadata(path)
+    assert (metadata["general.architecture"], metadata["llama.block_count"], metadata["llama.attention.head_count_kv"]) == ("llama", 30, 3)
+    assert len(metadata["tokenizer.ggml.tokens"]) == 49152
     assert gguf.kv_cell_bytes(path) == 30 * 3 * 128 * 2 == workers.kv_cell_bytes(path)
     header = path.read_bytes()[:4096]
     huge_string = header[:24] + (1 << 62).to_bytes(8, "little") + header[32:]  # the first key's length
