@@ -106,6 +106,17 @@ def stored_logits(folder: Path, name: str):
     return np.load(folder / f"{name}.logits.npy", mmap_mode="r"), np.load(folder / f"{name}.meta.npz", allow_pickle=True)
 
 
+def stored_steps(folder: Path, name: str, limit: int):
+    """The whole lockstep steps of :func:`stored_logits` that fit in ``limit`` tokens, their
+    rows read into memory: (rows, streams per step, symbols, metadata)."""
+    import numpy as np
+
+    logits, meta = stored_logits(folder, name)
+    running = np.asarray(meta["running"])
+    steps = np.cumsum(running) <= limit
+    return np.array(logits[: int(running[steps].sum())]), running[steps], np.asarray(meta["symbols"]), meta
+
+
 def replay_steps(predictor, logits, running, symbols):
     """Feed stored logits rows to ``predictor`` step by step as the lockstep loop would
     (only the rows it wants); yields each step's (tokens, probabilities) before the

@@ -19,11 +19,9 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import append_results, replay_steps, stored_logits  # noqa: E402
+from common import append_results, replay_steps, stored_steps  # noqa: E402
 
 from nacrith.coder import make_encoder  # noqa: E402
 from nacrith.engine import default_threads  # noqa: E402
@@ -33,13 +31,9 @@ _replay: dict = {}  # the rows and schedule, loaded before any copy starts (fork
 
 
 def load(folder: Path, name: str, limit: int) -> int:
-    logits, meta = stored_logits(folder, name)
-    running = np.array(meta["running"])
-    steps = np.cumsum(running) <= limit
-    tokens = int(running[steps].sum())
-    _replay.update(rows=np.array(logits[:tokens]), running=running[steps], symbols=np.array(meta["symbols"]),
-                   pieces=list(meta["pieces"]), vocab=logits.shape[1])
-    return tokens
+    rows, running, symbols, meta = stored_steps(folder, name, limit)
+    _replay.update(rows=rows, running=running, symbols=symbols, pieces=list(meta["pieces"]), vocab=rows.shape[1])
+    return len(rows)
 
 
 def code_once() -> int:

@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import append_results, replay_steps, stored_logits  # noqa: E402
+from common import append_results, replay_steps, stored_steps  # noqa: E402
 
 from nacrith.coder import make_encoder  # noqa: E402
 from nacrith.predictors import EnsembleConfig, EnsemblePredictor  # noqa: E402
@@ -51,19 +51,16 @@ class TimedKernels:
 
 
 def run(folder: Path, name: str, limit: int) -> dict:
-    logits, meta = stored_logits(folder, name)
-    running, symbols = meta["running"], meta["symbols"]
-    steps = np.cumsum(running) <= limit
-    tokens = int(running[steps].sum())
-    rows = np.array(logits[:tokens])  # in memory before the clock starts
+    rows, running, symbols, meta = stored_steps(folder, name, limit)  # in memory before the clock starts
+    tokens = len(rows)
     timed = TimedKernels(llm_module._kernels)
     saved = llm_module._kernels, ensemble_module._kernels, coder_module._kernels
     llm_module._kernels = ensemble_module._kernels = coder_module._kernels = timed
     try:
-        predictor = EnsemblePredictor(logits.shape[1], int(running[0]), EnsembleConfig(), list(meta["pieces"]))
+        predictor = EnsemblePredictor(rows.shape[1], int(running[0]), EnsembleConfig(), list(meta["pieces"]))
         encoder = make_encoder("int24")
         began = time.perf_counter()
-        for step_tokens, probabilities in replay_steps(predictor, rows, running[steps], symbols):
+        for step_tokens, probabilities in replay_steps(predictor, rows, running, symbols):
             encoder.encode(step_tokens, probabilities)
         wall = time.perf_counter() - began
     finally:

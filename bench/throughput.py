@@ -18,6 +18,7 @@ import multiprocessing
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -87,8 +88,8 @@ def main() -> int:
     plan = plan_workers(args.workers, settings.gpu, settings.streams, settings.ctx, settings.threads, model_only=settings.model_only)
     processes, lanes = plan.processes, plan.lanes
     parts = slices(data, processes * lanes)
-    settings = pipeline.Settings(**{**settings.__dict__, "block_size": len(parts[0])})
-    raw_settings = settings if settings.threads else pipeline.Settings(**{**settings.__dict__, "threads": plan.threads})
+    settings = replace(settings, block_size=len(parts[0]))
+    raw_settings = settings if settings.threads else replace(settings, threads=plan.threads)
     jobs = [(parts[p * lanes:(p + 1) * lanes], raw_settings, device or 0) for p, device in enumerate(plan.devices)]
     began = time.perf_counter()
     if processes == 1:
