@@ -1,7 +1,8 @@
 """Does the ensemble's CPU side scale over lanes (threads of one process) as over processes?
 
 Replays stored logits rows (``bench/hidden_replay.py dump``) through the default ensemble
-and the int24 coder, as ``bench/ensemble_replay.py`` does, once alone and then N copies at
+and the int24 coder (the fused C step, as a worker runs it; rows tagged before it ran the
+float64 rows), as ``bench/ensemble_replay.py`` does, once alone and then N copies at
 once: in N threads of this process (as a worker's lanes run; the C kernel's passes release
 Python's GIL, the ensemble's Python does not), and in N forked processes. Every copy codes
 the same rows, so every copy must give the same size. Appends to
@@ -39,6 +40,7 @@ def load(folder: Path, name: str, limit: int) -> int:
 def code_once() -> int:
     """Bytes coded by one copy of the replay."""
     predictor = EnsemblePredictor(_replay["vocab"], int(_replay["running"][0]), EnsembleConfig(), _replay["pieces"])
+    predictor.use_int24_rows(True)  # the fused C step, as the lockstep loop runs it with the int24 coder
     encoder = make_encoder("int24")
     for tokens, probabilities in replay_steps(predictor, _replay["rows"], _replay["running"], _replay["symbols"]):
         encoder.encode(tokens, probabilities)

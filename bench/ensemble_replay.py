@@ -3,12 +3,14 @@
 Replays the first ``--tokens`` logits rows that ``bench/hidden_replay.py dump FILE`` stored
 (the default lockstep schedule, 16 streams for a Canterbury text) through the default
 ensemble and the int24 coder, all rows loaded in memory first, and times each call into
-nacrith's C kernel; the rest of the wall time is the ensemble's Python (per-stream
+nacrith's C kernel (``--paths``: the float64 rows handed to the coder, or the fused C step
+the lockstep loop uses, which makes, mixes, codes and learns each stream's row in one call
+per step); the rest of the wall time is the ensemble's Python (per-stream
 candidates, mixer, n-gram and match updates) and the loop. Prints the coded bytes' and
 the mixer weights' hashes, so two versions of the code can be checked for the same bits.
 Results are appended to bench/results/ensemble-replay.json. Usage:
     python bench/hidden_replay.py dump asyoulik.txt
-    python bench/ensemble_replay.py asyoulik.txt --tokens 12000 --repeat 2 --tag ...
+    python bench/ensemble_replay.py asyoulik.txt --tokens 12000 --repeat 2 --paths both --tag ...
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ class TimedKernels:
         return timed
 
 
-def run(folder: Path, name: str, limit: int) -> dict:
+def run(folder: Path, name: str, limit: int, fused: bool = False) -> dict:
     rows, running, symbols, meta = stored_steps(folder, name, limit)  # in memory before the clock starts
     tokens = len(rows)
     timed = TimedKernels(llm_module._kernels)
@@ -58,6 +60,7 @@ def run(folder: Path, name: str, limit: int) -> dict:
     llm_module._kernels = ensemble_module._kernels = coder_module._kernels = timed
     try:
         predictor = EnsemblePredictor(rows.shape[1], int(running[0]), EnsembleConfig(), list(meta["pieces"]))
+        predictor.use_int24_rows(fused)  # as the lockstep loop does for the int24 coder (fused: one C pass per stream)
         encoder = make_encoder("int24")
         began = time.perf_counter()
         for step_tokens, probabilities in replay_steps(predictor, rows, running, symbols):
@@ -66,7 +69,7 @@ def run(folder: Path, name: str, limit: int) -> dict:
     finally:
         llm_module._kernels, ensemble_module._kernels, coder_module._kernels = saved
     kernel = sum(timed.seconds.values())
-    return {"file": name, "tokens": tokens, "streams": int(running[0]), "us_per_token": round(wall / tokens * 1e6, 1),
+    return {"file": name, "tokens": tokens, "streams": int(running[0]), "fused": fused, "us_per_token": round(wall / tokens * 1e6, 1),
             "kernel_us_per_token": round(kernel / tokens * 1e6, 1), "python_us_per_token": round((wall - kernel) / tokens * 1e6, 1),
             "kernel_calls_us_per_token": {k: round(v / tokens * 1e6, 1) for k, v in sorted(timed.seconds.items())},
             "coded_sha256": hashlib.sha256(encoder.finish()).hexdigest()[:16],
@@ -80,14 +83,17 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=12000)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--tag", default="cpu")
+    parser.add_argument("--paths", default="rows", help="rows (float64 rows, then coder), fused (the C step), or both, alternating")
     args = parser.parse_args()
     if llm_module._kernels is None:
         print("nacrith's C kernel is not built: nothing to time", file=sys.stderr)
         return 1
     results = []
+    paths = {"rows": [False], "fused": [True], "both": [False, True]}[args.paths]
     for _ in range(args.repeat):
-        results.append({"tag": args.tag, **run(args.dir, args.file, args.tokens)})
-        print(json.dumps(results[-1]), flush=True)
+        for fused in paths:
+            results.append({"tag": args.tag, **run(args.dir, args.file, args.tokens, fused)})
+            print(json.dumps(results[-1]), flush=True)
     append_results("ensemble-replay.json", results)
     return 0
 

@@ -80,9 +80,9 @@ static inline void row_levels(const float *restrict row, long count, float best,
     }
 }
 
-/* One row: see exp2_rows. Levels go through a small int32 buffer so that both loops
- * work on lanes of one width (which SSE2 alone can vectorise). */
-WIDE static void exp2_row(const float *restrict row, int64_t *restrict dest, long n, float scale) {
+/* One row: see exp2_rows; returns the row's maximum logit. Levels go through a small int32
+ * buffer so that both loops work on lanes of one width (which SSE2 alone can vectorise). */
+WIDE static float exp2_row(const float *restrict row, int64_t *restrict dest, long n, float scale) {
     float best = row_max(row, n);
     uint32_t levels[BLOCK];
     for (long start = 0; start < n; start += BLOCK) {
@@ -91,6 +91,7 @@ WIDE static void exp2_row(const float *restrict row, int64_t *restrict dest, lon
         for (long i = 0; i < count; i++)
             dest[start + i] = ONE - (int64_t)((uint64_t)levels[i] << 46);
     }
+    return best;  /* finite: the row's largest value is 1.0 (level 0), else every value is 2^-1000 */
 }
 
 /* exp2_rows(logits, out, cols, scale): out[r, i] = 2^(-j/64) (Schraudolph) with
@@ -572,6 +573,93 @@ static int open_row(const Py_buffer *probs, const Py_buffer *totals, Py_ssize_t 
     return quant_row((const double *)probs->buf + r * cols, (long)cols, q);
 }
 
+/* The encoder's state between symbols: constriction 0.5's queue range coder
+ * (stream/queue.rs), 64-bit state, 32-bit words. */
+typedef struct {
+    uint64_t lower, range, inverted;
+    uint32_t first_inverted;
+    uint32_t *words;     /* room for one word per symbol plus the inverted words at the start */
+    Py_ssize_t written;
+} Encoder;
+
+/* Code symbol s of a quantised row of cols entries. */
+static void encode_symbol(Encoder *e, const Quant *q, long s, long cols) {
+    uint64_t prefix = row_sum(q, 0, s);
+    uint64_t left = left_of(prefix, s, q);
+    uint64_t right = s == cols - 1 ? TOTAL : left_of(prefix + row_sum(q, s, s + 1), s + 1, q);
+    uint64_t scale = e->range >> PRECISION;
+    e->range = scale * (right - left);
+    uint64_t new_lower = e->lower + scale * left;
+    if (e->inverted && new_lower + e->range > new_lower) {  /* the carry is settled: flush */
+        uint32_t first = new_lower < e->lower ? e->first_inverted + 1 : e->first_inverted;
+        uint32_t next = new_lower < e->lower ? 0 : 0xFFFFFFFFu;
+        e->words[e->written++] = first;
+        for (uint64_t k = 1; k < e->inverted; k++)
+            e->words[e->written++] = next;
+        e->inverted = 0;
+    }
+    e->lower = new_lower;
+    if (e->range < LOW_LIMIT) {
+        e->range <<= WORD_BITS;
+        uint32_t word = (uint32_t)(e->lower >> (64 - WORD_BITS));
+        e->lower <<= WORD_BITS;
+        if (e->inverted)
+            e->inverted++;
+        else if (e->lower + e->range > e->lower)
+            e->words[e->written++] = word;
+        else {
+            e->inverted = 1;
+            e->first_inverted = word;
+        }
+    }
+}
+
+/* The decoder's state between symbols. */
+typedef struct {
+    uint64_t lower, range, point, next, n_words;
+    const uint32_t *words;
+} Decoder;
+
+/* The next symbol, coded with a quantised row of cols entries; -1 on invalid data. */
+static long decode_symbol(Decoder *d, const Quant *q, long cols) {
+    uint64_t scale = d->range >> PRECISION;
+    uint64_t quantile = (d->point - d->lower) / scale;
+    if (quantile >= TOTAL)
+        return -1;
+    /* the symbol s with left(s) <= quantile < left(s + 1) */
+    uint64_t prefix = 0, right = TOTAL;
+    long s = 0;
+    /* left is increasing: skip runs of SKIP symbols that end at or below the quantile */
+    while (s + SKIP < cols) {
+        uint64_t after = prefix + row_sum(q, s, s + SKIP);
+        if (left_of(after, s + SKIP, q) > quantile)
+            break;
+        prefix = after;
+        s += SKIP;
+    }
+    uint64_t left = left_of(prefix, s, q);
+    for (; s < cols - 1; s++) {
+        uint64_t after = prefix + row_sum(q, s, s + 1);
+        right = left_of(after, s + 1, q);
+        if (right > quantile)
+            break;
+        prefix = after;
+        left = right;
+    }
+    if (s == cols - 1)
+        right = TOTAL;
+    d->lower += scale * left;
+    d->range = scale * (right - left);
+    if (d->range < LOW_LIMIT) {
+        d->lower <<= WORD_BITS;
+        d->range <<= WORD_BITS;
+        d->point <<= WORD_BITS;
+        if (d->next < d->n_words)
+            d->point |= d->words[d->next++];
+    }
+    return s;
+}
+
 /* int24_encode(rows, totals, symbols, state, out, cols) -> words written. rows: float64
  * probabilities (totals None) or uint32 weights (totals: uint64 per row), rows x cols;
  * symbols: int32 per row; state: uint64[4] (lower, range, inverted words, first inverted
@@ -592,9 +680,7 @@ static PyObject *int24_encode(PyObject *self, PyObject *args) {
     }
     const int32_t *sym = (const int32_t *)symbols.buf;
     uint64_t *st = (uint64_t *)state.buf;
-    uint32_t *words = (uint32_t *)out.buf;
-    uint64_t lower = st[0], range = st[1], inverted = st[2];
-    uint32_t first_inverted = (uint32_t)st[3];
+    Encoder e = {st[0], st[1], st[2], (uint32_t)st[3], (uint32_t *)out.buf, 0};
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t r = 0; r < rows; r++) {
         long s = sym[r];
@@ -607,37 +693,10 @@ static PyObject *int24_encode(PyObject *self, PyObject *args) {
             error = "int24_encode: probabilities are not a valid distribution";
             break;
         }
-        uint64_t prefix = row_sum(&q, 0, s);
-        uint64_t left = left_of(prefix, s, &q);
-        uint64_t right = s == cols - 1 ? TOTAL : left_of(prefix + row_sum(&q, s, s + 1), s + 1, &q);
-        /* the queue range coder of constriction 0.5 (stream/queue.rs), 64-bit state, 32-bit words */
-        uint64_t scale = range >> PRECISION;
-        range = scale * (right - left);
-        uint64_t new_lower = lower + scale * left;
-        if (inverted && new_lower + range > new_lower) {  /* the carry is settled: flush */
-            uint32_t first = new_lower < lower ? first_inverted + 1 : first_inverted;
-            uint32_t next = new_lower < lower ? 0 : 0xFFFFFFFFu;
-            words[written++] = first;
-            for (uint64_t k = 1; k < inverted; k++)
-                words[written++] = next;
-            inverted = 0;
-        }
-        lower = new_lower;
-        if (range < LOW_LIMIT) {
-            range <<= WORD_BITS;
-            uint32_t word = (uint32_t)(lower >> (64 - WORD_BITS));
-            lower <<= WORD_BITS;
-            if (inverted)
-                inverted++;
-            else if (lower + range > lower)
-                words[written++] = word;
-            else {
-                inverted = 1;
-                first_inverted = word;
-            }
-        }
+        encode_symbol(&e, &q, s, (long)cols);
     }
-    st[0] = lower, st[1] = range, st[2] = inverted, st[3] = first_inverted;
+    st[0] = e.lower, st[1] = e.range, st[2] = e.inverted, st[3] = e.first_inverted;
+    written = e.written;
     Py_END_ALLOW_THREADS
 done:
     return end_call((Py_buffer *[]){&probs, &totals, &symbols, &state, &out}, error, written);
@@ -660,11 +719,9 @@ static PyObject *int24_decode(PyObject *self, PyObject *args) {
         error = "int24_decode: buffer sizes do not match";
         goto done;
     }
-    const uint32_t *words = (const uint32_t *)data.buf;
-    uint64_t n_words = (uint64_t)(data.len / (Py_ssize_t)sizeof(uint32_t));
     uint64_t *st = (uint64_t *)state.buf;
     int32_t *sym = (int32_t *)out.buf;
-    uint64_t lower = st[0], range = st[1], point = st[2], next = st[3];
+    Decoder d = {st[0], st[1], st[2], st[3], (uint64_t)(data.len / (Py_ssize_t)sizeof(uint32_t)), (const uint32_t *)data.buf};
     Py_BEGIN_ALLOW_THREADS
     for (; decoded < rows; decoded++) {
         Quant q;
@@ -672,44 +729,12 @@ static PyObject *int24_decode(PyObject *self, PyObject *args) {
             error = "int24_decode: probabilities are not a valid distribution";
             break;
         }
-        uint64_t scale = range >> PRECISION;
-        uint64_t quantile = (point - lower) / scale;
-        if (quantile >= TOTAL)
+        long s = decode_symbol(&d, &q, (long)cols);
+        if (s < 0)
             break;  /* invalid data */
-        /* the symbol s with left(s) <= quantile < left(s + 1) */
-        uint64_t prefix = 0, right = TOTAL;
-        long s = 0;
-        /* left is increasing: skip runs of SKIP symbols that end at or below the quantile */
-        while (s + SKIP < cols) {
-            uint64_t after = prefix + row_sum(&q, s, s + SKIP);
-            if (left_of(after, s + SKIP, &q) > quantile)
-                break;
-            prefix = after;
-            s += SKIP;
-        }
-        uint64_t left = left_of(prefix, s, &q);
-        for (; s < cols - 1; s++) {
-            uint64_t after = prefix + row_sum(&q, s, s + 1);
-            right = left_of(after, s + 1, &q);
-            if (right > quantile)
-                break;
-            prefix = after;
-            left = right;
-        }
-        if (s == cols - 1)
-            right = TOTAL;
-        lower += scale * left;
-        range = scale * (right - left);
-        if (range < LOW_LIMIT) {
-            lower <<= WORD_BITS;
-            range <<= WORD_BITS;
-            point <<= WORD_BITS;
-            if (next < n_words)
-                point |= words[next++];
-        }
         sym[decoded] = (int32_t)s;
     }
-    st[0] = lower, st[1] = range, st[2] = point, st[3] = next;
+    st[0] = d.lower, st[1] = d.range, st[2] = d.point, st[3] = d.next;
     Py_END_ALLOW_THREADS
 done:
     return end_call((Py_buffer *[]){&probs, &totals, &state, &data, &out}, error, decoded);
@@ -837,7 +862,299 @@ static PyObject *scale_add_sum(PyObject *self, PyObject *args) {
     return ok ? PyFloat_FromDouble(total) : NULL;
 }
 
+/* ---- the ensemble's whole step, stream by stream (nacrith.predictors.ensemble) ---- */
+
+/* A buffer of a fused call: taken whole, with at least `items` items of `size` bytes, or
+ * (object None and optional) none; NULL with an exception set when it does not fit. */
+typedef struct {
+    Py_buffer held[12];
+    int n;
+} Buffers;
+
+static void *take(Buffers *all, PyObject *object, int writable, Py_ssize_t size, Py_ssize_t items, int optional, int *failed) {
+    if (*failed || (optional && object == Py_None))
+        return NULL;
+    Py_buffer *buffer = &all->held[all->n];
+    if (PyObject_GetBuffer(object, buffer, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) {
+        *failed = 1;
+        return NULL;
+    }
+    all->n++;
+    if (buffer->len < size * items || buffer->len % size) {
+        PyErr_SetString(PyExc_ValueError, "ensemble_int24: buffer sizes do not match");
+        *failed = 1;
+        return NULL;
+    }
+    return buffer->buf;
+}
+
+static void release_all(Buffers *all) {
+    while (all->n)
+        PyBuffer_Release(&all->held[--all->n]);
+}
+
+/* The rows of one bias table that several model-fed streams of a step read: each stream
+ * must see the table as it was when the step began, but the streams before it have already
+ * learned. Rows read by one stream only are read before that stream learns, in place. */
+typedef struct {
+    float *copies;   /* the shared rows as the step began, one after another */
+    int64_t *slot;   /* per table row: its copy, or -1 (read in place) */
+} Snapshot;
+
+static int snapshot_open(const Bias *bias, const int64_t *wanted, Py_ssize_t n_wanted, Py_ssize_t cols, Snapshot *snap) {
+    snap->copies = NULL;
+    snap->slot = NULL;
+    if (!bias->n_rows)
+        return 0;
+    const int64_t *rows = (const int64_t *)bias->rows.buf;
+    snap->slot = (int64_t *)calloc((size_t)bias->n_rows, sizeof(int64_t));  /* first the use counts */
+    if (!snap->slot)
+        return -1;
+    for (Py_ssize_t j = 0; j < n_wanted; j++)
+        snap->slot[rows[wanted[j]]]++;
+    Py_ssize_t shared = 0;
+    for (Py_ssize_t r = 0; r < bias->n_rows; r++)
+        snap->slot[r] = snap->slot[r] > 1 ? shared++ : -1;
+    if (shared) {
+        snap->copies = (float *)malloc((size_t)(shared * cols) * sizeof(float));
+        if (!snap->copies)
+            return -1;
+    }
+    for (Py_ssize_t r = 0; r < bias->n_rows; r++)
+        if (snap->slot[r] >= 0)
+            memcpy(snap->copies + snap->slot[r] * cols, (const float *)bias->table.buf + r * cols, (size_t)cols * sizeof(float));
+    return 0;
+}
+
+/* Stream s's row of the table as the step began (NULL: no table). */
+static const float *snapshot_row(const Bias *bias, const Snapshot *snap, Py_ssize_t s, Py_ssize_t cols) {
+    if (!bias->n_rows)
+        return NULL;
+    int64_t row = ((const int64_t *)bias->rows.buf)[s];
+    return snap->slot[row] >= 0 ? snap->copies + snap->slot[row] * cols : (const float *)bias->table.buf + row * cols;
+}
+
+static void snapshot_close(Snapshot *snap) {
+    free(snap->copies);
+    free(snap->slot);
+}
+
+/* quant_row of a mixed row without its scan of the row: the row is an exp2 row whose largest
+ * value was model_max, each value times factor (rounded as scale_row rounds it), then
+ * additions added at distinct candidates. Where factor and the additions are finite and
+ * non-negative, every value is too, and since rounding is monotonic the largest is the
+ * larger of model_max * factor and the candidates' new values: the weights follow from that
+ * alone. Anything else (NaN, infinities, an all-zero row) goes through quant_row, which
+ * checks the row value by value, so the result is quant_row's in every case. */
+static int quant_mixed_row(const double *p, long n, double model_max, double factor, const int64_t *candidates, const double *additions,
+                           int64_t count, Quant *q) {
+    if (!(factor > 0.0) || factor - factor != 0.0)
+        return quant_row(p, n, q);
+    double best = model_max * factor;
+    for (int64_t c = 0; c < count; c++) {
+        if (!(additions[c] >= 0.0) || additions[c] - additions[c] != 0.0)
+            return quant_row(p, n, q);
+        best = p[candidates[c]] > best ? p[candidates[c]] : best;
+    }
+    if (!(best > 0.0) || best - best != 0.0)
+        return quant_row(p, n, q);
+    q->p = p;
+    q->w = NULL;
+    weight_factors(best, &q->factor, &q->factor2);
+    q->scale = (double)(TOTAL - (uint64_t)n) / (double)sum_w(p, 0, n, q->factor, q->factor2);
+    return 0;
+}
+
+/* ensemble_int24(encode, logits, wanted, skip_rows, symbols, cols, scale, temperature,
+ *                (table_a, rows_a, squares_a, lr_a, table_b, rows_b, squares_b, lr_b, eps),
+ *                (weight0, offsets, candidates, additions),
+ *                (model_totals, dots, mixed_totals, p_token), state, words) -> int
+ *
+ * One lockstep step of the ensemble's linear mix and the int24 coder, stream by stream
+ * while each stream's row is in the cache; the same bits as scores_exp2_rows (with totals
+ * and dots), scale_add_sum, int24_encode or int24_decode, and learn_bias called in turn
+ * over the whole step. Streams 0..len(symbols)-1 run; those listed in `wanted` (int64,
+ * increasing) have a model row (logits: float32, one row each, in that order), the others
+ * a ready float64 row in skip_rows (in stream order), which is coded as it is and learns
+ * nothing. A model-fed stream's row is exp2 of its scores ((logits * temperature) +
+ * table_b[rows_b[s]]) + table_a[rows_a[s]] (the ensemble adds the context table first,
+ * and learns on the class table first), with the tables as they were when the step began; its sum and (dots not None) its pairwise dot with the logits go to model_totals
+ * and dots; it is then scaled by weight0 / sum, the additions of its candidates
+ * (candidates[offsets[j]:offsets[j+1]]) are added, and its new sum goes to mixed_totals.
+ * After the stream's symbol is coded (encode: symbols, int32, given; else decoded into
+ * symbols), p_token gets the mixed row's entry at the symbol and the stream takes its
+ * learn_bias step on both tables (None: none; squares None: sgd). state and words are the
+ * int24 encoder's (lower, range, inverted, first inverted; words: room for len(symbols) +
+ * state[2]) or decoder's (lower, range, point, next word; words: the coded words).
+ * Returns the words written (encode), or the streams decoded, fewer than len(symbols) on
+ * invalid data. */
+static PyObject *ensemble_int24(PyObject *self, PyObject *args) {
+    int encode;
+    Py_ssize_t cols;
+    float scale, temperature;
+    double lr_a, lr_b, eps;
+    PyObject *logits_o, *wanted_o, *skip_o, *symbols_o, *table_a, *rows_a, *squares_a, *table_b, *rows_b, *squares_b;
+    PyObject *weight0_o, *offsets_o, *candidates_o, *additions_o, *model_totals_o, *dots_o, *mixed_o, *p_token_o, *state_o, *words_o;
+    if (!PyArg_ParseTuple(args, "pOOOOnff(OOOdOOOdd)(OOOO)(OOOO)OO", &encode, &logits_o, &wanted_o, &skip_o, &symbols_o, &cols, &scale,
+                          &temperature, &table_a, &rows_a, &squares_a, &lr_a, &table_b, &rows_b, &squares_b, &lr_b, &eps, &weight0_o,
+                          &offsets_o, &candidates_o, &additions_o, &model_totals_o, &dots_o, &mixed_o, &p_token_o, &state_o, &words_o))
+        return NULL;
+    if (cols < 2 || (uint64_t)cols >= TOTAL - 1) {
+        PyErr_SetString(PyExc_ValueError, "ensemble_int24: bad row length");
+        return NULL;
+    }
+    Buffers held = {.n = 0};
+    int failed = 0;
+    Py_buffer probe;  /* lengths first: the item counts that size the rest */
+    Py_ssize_t n_wanted = 0, running = 0, n_candidates = 0;
+    PyObject *counted[3] = {wanted_o, symbols_o, candidates_o};
+    Py_ssize_t *counts[3] = {&n_wanted, &running, &n_candidates};
+    Py_ssize_t sizes[3] = {sizeof(int64_t), sizeof(int32_t), sizeof(int64_t)};
+    for (int k = 0; k < 3; k++) {
+        if (PyObject_GetBuffer(counted[k], &probe, PyBUF_SIMPLE) < 0)
+            return NULL;
+        *counts[k] = probe.len / sizes[k];
+        PyBuffer_Release(&probe);
+    }
+    Py_ssize_t n_skip = running - n_wanted;
+    const float *logits = take(&held, logits_o, 0, sizeof(float), n_wanted * cols, 0, &failed);
+    const int64_t *wanted = take(&held, wanted_o, 0, sizeof(int64_t), n_wanted, 0, &failed);
+    const double *skip_rows = take(&held, skip_o, 0, sizeof(double), n_skip * cols, 0, &failed);
+    int32_t *symbols = take(&held, symbols_o, !encode, sizeof(int32_t), running, 0, &failed);
+    const double *weight0 = take(&held, weight0_o, 0, sizeof(double), n_wanted, 0, &failed);
+    const int64_t *offsets = take(&held, offsets_o, 0, sizeof(int64_t), n_wanted + 1, 0, &failed);
+    const int64_t *candidates = take(&held, candidates_o, 0, sizeof(int64_t), n_candidates, 0, &failed);
+    const double *additions = take(&held, additions_o, 0, sizeof(double), n_candidates, 0, &failed);
+    double *model_totals = take(&held, model_totals_o, 1, sizeof(double), n_wanted, 0, &failed);
+    double *dots = take(&held, dots_o, 1, sizeof(double), n_wanted, 1, &failed);
+    double *mixed_totals = take(&held, mixed_o, 1, sizeof(double), n_wanted, 0, &failed);
+    double *p_token = take(&held, p_token_o, 1, sizeof(double), n_wanted, 0, &failed);
+    if (failed) {
+        release_all(&held);
+        return NULL;
+    }
+    /* the rest of the checks: the counts fit together, every index is in range */
+    int ok = n_skip >= 0 && offsets[0] == 0 && offsets[n_wanted] == n_candidates;
+    for (Py_ssize_t j = 0; ok && j < n_wanted; j++)
+        ok = wanted[j] >= (j ? wanted[j - 1] + 1 : 0) && wanted[j] < running && offsets[j + 1] >= offsets[j];
+    for (Py_ssize_t c = 0; ok && c < n_candidates; c++)
+        ok = candidates[c] >= 0 && candidates[c] < cols;
+    for (Py_ssize_t s = 0; ok && encode && s < running; s++)
+        ok = symbols[s] >= 0 && symbols[s] < cols;
+    if (!ok) {
+        release_all(&held);
+        PyErr_SetString(PyExc_ValueError, "ensemble_int24: counts or indices do not match");
+        return NULL;
+    }
+    Py_buffer state, words, sq_a = {0}, sq_b = {0};
+    if (PyObject_GetBuffer(state_o, &state, PyBUF_WRITABLE) < 0) {
+        release_all(&held);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(words_o, &words, encode ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&state);
+        release_all(&held);
+        return NULL;
+    }
+    uint64_t *st = (uint64_t *)state.buf;
+    ok = state.len == 4 * (Py_ssize_t)sizeof(uint64_t) && words.len % (Py_ssize_t)sizeof(uint32_t) == 0 &&
+         (!encode || words.len >= (running + (Py_ssize_t)st[2]) * (Py_ssize_t)sizeof(uint32_t));
+    Bias a, b;
+    int biases = 0;
+    if (!ok)
+        PyErr_SetString(PyExc_ValueError, "ensemble_int24: coder state or words of the wrong size");
+    else if (biases_open(table_a, rows_a, table_b, rows_b, cols, running, &a, &b) < 0)
+        ok = 0;
+    else if (squares_open(squares_a, &a, &sq_a) < 0 || squares_open(squares_b, &b, &sq_b) < 0) {
+        ok = 0;
+        biases_close(&a, &b);
+    } else
+        biases = 1;
+    const char *error = NULL;
+    Py_ssize_t result = 0;
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        Encoder e = {st[0], st[1], st[2], (uint32_t)st[3], (uint32_t *)words.buf, 0};
+        Decoder d = {st[0], st[1], st[2], st[3], (uint64_t)(words.len / (Py_ssize_t)sizeof(uint32_t)), (const uint32_t *)words.buf};
+        Snapshot snap_a, snap_b;
+        float *scores = (float *)malloc((size_t)cols * sizeof(float));
+        double *row = (double *)malloc((size_t)cols * sizeof(double));
+        int opened_a = snapshot_open(&a, wanted, n_wanted, cols, &snap_a) == 0;
+        int opened_b = snapshot_open(&b, wanted, n_wanted, cols, &snap_b) == 0;
+        if (!scores || !row || !opened_a || !opened_b)
+            error = "ensemble_int24: out of memory";
+        float eps32 = (float)eps;
+        Py_ssize_t j = 0, k = 0, s = 0;
+        for (; !error && s < running; s++) {
+            int fed = j < n_wanted && wanted[j] == s;
+            const double *p = fed ? row : skip_rows + k++ * cols;
+            Quant q;
+            int invalid;
+            if (fed) {
+                const float *x = logits + j * cols;
+                scale_and_add(x, snapshot_row(&b, &snap_b, s, cols), snapshot_row(&a, &snap_a, s, cols), temperature, scores, cols);
+                float best_logit = exp2_row(scores, (int64_t *)row, (long)cols, scale);
+                double model_max = best_logit - best_logit == 0.0f ? 1.0 : exp2_value(LIMIT);
+                model_totals[j] = pairwise_sum(row, (long)cols);
+                if (dots)
+                    dots[j] = pairwise_dot(row, x, (long)cols);
+                double factor = weight0[j] / model_totals[j];
+                scale_row(row, factor, cols);
+                for (int64_t c = offsets[j]; c < offsets[j + 1]; c++)
+                    row[candidates[c]] += additions[c];
+                mixed_totals[j] = pairwise_sum(row, (long)cols);
+                invalid = quant_mixed_row(row, (long)cols, model_max, factor, candidates + offsets[j], additions + offsets[j],
+                                          offsets[j + 1] - offsets[j], &q);
+            } else
+                invalid = quant_row(p, (long)cols, &q);
+            if (invalid) {
+                error = "ensemble_int24: probabilities are not a valid distribution";
+                break;
+            }
+            long symbol;
+            if (encode)
+                encode_symbol(&e, &q, symbol = symbols[s], (long)cols);
+            else if ((symbol = decode_symbol(&d, &q, (long)cols)) < 0)
+                break;  /* invalid data */
+            else
+                symbols[s] = (int32_t)symbol;
+            if (fed) {
+                p_token[j] = row[symbol];
+                learn_row(&a, &sq_a, s, row, mixed_totals[j], lr_a, eps32, cols, symbol);
+                learn_row(&b, &sq_b, s, row, mixed_totals[j], lr_b, eps32, cols, symbol);
+                j++;
+            }
+        }
+        if (encode)
+            st[0] = e.lower, st[1] = e.range, st[2] = e.inverted, st[3] = e.first_inverted, result = e.written;
+        else
+            st[0] = d.lower, st[1] = d.range, st[2] = d.point, st[3] = d.next, result = s;
+        if (opened_a)
+            snapshot_close(&snap_a);
+        if (opened_b)
+            snapshot_close(&snap_b);
+        free(scores);
+        free(row);
+        Py_END_ALLOW_THREADS
+    }
+    if (biases)
+        biases_close(&a, &b);
+    PyBuffer_Release(&sq_a);
+    PyBuffer_Release(&sq_b);
+    PyBuffer_Release(&state);
+    PyBuffer_Release(&words);
+    release_all(&held);
+    if (!ok)
+        return NULL;
+    if (error) {
+        PyErr_SetString(PyExc_ValueError, error);
+        return NULL;
+    }
+    return PyLong_FromSsize_t(result);
+}
+
 static PyMethodDef methods[] = {
+    {"ensemble_int24", ensemble_int24, METH_VARARGS, "One ensemble step, mixed, range-coded and learned stream by stream (see nacrith.predictors.ensemble)."},
     {"exp2_weight_rows", exp2_weight_rows, METH_VARARGS, "Logit rows to int24 weight rows and totals (see nacrith.coder)."},
     {"int24_encode", int24_encode, METH_VARARGS, "Range-code one symbol per probability row (see nacrith.coder)."},
     {"int24_decode", int24_decode, METH_VARARGS, "Decode one symbol per probability row (see nacrith.coder)."},

@@ -132,6 +132,25 @@ class WeightRows(NamedTuple):
         return len(self.totals)
 
 
+class CodedRows:
+    """A step's rows that the int24 coder does not read itself: it hands them its state and
+    they code their symbols (a predictor that mixes, codes and learns each row while it is
+    in the CPU's cache; see :class:`nacrith.predictors.ensemble.FusedStep`)."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def int24_encode(self, symbols: np.ndarray, state: np.ndarray, out: np.ndarray) -> int:
+        """Code one int32 symbol per row, in row order, from the encoder's ``state``
+        (updated) into ``out``; returns the words written."""
+        raise NotImplementedError
+
+    def int24_decode(self, state: np.ndarray, words: np.ndarray, out: np.ndarray) -> int:
+        """Decode one symbol per row into ``out`` (int32) from the decoder's ``state``
+        (updated) and the coded ``words``; returns the symbols decoded (fewer: invalid data)."""
+        raise NotImplementedError
+
+
 def _prefix_and_scale(weights: np.ndarray, total: int) -> tuple[np.ndarray, float]:
     """(exact prefix sums ``C_0..C_n`` as int64, ``scale``) of a row's weights and their total."""
     n = len(weights)
@@ -208,11 +227,15 @@ class Int24Encoder:
 
     def encode(self, symbols: np.ndarray, probabilities) -> None:
         """Append ``symbols[i]`` coded with the distribution ``probabilities[i]``: float64
-        rows, or :class:`WeightRows`."""
+        rows, :class:`WeightRows` or :class:`CodedRows`."""
         symbols = np.ascontiguousarray(symbols, np.int32)
         if len(symbols) != len(probabilities):
             raise ValueError("one symbol per row of probabilities")
         if not len(symbols):
+            return
+        if isinstance(probabilities, CodedRows):
+            out = np.empty(len(symbols) + int(self._state[2]), np.uint32)
+            self._words.append(out[:probabilities.int24_encode(symbols, self._state, out)])
             return
         if self.use_kernel:
             rows, totals, cols = _kernel_rows(probabilities)
@@ -272,11 +295,14 @@ class Int24Decoder:
         self._state = np.array([0, _MASK64, point, min(2, len(self._words))], np.uint64)
 
     def decode(self, probabilities) -> np.ndarray:
-        """One symbol per row of ``probabilities`` (float64 rows or :class:`WeightRows`), as int32."""
+        """One symbol per row of ``probabilities`` (float64 rows, :class:`WeightRows` or
+        :class:`CodedRows`), as int32."""
         symbols = np.empty(len(probabilities), np.int32)
         if not len(symbols):
             return symbols
-        if self.use_kernel:
+        if isinstance(probabilities, CodedRows):
+            decoded = probabilities.int24_decode(self._state, self._words, symbols)
+        elif self.use_kernel:
             rows, totals, cols = _kernel_rows(probabilities)
             decoded = _kernels.int24_decode(rows, totals, self._state, self._words, symbols, cols)
         else:

@@ -41,15 +41,16 @@ class Lockstep:
 
     ``predictor`` supplies ``want_logits(n)`` (which running streams need the model this
     step, None for all), ``probabilities(logits, n)`` (float64 rows for the first ``n``
-    streams, or, after ``use_weight_rows(True)`` where the predictor has it, the int24
-    coder's weight rows) and ``update(symbols)``.
+    streams, or, after ``use_int24_rows(True)`` where the predictor has it, rows in a form
+    only the int24 coder takes: :class:`~nacrith.coder.WeightRows` or
+    :class:`~nacrith.coder.CodedRows`) and ``update(symbols)``.
     """
 
     def __init__(self, context: LockstepContext, bos: int, ctx: int, slide: int, predictor, progress: Callable | None = None, coder: str = DEFAULT_CODER):
         check_window(ctx, slide)
         self.coder = coder  # the range coder's name (nacrith.coder.CODERS)
-        if hasattr(predictor, "use_weight_rows"):  # a predictor that can hand int24 its weights directly
-            predictor.use_weight_rows(coder == "int24")
+        if hasattr(predictor, "use_int24_rows"):  # a predictor with a faster way to the int24 coder
+            predictor.use_int24_rows(coder == "int24")
         self.context = context
         self.bos = bos
         self.ctx = ctx

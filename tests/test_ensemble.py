@@ -220,31 +220,50 @@ def test_portable_exp_array_and_row_sums_give_the_scalar_bits():
         assert np.array_equal(row_sums(values).view(np.int64), np.array([row.sum() for row in values]).view(np.int64)), n
 
 
-def _coded_state(config: EnsembleConfig, n_streams: int = 4, steps: int = 200, n_vocab: int = 300):
-    """A hash of the mixer weights, the bias table and the int24 code after an ensemble ran
-    on random logits and a noisy repeated phrase (no model needed), and its skip count."""
-    import hashlib
-
-    from nacrith.coder import make_encoder
+def _ensemble_run(config: EnsembleConfig, coded_rows: bool = False, n_streams: int = 4, steps: int = 200, n_vocab: int = 300,
+                  nan_at: int | None = None, code: bytes | None = None):
+    """An ensemble run on random logits and a noisy repeated phrase (no model needed), coded
+    by the int24 coder (or, given ``code``, decoded from it): (predictor, code, symbols).
+    ``coded_rows``: hand the coder :class:`FusedStep` s instead of float64 rows; ``nan_at``:
+    a NaN logit in stream 0 at that step."""
+    from nacrith.coder import make_decoder, make_encoder
     from nacrith.predictors.ensemble import EnsemblePredictor
 
     rng = np.random.default_rng(11)
     pieces = [bytes([32 + t % 90]) + (b"\n" if t % 7 == 0 else b" " if t % 5 == 0 else b"") for t in range(n_vocab)]
-    predictor, encoder = EnsemblePredictor(n_vocab, n_streams, config, pieces), make_encoder("int24")
+    predictor = EnsemblePredictor(n_vocab, n_streams, config, pieces)
+    predictor.use_int24_rows(coded_rows)
+    encoder, decoder = (make_encoder("int24"), None) if code is None else (None, make_decoder(code, "int24"))
     phrase = rng.integers(0, 12, 9)
+    coded = []
     for step in range(steps):
         running = n_streams - (step >= steps - 5)  # the last stream stops early
         want = predictor.want_logits(running)
         logits = (rng.normal(size=(running, n_vocab)) * 3).astype(np.float32)
+        if step == nan_at:
+            logits[0, 7] = np.nan
         if want is not None:
             logits = np.ascontiguousarray(logits[want.astype(bool)])
         rows = predictor.probabilities(logits, running)
         # the phrase 80% of the time: the n-gram, match model, mixer and skip all take part
         symbols = np.where(rng.random(running) < 0.8, phrase[(step + np.arange(running)) % 9], rng.integers(0, 40, running))
-        encoder.encode(symbols, rows)
+        if decoder is None:
+            encoder.encode(symbols, rows)
+        else:
+            symbols = decoder.decode(rows)
+        coded.append(symbols)
         predictor.update(symbols)
+    return predictor, code if encoder is None else encoder.finish(), np.concatenate(coded)
+
+
+def _coded_state(config: EnsembleConfig, coded_rows: bool = False):
+    """A hash of the mixer weights, the bias table and the int24 code after :func:`_ensemble_run`,
+    and its skip count."""
+    import hashlib
+
+    predictor, code, _ = _ensemble_run(config, coded_rows)
     weights = np.array([w for stream in predictor.streams for row in stream.weights for w in row])
-    return hashlib.sha256(weights.tobytes() + predictor.bias.tobytes() + encoder.finish()).hexdigest()[:16], predictor.skipped
+    return hashlib.sha256(weights.tobytes() + predictor.bias.tobytes() + code).hexdigest()[:16], predictor.skipped
 
 
 # what preset v3 (and variants) computed when released: a change of the ensemble's arithmetic
@@ -267,14 +286,63 @@ RELEASED_V4 = [
 ]
 
 
+@pytest.mark.parametrize("coded_rows", [False, True], ids=["rows", "fused"])
 @pytest.mark.parametrize("preset, extra, digest, skipped", [("v3", *case) for case in RELEASED_V3] + [("v4", *case) for case in RELEASED_V4])
-def test_ensemble_computes_what_it_computed_when_released(preset, extra, digest, skipped):
+def test_ensemble_computes_what_it_computed_when_released(preset, extra, digest, skipped, coded_rows):
     """Each preset's state and code on a fixed input are pinned (v3's hashes were taken with
     the code that released it, before its per-stream loops became array operations; v4's
-    when it was released)."""
+    when it was released), whether the coder gets float64 rows or the fused C step."""
     from nacrith.predictors.ensemble import PRESETS
+    from nacrith.predictors.llm import _kernels
 
-    assert _coded_state(replace(PRESETS[preset], **extra)) == (digest, skipped)
+    if coded_rows and _kernels is None:
+        pytest.skip("nacrith's C kernel is not built here")
+    assert _coded_state(replace(PRESETS[preset], **extra), coded_rows) == (digest, skipped)
+
+
+@pytest.mark.parametrize("extra", [{}, {"share": False}, {"skip_min_trials": 2, "skip_confidence": 0.5}, {"bias": False},
+                                   {"bias_hash": 0, "temperature_lr": 0.0}, {"bias_rule": "sgd"}, {"mixer": False}])
+def test_fused_step_codes_the_rows_bytes_and_decodes(extra):
+    """The fused C step (the int24 coder's path for linear mixing) codes the bytes float64
+    rows give, learns the same state, and decodes its own code, with a NaN logit too."""
+    from nacrith.predictors.llm import _kernels
+
+    if _kernels is None:
+        pytest.skip("nacrith's C kernel is not built here")
+    config = replace(EnsembleConfig(), **extra)
+    nan_at = 199  # the last step: the temperature learns from the NaN and would turn every later row to NaN
+    rows_run = _ensemble_run(config, False, nan_at=nan_at)
+    fused_run = _ensemble_run(config, True, nan_at=nan_at)
+    assert rows_run[1] == fused_run[1]
+    assert np.array_equal(rows_run[0].weights, fused_run[0].weights)
+    assert np.array_equal([rows_run[0].temperature], [fused_run[0].temperature], equal_nan=True)
+    for a, b in ((rows_run[0].bias, fused_run[0].bias), (rows_run[0].context_bias, fused_run[0].context_bias)):
+        assert (a is None and b is None) or np.array_equal(a.view(np.int32), b.view(np.int32))
+    decoded = _ensemble_run(config, True, nan_at=nan_at, code=fused_run[1])
+    assert np.array_equal(decoded[2], fused_run[2])
+    assert fused_run[0].skipped == rows_run[0].skipped and (fused_run[0].skipped > 0) == ("skip_min_trials" in extra)
+
+
+def test_fused_step_refuses_what_does_not_fit():
+    """ensemble_int24 checks its counts and indices before it touches memory."""
+    from nacrith.predictors.llm import _kernels
+
+    if _kernels is None:
+        pytest.skip("nacrith's C kernel is not built here")
+    n = 10
+
+    def call(wanted=(0,), symbols=(3,), offsets=(0, 1), candidates=(4,), state=(0, 2**64 - 1, 0, 0), words=4):
+        return _kernels.ensemble_int24(
+            True, np.zeros((len(wanted), n), np.float32), np.array(wanted, np.int64), np.ones((len(symbols) - len(wanted), n)),
+            np.array(symbols, np.int32), n, 92.0, 1.0, (None, (), None, 0.5, None, (), None, 0.3, 1.0),
+            (np.ones(len(wanted)), np.array(offsets, np.int64), np.array(candidates, np.int64), np.ones(len(candidates))),
+            tuple(np.empty(len(wanted)) for _ in range(4)), np.array(state, np.uint64), np.empty(words, np.uint32))
+
+    assert call() == 0 and call(wanted=(1,), symbols=(3, 3)) == 0  # valid: nothing written yet
+    for bad in (dict(symbols=(10,)), dict(candidates=(10,)), dict(offsets=(0, 2)), dict(wanted=(2,), symbols=(3, 3)),
+                dict(wanted=(1, 0), symbols=(3, 3), offsets=(0, 1, 1)), dict(state=(0, 2**64 - 1, 0)), dict(words=0)):
+        with pytest.raises(ValueError):
+            call(**bad)
 
 
 def _dispatched_features() -> list[str]:

@@ -50,7 +50,8 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 
-from .llm import LogitTable, _kernels
+from ..coder import CodedRows
+from .llm import _SCALE, LogitTable, _kernels
 from .match import MatchIndex, MatchState
 from .ngram import NGramTables
 
@@ -293,6 +294,9 @@ class EnsemblePredictor:
         # with the C kernel, linear mixing computes the model rows in one pass (geometric
         # mixing adds its evidence to the scores in between, so it keeps the numpy path)
         self._fused = self.table.use_kernel and config.mix == "linear"
+        self._coded_rows = False  # use_int24_rows: hand the int24 coder a FusedStep per step
+        self._skip_rows: np.ndarray | None = None  # the FusedStep's rows of streams that skip the model
+        self._fused_step: "FusedStep | None" = None  # this step's, once coded
         self.scores = None if self._fused else np.empty((n_streams, n_vocab), np.float32)  # 50 MB at 256 streams
         self._step = None if self.table.use_kernel else np.empty(n_vocab, np.float32)  # one stream's bias step
         self.logits_seen = np.empty((n_streams, n_vocab), np.float32) if self._learn_llm_weight else None
@@ -385,7 +389,17 @@ class EnsemblePredictor:
 
     # --- step 2: the distributions --------------------------------------------------------
 
-    def probabilities(self, logits: np.ndarray, running: int) -> np.ndarray:
+    def use_int24_rows(self, wanted: bool) -> None:
+        """Hand the int24 coder a :class:`FusedStep` per step instead of float64 rows (where
+        the C kernel is built and the mix is linear): each stream's row is then made, mixed,
+        coded and learned from while it is in the CPU's cache, with the same coded bytes."""
+        self._coded_rows = wanted and self._fused
+
+    def probabilities(self, logits: np.ndarray, running: int):
+        """The step's rows for the first ``running`` streams: float64 rows (not normalised),
+        or after :meth:`use_int24_rows` a :class:`FusedStep` only the int24 coder takes."""
+        if self._coded_rows:
+            return self._fused_step_of(logits, running)
         want = self._want
         wanted = np.flatnonzero(want)
         model_totals = expected_logit = None
@@ -444,6 +458,33 @@ class EnsemblePredictor:
         model_rows = self.table.biased_probabilities(logits, temperature, self.context_bias, self._context_row[rows], self.bias,
                                                      self._bias_row[rows], totals, dots)
         return model_rows, totals, dots
+
+    def _fused_step_of(self, logits: np.ndarray, running: int) -> "FusedStep":
+        """What :meth:`probabilities` and :meth:`_linear_mix` prepare before the rows exist
+        (the skipped streams' rows, each mixed stream's weights and candidate additions), for
+        the C kernel that does the rest stream by stream (:class:`FusedStep`)."""
+        want = self._want
+        wanted = np.flatnonzero(want)
+        skipped = np.flatnonzero(want == 0)
+        if len(skipped) and (self._skip_rows is None or len(self._skip_rows) < len(skipped)):
+            self._skip_rows = np.empty((len(skipped), self.n_vocab), np.float64)  # grown as needed
+        skip_rows = self._skip_rows[: len(skipped)] if len(skipped) else np.empty((0, self.n_vocab))
+        for row, index in zip(skip_rows, skipped):
+            self._skip_row(self.streams[index], row)
+        states = [self.streams[index] for index in wanted]
+        sets = self._mix_sets = np.fromiter((state.weight_set for state in states), np.int64, len(states))
+        simplexes = self._simplexes = self._softmax_rows(self.weights[wanted, sets])
+        additions = [(state.features * weights[1:]).sum(axis=1) for state, weights in zip(states, simplexes) if len(state.candidates)]
+        offsets = np.zeros(len(states) + 1, np.int64)
+        np.cumsum([len(state.candidates) for state in states], out=offsets[1:])
+        candidates = np.concatenate([state.candidates for state in states]) if len(states) else np.empty(0, np.int64)
+        self._logits = logits
+        self.steps += running
+        self.skipped += len(skipped)
+        self._fused_step = None
+        return FusedStep(self, np.ascontiguousarray(logits, np.float32), wanted, skip_rows, np.ascontiguousarray(simplexes[:, 0]),
+                         offsets, np.ascontiguousarray(candidates, np.int64),
+                         np.concatenate(additions) if additions else np.empty(0, np.float64))
 
     def _model_scores(self, logits: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
         """``out = w_llm * logits + bias`` for the given stream rows."""
@@ -527,14 +568,21 @@ class EnsemblePredictor:
 
     def update(self, symbols: np.ndarray) -> None:
         running = self._running
-        probabilities = self._probabilities
-        want = self._want
-        totals = probabilities.sum(axis=1) if self._totals is None else self._totals
-        learning = np.flatnonzero(want)
-        if self.config.mixer and len(learning):
-            self._learn_weights(learning, symbols, probabilities, totals)
-        if self.bias is not None and len(learning):
-            self._learn_bias(learning, symbols, probabilities, totals)
+        learning = np.flatnonzero(self._want)
+        fused = self._fused_step if self._coded_rows else None
+        if self._coded_rows and fused is None:
+            raise RuntimeError("update() before the step's FusedStep was coded")
+        if fused is not None:  # the kernel took the bias steps; the mixer learns from its outputs
+            self._fused_step = None
+            if self.config.mixer and len(learning):
+                self._learn_linear_weights(learning, symbols, fused.p_token, fused.mixed_totals)
+        else:
+            probabilities = self._probabilities
+            totals = probabilities.sum(axis=1) if self._totals is None else self._totals
+            if self.config.mixer and len(learning):
+                self._learn_weights(learning, symbols, probabilities, totals)
+            if self.bias is not None and len(learning):
+                self._learn_bias(learning, symbols, probabilities, totals)
         if self._learn_temperature and len(learning):
             # d(-ln q(x))/dT = E_q[logit] - logit(x), q the model's own distribution
             for row, index in enumerate(learning):
@@ -551,7 +599,8 @@ class EnsemblePredictor:
 
     def _learn_weights(self, rows: np.ndarray, symbols: np.ndarray, probabilities: np.ndarray, totals: np.ndarray) -> None:
         if self.config.mix == "linear":
-            self._learn_linear_weights(rows, symbols, probabilities, totals)
+            tokens = symbols[rows].astype(np.int64)
+            self._learn_linear_weights(rows, symbols, probabilities[rows, tokens], totals[rows])
             return
         lr = self.config.mixer_lr
         if self._learn_llm_weight:  # expected logit under p, for the gradient of w_llm
@@ -570,14 +619,15 @@ class EnsemblePredictor:
             for i in range(1, self.n_features):
                 weights[i] -= lr * float(expected[i - 1] - observed[i - 1])
 
-    def _learn_linear_weights(self, rows: np.ndarray, symbols: np.ndarray, probabilities: np.ndarray, totals: np.ndarray) -> None:
+    def _learn_linear_weights(self, rows: np.ndarray, symbols: np.ndarray, mixed: np.ndarray, totals: np.ndarray) -> None:
         """One gradient step of the code length on each learning stream's weight set.
 
         ``p(x) = sum_i s_i q_i(x)`` with ``s = softmax(w)``, so ``d(-ln p(x))/dw_i = s_i (1 -
         q_i(x) / p(x))``; ``q_0(x)``, the model's own share, is recovered from the mixed row
         by subtracting the cheap predictors' part. All streams at once, element by element
         the same IEEE operations as one stream at a time. ``rows`` are the streams the model
-        fed this step, those :meth:`_linear_mix` mixed, in the same order.
+        fed this step, those :meth:`_linear_mix` mixed, in the same order; ``mixed`` and
+        ``totals`` their mixed rows' entries at their tokens and their sums.
         """
         states = [self.streams[index] for index in rows]
         tokens = symbols[rows].astype(np.int64)
@@ -587,10 +637,9 @@ class EnsemblePredictor:
             if features is not None:
                 observed[position] = features
         simplexes, sets = self._simplexes, self._mix_sets  # this step's, from _linear_mix
-        mixed = probabilities[rows, tokens]
         llm_share = (mixed - row_sums(observed * simplexes[:, 1:])) / simplexes[:, 0]
         shares = np.concatenate((llm_share[:, None], observed), axis=1)
-        p_token = np.maximum(mixed / totals[rows], 1e-300)
+        p_token = np.maximum(mixed / totals, 1e-300)
         step = simplexes * (1.0 - shares / p_token[:, None])
         self.weights[rows, sets] = self.weights[rows, sets] - self.config.mixer_lr * step
 
@@ -628,3 +677,49 @@ class EnsemblePredictor:
                 sums = squares[table_rows[index]]
                 sums += step * step
                 entries -= (np.float32(lr) * step) / np.sqrt(np.float32(config.bias_eps) + sums)
+
+
+class FusedStep(CodedRows):
+    """One step of an :class:`EnsemblePredictor` in linear mode, coded by the int24 coder
+    through the C kernel ``ensemble_int24``: stream by stream, the model row is made from
+    the logits and the bias tables as they were when the step began, summed, mixed with the
+    stream's candidates, quantised and coded, and the bias tables take the stream's step,
+    while the row is in the CPU's cache. The same arithmetic in the same order as the
+    predictor's float64 rows, the coder and :meth:`EnsemblePredictor.update` (so the same
+    bytes), without a step's worth of float64 rows (100 MB at 256 streams) passing through
+    memory four times. Holds what :meth:`EnsemblePredictor.update` then learns from."""
+
+    def __init__(self, predictor: EnsemblePredictor, logits, wanted, skip_rows, weight0, offsets, candidates, additions):
+        self.predictor = predictor
+        self.logits, self.wanted, self.skip_rows = logits, wanted, skip_rows
+        self.mix = (weight0, offsets, candidates, additions)
+        n = len(wanted)
+        self.model_totals, self.mixed_totals, self.p_token = np.empty(n), np.empty(n), np.empty(n)
+        self.dots = np.empty(n) if predictor._learn_temperature else None
+
+    def __len__(self) -> int:
+        return self.predictor._running
+
+    def int24_encode(self, symbols: np.ndarray, state: np.ndarray, out: np.ndarray) -> int:
+        return self._run(True, np.ascontiguousarray(symbols, np.int32), state, out)
+
+    def int24_decode(self, state: np.ndarray, words: np.ndarray, out: np.ndarray) -> int:
+        return self._run(False, out, state, words)
+
+    def _run(self, encode: bool, symbols: np.ndarray, state: np.ndarray, words: np.ndarray) -> int:
+        p = self.predictor
+        config = p.config
+        if p._fused_step is not None:
+            raise RuntimeError("a FusedStep is coded once")
+        temperature = float(np.float32(p.temperature if p._learn_temperature else 1.0))
+        bias = (p.bias, p._bias_row, p.bias_squares, config.bias_lr, p.context_bias, p._context_row, p.context_squares,
+                config.context_bias_lr, config.bias_eps)  # as _learn_bias passes them to learn_bias
+        result = _kernels.ensemble_int24(encode, self.logits, np.ascontiguousarray(self.wanted, np.int64), self.skip_rows, symbols,
+                                         p.n_vocab, float(_SCALE), temperature, bias, self.mix,
+                                         (self.model_totals, self.dots, self.mixed_totals, self.p_token), state, words)
+        if not encode and result < len(symbols):
+            return result  # invalid data: the decoder reports it
+        if p._learn_temperature:  # E_q[logit] under the model's own rows, for update()
+            p._expected_logit = self.dots / self.model_totals
+        p._fused_step = self
+        return result

@@ -174,7 +174,7 @@ class LLMPredictor:
         self.table = LogitTable(n_vocab, n_streams, threads)
         self.weight_rows = False
 
-    def use_weight_rows(self, wanted: bool) -> None:
+    def use_int24_rows(self, wanted: bool) -> None:
         """Hand the coder int24 weight rows (when the coder is int24 and the C kernel is
         built) instead of float64 rows: the same coded bytes, less work."""
         self.weight_rows = wanted and self.table.use_kernel
