@@ -124,16 +124,24 @@ def plan_workers(requested, gpu: bool, streams: int, ctx: int, threads: int | No
     return WorkerPlan(processes, threads or max(1, cores // (processes * lanes)), (None,) * processes, lanes)
 
 
+_kv_cells_read: dict[tuple, int | None] = {}  # (path, size, mtime) -> the header's figure
+
+
 def kv_cell_bytes(model_path=None) -> int:
-    """KV cache bytes per token cell of the model (:func:`nacrith.gguf.kv_cell_bytes`), or the bound."""
+    """KV cache bytes per token cell of the model (:func:`nacrith.gguf.kv_cell_bytes`), or the
+    bound. Each model file's header is read once per process (about 65 ms), not per file coded."""
     from .gguf import kv_cell_bytes as read_kv_cell_bytes
     from .model import resolve_model_path
 
     try:
         path = resolve_model_path(model_path)
+        stat = os.stat(path)
     except (OSError, ModelNotFoundError):
         return BYTES_PER_KV_CELL
-    return read_kv_cell_bytes(path) or BYTES_PER_KV_CELL
+    key = (os.fspath(path), stat.st_size, stat.st_mtime_ns)  # a replaced file is read again
+    if key not in _kv_cells_read:
+        _kv_cells_read[key] = read_kv_cell_bytes(path)
+    return _kv_cells_read[key] or BYTES_PER_KV_CELL
 
 
 def _processes_fitting_in_memory(streams: int, ctx: int, model_path=None) -> int:

@@ -284,6 +284,22 @@ def test_kv_cell_bytes_from_the_gguf_header(tmp_path):
     assert workers.kv_cell_bytes(tmp_path / "absent.gguf") == workers.BYTES_PER_KV_CELL
 
 
+def test_kv_cell_bytes_reads_each_model_header_once(tmp_path, monkeypatch):
+    """workers.kv_cell_bytes reads a model's header once per process, and again once the file changed."""
+    import os
+
+    from nacrith import gguf, workers
+
+    reads = []
+    monkeypatch.setattr(gguf, "kv_cell_bytes", lambda path: reads.append(path) or 1000 + len(reads))
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"first")
+    assert workers.kv_cell_bytes(path) == workers.kv_cell_bytes(path) == 1001 and len(reads) == 1
+    path.write_bytes(b"second, longer")
+    os.utime(path, ns=(1, 1))
+    assert workers.kv_cell_bytes(path) == 1002 and len(reads) == 2
+
+
 def test_remaining_size(tmp_path):
     import io
 
