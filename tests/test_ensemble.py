@@ -323,6 +323,36 @@ def test_fused_step_codes_the_rows_bytes_and_decodes(extra):
     assert fused_run[0].skipped == rows_run[0].skipped and (fused_run[0].skipped > 0) == ("skip_min_trials" in extra)
 
 
+@pytest.mark.parametrize("n_vocab", [300, 1030, 4104, 49152, 262144])
+def test_fused_step_sums_are_numpys(n_vocab):
+    """ensemble_int24's model row sums, dots with the logits and mixed row sums are numpy's
+    bits (row.sum() and (row * logits).sum() in its pairwise order)."""
+    from nacrith.predictors.llm import _SCALE, LogitTable, _kernels
+
+    if _kernels is None:
+        pytest.skip("nacrith's C kernel is not built here")
+    rng = np.random.default_rng(n_vocab)
+    streams = 3
+    logits = (rng.normal(size=(streams, n_vocab)) * 4).astype(np.float32)
+    rows = LogitTable(n_vocab, streams, use_kernel=False).probabilities(logits).copy()
+    weight0 = rng.uniform(0.2, 0.9, streams)
+    candidates = np.array([5, 17, 2, 9, 1], np.int64)
+    offsets = np.array([0, 2, 2, 5], np.int64)
+    additions = rng.uniform(0, 0.1, len(candidates))
+    outputs = tuple(np.empty(streams) for _ in range(4))  # model totals, dots, mixed totals, p_token
+    state = np.array([0, 2**64 - 1, 0, 0], np.uint64)
+    _kernels.ensemble_int24(True, logits, np.arange(streams), np.empty((0, n_vocab)), np.array([3, 4, 5], np.int32), n_vocab, float(_SCALE),
+                            1.0, (None, (), None, 0.5, None, (), None, 0.3, 1.0), (weight0, offsets, candidates, additions), outputs, state,
+                            np.empty(streams, np.uint32))
+    model_totals, dots, mixed_totals, _ = outputs
+    assert np.array_equal(model_totals, rows.sum(axis=1))
+    assert np.array_equal(dots, np.array([(row * x.astype(np.float64)).sum() for row, x in zip(rows, logits)]))
+    for s in range(streams):
+        mixed = rows[s] * (weight0[s] / rows[s].sum())
+        mixed[candidates[offsets[s]:offsets[s + 1]]] += additions[offsets[s]:offsets[s + 1]]
+        assert mixed_totals[s] == mixed.sum(), s
+
+
 def test_fused_step_refuses_what_does_not_fit():
     """ensemble_int24 checks its counts and indices before it touches memory."""
     from nacrith.predictors.llm import _kernels
