@@ -5,13 +5,16 @@ sd 4) with both bias tables (3 class rows, 256 context rows) and two candidates 
 ``--calls`` times in one process, and reports each call's CPU time per token (thread time,
 so time stolen by other guests of a VM counts less): the minimum and the median. It makes
 two builds of the kernel comparable: run it with each in turn, several times, and compare
-the distributions. Appends to bench/results/fused-step.json. Usage:
-    python bench/fused_step.py --tag "..." [--streams 16 --vocab 49152 --calls 40]
+the distributions. ``--processes N`` runs N copies at once in forked processes (one row per
+copy), as N workers would share a host's cores and memory. Appends to
+bench/results/fused-step.json. Usage:
+    python bench/fused_step.py --tag "..." [--streams 16 --vocab 49152 --calls 40 --processes 1]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import sys
 import time
@@ -50,16 +53,24 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--vocab", type=int, default=49152)
     parser.add_argument("--calls", type=int, default=40)
+    parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--tag", default="cpu")
     args = parser.parse_args()
     if _kernels is None:
         print("nacrith's C kernel is not built: nothing to time", file=sys.stderr)
         return 1
-    times = time_calls(args.streams, args.vocab, args.calls)
-    row = {"tag": args.tag, "machine": machine(), "streams": args.streams, "vocab": args.vocab, "calls": args.calls,
-           "min_us_per_token": round(min(times), 1), "median_us_per_token": round(statistics.median(times), 1)}
-    print(json.dumps(row))
-    append_results("fused-step.json", [row])
+    if args.processes == 1:
+        runs = [time_calls(args.streams, args.vocab, args.calls)]
+    else:
+        with multiprocessing.get_context("fork").Pool(args.processes) as pool:
+            runs = pool.starmap(time_calls, [(args.streams, args.vocab, args.calls)] * args.processes)
+    rows = []
+    for copy, times in enumerate(runs):
+        rows.append({"tag": args.tag, "machine": machine(), "streams": args.streams, "vocab": args.vocab, "calls": args.calls,
+                     "processes": args.processes, "copy": copy, "min_us_per_token": round(min(times), 1),
+                     "median_us_per_token": round(statistics.median(times), 1)})
+        print(json.dumps(rows[-1]))
+    append_results("fused-step.json", rows)
     return 0
 
 

@@ -45,6 +45,12 @@ step timeout 150 python3 -m pytest -q -s tests/test_gpu.py
 CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | awk '{print tolower($2)}')
 CARD=${CARD:-gpu}
 BIBLE=corpora/data/bible.txt
+# The ensemble's fused C step alone on this host's CPU, 256 synthetic streams, in 1, 8 and 16
+# processes at once: how far its cores and memory keep the ensemble's pace (fused-step.json;
+# about 120-160 us per token on one core of the 2-core dev VM at 16 streams)
+for P in 1 8 16; do
+  step timeout 60 python3 bench/fused_step.py --streams 256 --calls 12 --processes $P --tag "gpu-$CARD host, $P processes"
+done
 # Model only, 3 MB, `auto` (2 processes of 4 lanes: 96-100% of raw, 168-176 KB/s on an H200
 # in throughput-gpu.json, where 8 processes of one lane reached 90%, 79 KB/s)
 step timeout 120 python3 bench/throughput.py $BIBLE --bytes 3000000 --gpu --streams 256 --workers auto --llm-only --tag gpu
@@ -59,5 +65,5 @@ step timeout 120 python3 bench/throughput.py $BIBLE --bytes 3000000 --gpu --stre
 [ "$(left 565)" -gt 110 ] && step timeout "$(left 565)" python3 bench/throughput.py $BIBLE --bytes 2000000 --gpu --streams 256 --workers auto --tag gpu
 # raw decode of layouts (lanes-gpu*.json), only if time is left
 [ "$(left 585)" -gt 20 ] && step timeout "$(left 585)" python3 bench/lanes.py $BIBLE --gpu --streams 256 --steps 64 --ctx 256 --layouts 1x1,1x4,2x4,8x1 --tag "gpu-$CARD"
-cp bench/results/*gpu* "$OUT/" 2>/dev/null
+cp bench/results/*gpu* bench/results/fused-step.json "$OUT/" 2>/dev/null
 echo "done in $(( $(date +%s) - BEGAN )) s" | tee -a "$OUT/run.log"
