@@ -342,19 +342,22 @@ class EnsemblePredictor:
         top, top_count, top_total = -1, 0, 0
         geometric = self.config.mix == "geometric"
         if state.ngram:
+            top_followers = None  # the highest order's followers: its most frequent is the top candidate
             for order, followers in enumerate(state.ngram.contexts(state.history, state.context_keys()), start=1):
                 if not followers:
                     continue
-                highest = order
+                highest, top_followers = order, followers
                 total = sum(followers.values())
+                column = order - 1
                 for token, count in followers.items():
                     row = columns.get(token)
                     if row is None:
                         row = columns[token] = [0.0] * n_cheap
                     # the n-gram's evidence: ln(1 + count) for geometric mixing, else its frequency
-                    row[order - 1] = math.log1p(count) if geometric else count / total
-                best = max(followers, key=followers.__getitem__)
-                top, top_count, top_total = best, followers[best], total
+                    row[column] = math.log1p(count) if geometric else count / total
+            if top_followers is not None:
+                top = max(top_followers, key=top_followers.__getitem__)
+                top_count, top_total = top_followers[top], total
         match_bucket = 0
         if state.match:
             predicted = state.match.predicted()
