@@ -239,6 +239,20 @@ PAIRWISE_SUM(pairwise_sum, (const double *restrict p, long n), ROW_ENTRY, (p, ha
 PAIRWISE_SUM(pairwise_dot, (const double *restrict p, const float *restrict x, long n), ROW_PRODUCT, (p, x, half),
              (p + half, x + half, n - half))
 
+/* One model row: exp2 of the scores ((x * temperature) + a) + b (scale_and_add) into p, via
+ * the float32 scratch; its sum (total not NULL) and its dot with x (dot not NULL) in numpy's
+ * pairwise order, taken while the row is in the cache. Returns the scores' maximum (exp2_row). */
+static float model_row(const float *x, const float *a, const float *b, float temperature, float scale, float *scores, double *p,
+                       Py_ssize_t cols, double *total, double *dot) {
+    scale_and_add(x, a, b, temperature, scores, cols);
+    float best = exp2_row(scores, (int64_t *)p, (long)cols, scale);
+    if (total)
+        *total = pairwise_sum(p, (long)cols);
+    if (dot)
+        *dot = pairwise_dot(p, x, (long)cols);
+    return best;
+}
+
 /* scores_exp2_rows(logits, out, scratch, cols, scale, temperature, table_a, rows_a, table_b, rows_b):
  * exp2_rows of the scores ((logits[r] * temperature) + table_a[rows_a[r]]) + table_b[rows_b[r]],
  * each operation rounded to float32 in that order (a table of None adds nothing). scratch:
@@ -272,15 +286,8 @@ static PyObject *scores_exp2_rows(PyObject *self, PyObject *args) {
         float *scores = (float *)scratch.buf;
         Py_BEGIN_ALLOW_THREADS
         for (Py_ssize_t r = 0; r < n / cols; r++) {
-            const float *row = in + r * cols;
-            const float *add_a = bias_row(&a, r, cols), *add_b = bias_row(&b, r, cols);
-            scale_and_add(row, add_a, add_b, temperature, scores, cols);
-            exp2_row(scores, bits + r * cols, (long)cols, scale);
-            const double *p = (const double *)(bits + r * cols);
-            if (totals.obj)
-                ((double *)totals.buf)[r] = pairwise_sum(p, (long)cols);
-            if (dots.obj)
-                ((double *)dots.buf)[r] = pairwise_dot(p, row, (long)cols);
+            model_row(in + r * cols, bias_row(&a, r, cols), bias_row(&b, r, cols), temperature, scale, scores, (double *)(bits + r * cols), cols,
+                      totals.obj ? (double *)totals.buf + r : NULL, dots.obj ? (double *)dots.buf + r : NULL);
         }
         Py_END_ALLOW_THREADS
         biases_close(&a, &b);
@@ -614,11 +621,31 @@ static void encode_symbol(Encoder *e, const Quant *q, long s, long cols) {
     }
 }
 
+/* An encoder from the state array a Python coder keeps (lower, range, inverted words,
+ * first inverted word), writing into words; encoder_save puts its state back. */
+static Encoder encoder_open(const uint64_t *state, uint32_t *words) {
+    return (Encoder){state[0], state[1], state[2], (uint32_t)state[3], words, 0};
+}
+
+static void encoder_save(const Encoder *e, uint64_t *state) {
+    state[0] = e->lower, state[1] = e->range, state[2] = e->inverted, state[3] = e->first_inverted;
+}
+
 /* The decoder's state between symbols. */
 typedef struct {
     uint64_t lower, range, point, next, n_words;
     const uint32_t *words;
 } Decoder;
+
+/* A decoder from its state array (lower, range, point, next word) over n_words coded words;
+ * decoder_save puts its state back. */
+static Decoder decoder_open(const uint64_t *state, const uint32_t *words, uint64_t n_words) {
+    return (Decoder){state[0], state[1], state[2], state[3], n_words, words};
+}
+
+static void decoder_save(const Decoder *d, uint64_t *state) {
+    state[0] = d->lower, state[1] = d->range, state[2] = d->point, state[3] = d->next;
+}
 
 /* The next symbol, coded with a quantised row of cols entries; -1 on invalid data. */
 static long decode_symbol(Decoder *d, const Quant *q, long cols) {
@@ -680,7 +707,7 @@ static PyObject *int24_encode(PyObject *self, PyObject *args) {
     }
     const int32_t *sym = (const int32_t *)symbols.buf;
     uint64_t *st = (uint64_t *)state.buf;
-    Encoder e = {st[0], st[1], st[2], (uint32_t)st[3], (uint32_t *)out.buf, 0};
+    Encoder e = encoder_open(st, (uint32_t *)out.buf);
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t r = 0; r < rows; r++) {
         long s = sym[r];
@@ -695,7 +722,7 @@ static PyObject *int24_encode(PyObject *self, PyObject *args) {
         }
         encode_symbol(&e, &q, s, (long)cols);
     }
-    st[0] = e.lower, st[1] = e.range, st[2] = e.inverted, st[3] = e.first_inverted;
+    encoder_save(&e, st);
     written = e.written;
     Py_END_ALLOW_THREADS
 done:
@@ -721,7 +748,7 @@ static PyObject *int24_decode(PyObject *self, PyObject *args) {
     }
     uint64_t *st = (uint64_t *)state.buf;
     int32_t *sym = (int32_t *)out.buf;
-    Decoder d = {st[0], st[1], st[2], st[3], (uint64_t)(data.len / (Py_ssize_t)sizeof(uint32_t)), (const uint32_t *)data.buf};
+    Decoder d = decoder_open(st, (const uint32_t *)data.buf, (uint64_t)(data.len / (Py_ssize_t)sizeof(uint32_t)));
     Py_BEGIN_ALLOW_THREADS
     for (; decoded < rows; decoded++) {
         Quant q;
@@ -734,7 +761,7 @@ static PyObject *int24_decode(PyObject *self, PyObject *args) {
             break;  /* invalid data */
         sym[decoded] = (int32_t)s;
     }
-    st[0] = d.lower, st[1] = d.range, st[2] = d.point, st[3] = d.next;
+    decoder_save(&d, st);
     Py_END_ALLOW_THREADS
 done:
     return end_call((Py_buffer *[]){&probs, &totals, &state, &data, &out}, error, decoded);
@@ -835,6 +862,14 @@ WIDE static void scale_row(double *restrict p, double factor, Py_ssize_t n) {
         p[i] *= factor;
 }
 
+/* The linear mix of one row: p *= factor, p[index[j]] += add[j] in order, then p's pairwise sum. */
+static double mix_row(double *p, Py_ssize_t n, double factor, const int64_t *index, const double *add, Py_ssize_t k) {
+    scale_row(p, factor, n);
+    for (Py_ssize_t j = 0; j < k; j++)
+        p[index[j]] += add[j];
+    return pairwise_sum(p, (long)n);
+}
+
 static PyObject *scale_add_sum(PyObject *self, PyObject *args) {
     Py_buffer row, candidates, additions;
     double factor, total = 0.0;
@@ -849,10 +884,7 @@ static PyObject *scale_add_sum(PyObject *self, PyObject *args) {
         double *p = (double *)row.buf;
         const double *add = (const double *)additions.buf;
         Py_BEGIN_ALLOW_THREADS
-        scale_row(p, factor, n);
-        for (Py_ssize_t j = 0; j < k; j++)
-            p[index[j]] += add[j];
-        total = pairwise_sum(p, (long)n);
+        total = mix_row(p, n, factor, index, add, k);
         Py_END_ALLOW_THREADS
     } else
         PyErr_SetString(PyExc_ValueError, "scale_add_sum: bad candidates or sizes");
@@ -1074,8 +1106,8 @@ static PyObject *ensemble_int24(PyObject *self, PyObject *args) {
     Py_ssize_t result = 0;
     if (ok) {
         Py_BEGIN_ALLOW_THREADS
-        Encoder e = {st[0], st[1], st[2], (uint32_t)st[3], (uint32_t *)words.buf, 0};
-        Decoder d = {st[0], st[1], st[2], st[3], (uint64_t)(words.len / (Py_ssize_t)sizeof(uint32_t)), (const uint32_t *)words.buf};
+        Encoder e = encoder_open(st, (uint32_t *)words.buf);
+        Decoder d = decoder_open(st, (const uint32_t *)words.buf, (uint64_t)(words.len / (Py_ssize_t)sizeof(uint32_t)));
         Snapshot snap_a, snap_b;
         float *scores = (float *)malloc((size_t)cols * sizeof(float));
         double *row = (double *)malloc((size_t)cols * sizeof(double));
@@ -1091,20 +1123,14 @@ static PyObject *ensemble_int24(PyObject *self, PyObject *args) {
             Quant q;
             int invalid;
             if (fed) {
-                const float *x = logits + j * cols;
-                scale_and_add(x, snapshot_row(&b, &snap_b, s, cols), snapshot_row(&a, &snap_a, s, cols), temperature, scores, cols);
-                float best_logit = exp2_row(scores, (int64_t *)row, (long)cols, scale);
+                float best_logit = model_row(logits + j * cols, snapshot_row(&b, &snap_b, s, cols), snapshot_row(&a, &snap_a, s, cols),
+                                             temperature, scale, scores, row, cols, model_totals + j, dots ? dots + j : NULL);
                 double model_max = best_logit - best_logit == 0.0f ? 1.0 : exp2_value(LIMIT);
-                model_totals[j] = pairwise_sum(row, (long)cols);
-                if (dots)
-                    dots[j] = pairwise_dot(row, x, (long)cols);
                 double factor = weight0[j] / model_totals[j];
-                scale_row(row, factor, cols);
-                for (int64_t c = offsets[j]; c < offsets[j + 1]; c++)
-                    row[candidates[c]] += additions[c];
-                mixed_totals[j] = pairwise_sum(row, (long)cols);
-                invalid = quant_mixed_row(row, (long)cols, model_max, factor, candidates + offsets[j], additions + offsets[j],
-                                          offsets[j + 1] - offsets[j], &q);
+                const int64_t *mixed = candidates + offsets[j];
+                Py_ssize_t n_mixed = offsets[j + 1] - offsets[j];
+                mixed_totals[j] = mix_row(row, cols, factor, mixed, additions + offsets[j], n_mixed);
+                invalid = quant_mixed_row(row, (long)cols, model_max, factor, mixed, additions + offsets[j], n_mixed, &q);
             } else
                 invalid = quant_row(p, (long)cols, &q);
             if (invalid) {
@@ -1126,9 +1152,9 @@ static PyObject *ensemble_int24(PyObject *self, PyObject *args) {
             }
         }
         if (encode)
-            st[0] = e.lower, st[1] = e.range, st[2] = e.inverted, st[3] = e.first_inverted, result = e.written;
+            encoder_save(&e, st), result = e.written;
         else
-            st[0] = d.lower, st[1] = d.range, st[2] = d.point, st[3] = d.next, result = s;
+            decoder_save(&d, st), result = s;
         if (opened_a)
             snapshot_close(&snap_a);
         if (opened_b)
