@@ -454,13 +454,17 @@ class EnsemblePredictor:
         """:meth:`_model_scores`, the probability table, the rows' sums and (when the
         temperature learns) :meth:`_weighted_sums` in one C pass per row (same bits):
         ``(rows, totals, weighted sums or None)``."""
-        temperature = self.temperature if self._learn_temperature else 1.0  # x * 1 == x: the plain copy
+        temperature = self._applied_temperature()
         totals = np.empty(len(rows), np.float64)
         dots = np.empty(len(rows), np.float64) if self._learn_temperature else None
         # one shared bias table means every _bias_row is 0 (the numpy path broadcasts it instead)
         model_rows = self.table.biased_probabilities(logits, temperature, self.context_bias, self._context_row[rows], self.bias,
                                                      self._bias_row[rows], totals, dots)
         return model_rows, totals, dots
+
+    def _applied_temperature(self) -> float:
+        """The scale the kernel applies to the logits, as float32 (1 when it does not learn: x * 1 == x)."""
+        return float(np.float32(self.temperature if self._learn_temperature else 1.0))
 
     def _fused_step_of(self, logits: np.ndarray, running: int) -> "FusedStep":
         """What :meth:`probabilities` and :meth:`_linear_mix` prepare before the rows exist
@@ -474,20 +478,17 @@ class EnsemblePredictor:
         skip_rows = self._skip_rows[: len(skipped)] if len(skipped) else np.empty((0, self.n_vocab))
         for row, index in zip(skip_rows, skipped):
             self._skip_row(self.streams[index], row)
-        states = [self.streams[index] for index in wanted]
-        sets = self._mix_sets = np.fromiter((state.weight_set for state in states), np.int64, len(states))
-        simplexes = self._simplexes = self._softmax_rows(self.weights[wanted, sets])
-        additions = [(state.features * weights[1:]).sum(axis=1) for state, weights in zip(states, simplexes) if len(state.candidates)]
+        states, simplexes = self._mixing_weights(wanted)
+        additions = [self._additions(state, weights) for state, weights in zip(states, simplexes)]
         offsets = np.zeros(len(states) + 1, np.int64)
         np.cumsum([len(state.candidates) for state in states], out=offsets[1:])
-        candidates = np.concatenate([state.candidates for state in states]) if len(states) else np.empty(0, np.int64)
+        candidates = np.concatenate([np.empty(0, np.int64), *(state.candidates for state in states)])
         self._logits = logits
         self.steps += running
         self.skipped += len(skipped)
         self._fused_step = None
         return FusedStep(self, np.ascontiguousarray(logits, np.float32), wanted, skip_rows, np.ascontiguousarray(simplexes[:, 0]),
-                         offsets, np.ascontiguousarray(candidates, np.int64),
-                         np.concatenate(additions) if additions else np.empty(0, np.float64))
+                         offsets, np.ascontiguousarray(candidates, np.int64), np.concatenate([np.empty(0), *additions]))
 
     def _model_scores(self, logits: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
         """``out = w_llm * logits + bias`` for the given stream rows."""
@@ -530,14 +531,12 @@ class EnsemblePredictor:
         ``row.sum()``), taken in the same pass; else None.
         """
         mixed_totals = np.empty(len(rows), np.float64) if self.table.use_kernel else None
-        states = [self.streams[index] for index in rows]
-        sets = self._mix_sets = np.fromiter((state.weight_set for state in states), np.int64, len(states))
-        simplexes = self._simplexes = self._softmax_rows(self.weights[rows, sets])
+        states, simplexes = self._mixing_weights(rows)
         for position, (index, state) in enumerate(zip(rows, states)):
             row = probabilities[index]
             weights = simplexes[position]
             factor = weights[0] / totals[position]
-            additions = (state.features * weights[1:]).sum(axis=1) if len(state.candidates) else np.empty(0)
+            additions = self._additions(state, weights)
             if mixed_totals is not None:
                 mixed_totals[position] = _kernels.scale_add_sum(row, factor, state.candidates, additions)
                 continue
@@ -545,6 +544,20 @@ class EnsemblePredictor:
             if len(state.candidates):
                 row[state.candidates] += additions
         return mixed_totals
+
+    def _mixing_weights(self, rows: np.ndarray) -> tuple[list[StreamState], np.ndarray]:
+        """The states of the streams ``rows`` and their mixing weights this step (the softmax of
+        each one's current weight set), kept for the learning step as ``_mix_sets`` and
+        ``_simplexes``."""
+        states = [self.streams[index] for index in rows]
+        sets = self._mix_sets = np.fromiter((state.weight_set for state in states), np.int64, len(states))
+        self._simplexes = self._softmax_rows(self.weights[rows, sets])
+        return states, self._simplexes
+
+    @staticmethod
+    def _additions(state: StreamState, weights: np.ndarray) -> np.ndarray:
+        """What the cheap predictors add to a stream's candidates: ``sum_i w_i * q_i`` per candidate."""
+        return (state.features * weights[1:]).sum(axis=1) if len(state.candidates) else np.empty(0)
 
     def _softmax_rows(self, raw: np.ndarray) -> np.ndarray:
         """Mixing weights on the simplex (softmax of each row of raw weights)."""
@@ -714,11 +727,10 @@ class FusedStep(CodedRows):
         config = p.config
         if p._fused_step is not None:
             raise RuntimeError("a FusedStep is coded once")
-        temperature = float(np.float32(p.temperature if p._learn_temperature else 1.0))
         bias = (p.bias, p._bias_row, p.bias_squares, config.bias_lr, p.context_bias, p._context_row, p.context_squares,
                 config.context_bias_lr, config.bias_eps)  # as _learn_bias passes them to learn_bias
         result = _kernels.ensemble_int24(encode, self.logits, np.ascontiguousarray(self.wanted, np.int64), self.skip_rows, symbols,
-                                         p.n_vocab, float(_SCALE), temperature, bias, self.mix,
+                                         p.n_vocab, float(_SCALE), p._applied_temperature(), bias, self.mix,
                                          (self.model_totals, self.dots, self.mixed_totals, self.p_token), state, words)
         if not encode and result < len(symbols):
             return result  # invalid data: the decoder reports it
