@@ -175,7 +175,8 @@ def compress_one(name: str, settings: pipeline.Settings, workers, output: str | 
         Path(name).unlink()
 
 
-def decompress_one(name: str, model: str | None, threads: int | None, workers, gpu_ids, output: str | None, to_stdout: bool, force: bool, quiet: bool, verbose: bool, remove: bool) -> None:
+def decompress_one(name: str, model: str | None, threads: int | None, workers, gpu_ids, output: str | None, to_stdout: bool, force: bool, quiet: bool, verbose: bool, remove: bool,
+                   any_gpu_model: bool = False) -> None:
     target = output_for(name, True, output, to_stdout)
     if target is not None and target.exists() and not force:
         raise UsageError(f"{target} already exists; use -f to overwrite")
@@ -188,7 +189,8 @@ def decompress_one(name: str, model: str | None, threads: int | None, workers, g
         parsed = fmt.parse(blob)
         with progress_bar(parsed.trailer.total_length, quiet, "decompress") as progress:
             with atomic_output(target, force, None if name == "-" else Path(name)) as out:
-                size = pipeline.decode_parsed(parsed, out, progress, model=model, threads=threads, workers=workers, gpu_ids=gpu_ids)
+                size = pipeline.decode_parsed(parsed, out, progress, model=model, threads=threads, workers=workers, gpu_ids=gpu_ids,
+                                              any_gpu_model=any_gpu_model)
     if verbose:
         click.echo(f"{name}: {len(blob)} -> {size} bytes", err=True)
     if remove and name != "-" and target is not None:
@@ -229,7 +231,7 @@ COMMON = [
     click.option("--threads", type=click.IntRange(min=1), help="CPU threads per worker (default: the cores shared among workers)."),
     click.option("--workers", default="1", show_default=True, callback=lambda ctx, param, value: parse_workers(value), help="Worker processes (never more than the input's blocks), 'PxL' for P processes of L lanes (threads with a context each, coding blocks side by side), or 'auto': one per CPU core as memory allows; on GPUs, by free GPU memory, up to 8 processes per GPU, or 2 processes of 4 lanes when the model runs alone (--llm-only)."),
     click.option("--gpus", default="none", show_default=True, callback=lambda ctx, param, value: parse_gpus(value),
-                 help="Compress on GPUs: 'all', a list like 0,1, or 'none'. GPU-made files decode only on a GPU (logits differ). Decompression uses the backend a file was made on; this only picks which GPUs."),
+                 help="Compress on GPUs: 'all', a list like 0,1, or 'none' (on GPUs of one model: the first's). GPU-made files decode only on a GPU of the model they record (logits differ). Decompression uses the backend a file was made on; this only picks which GPUs."),
 ]
 
 
@@ -324,9 +326,11 @@ def ensemble_config(no_ngram: bool, no_match: bool, no_bias: bool, no_mixer: boo
 @main_group.command("decompress")
 @click.argument("files", nargs=-1)
 @with_common
-def decompress_command(files, output, to_stdout, force, keep, remove, quiet, verbose, model, threads, workers, gpus):
+@click.option("--any-gpu-model", is_flag=True, help="Decode a GPU-made file on this machine's GPUs even if they are another model than the file records (refused otherwise: logits differ between GPU models); the checksum tells whether it worked.")
+def decompress_command(files, output, to_stdout, force, keep, remove, quiet, verbose, model, threads, workers, gpus, any_gpu_model):
     """Restore FILES.nc (or standard input) to FILE."""
-    run_each(files, output, lambda name: decompress_one(name, model, threads, workers, gpus or None, output, to_stdout, force, quiet, verbose, remove))
+    run_each(files, output, lambda name: decompress_one(name, model, threads, workers, gpus or None, output, to_stdout, force, quiet, verbose, remove,
+                                                        any_gpu_model))
 
 
 def predictor_parts(settings: dict) -> list[str] | None:

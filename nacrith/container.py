@@ -17,7 +17,10 @@ by that many UTF-8 bytes. *u32* is 4 bytes little-endian. CRC-32 is zlib's.
                     model_sha256        32 bytes  SHA-256 of the GGUF file
                     model_name          str     file name, for messages only
                     engine              str     e.g. "llama.cpp (llama-cpp-python 0.3.36)"
-                    backend             str     "cpu" or "cuda": logits differ between them
+                    backend             str     "cpu", or "cuda:" and the GPU's name as ggml
+                                                describes it ("cuda" alone in files made
+                                                before the name was recorded): logits
+                                                differ between backends and GPU models
                     attention           u8      (version 3) how the engine runs attention
                                                 (nacrith.engine): 0 "auto", 1 "off", 2 "on",
                                                 3 "stable"
@@ -187,6 +190,17 @@ class ModelSection:
     predictor: dict = field(default_factory=dict)
     attention: str = LEGACY_ATTENTION  # the engine's flash-attention mode
     coder: str = LEGACY_CODER  # the range coder (nacrith.coder.CODERS)
+
+    @property
+    def backend_kind(self) -> str:
+        """The backend without the GPU's name: "cpu" or "cuda" (or what a newer nacrith wrote)."""
+        return self.backend.split(":", 1)[0]
+
+    @property
+    def gpu_model(self) -> str | None:
+        """The name of the GPU model the file was made on, where the file records it."""
+        kind, _, name = self.backend.partition(":")
+        return name if kind == "cuda" and name else None
 
 
 @dataclass(frozen=True)

@@ -188,8 +188,9 @@ def zstd_decompress(frame, expected: int) -> bytes:
     return data
 
 
-def model_section(settings: Settings) -> fmt.ModelSection:
-    """The header's model section for containers made with ``settings`` (no model loading)."""
+def model_section(settings: Settings, gpu_model: str | None = None) -> fmt.ModelSection:
+    """The header's model section for containers made with ``settings`` (no model loading),
+    on GPUs named ``gpu_model`` (as ggml describes them) when ``settings.gpu``."""
     from . import model as model_files
     from .session import engine_name
 
@@ -198,7 +199,7 @@ def model_section(settings: Settings) -> fmt.ModelSection:
         sha256=info.sha256,
         name=info.name,
         engine=engine_name(),
-        backend=settings.backend,
+        backend=f"cuda:{gpu_model}" if settings.gpu and gpu_model else settings.backend,
         ctx=settings.ctx,
         slide=settings.slide,
         predictor=settings.predictor,
@@ -490,7 +491,7 @@ def compress_stream(source: BinaryIO, destination: BinaryIO, settings: Settings,
         with WorkerPool(plan, settings.model, progress) as pool:
             for block, encoded in pool.compress(blocks, settings):
                 writer.add(block, encoded)
-    size = writer.finish(destination, lambda: model_section(settings))
+    size = writer.finish(destination, lambda: model_section(settings, plan.gpu_model))
     return Summary(writer.total, size, writer.n_blocks, writer.model_used)
 
 
@@ -532,28 +533,31 @@ def check_decodable(parsed: fmt.Container, model: str | None = None):
         make_predictor(section.predictor, 16, 1)
     except (ValueError, TypeError) as exc:
         raise UnsupportedVersionError(f"this file uses predictor settings this nacrith does not know ({exc})") from None
-    if section.backend not in ("cpu", "cuda"):
+    if section.backend_kind not in ("cpu", "cuda"):
         raise BackendMismatchError(f"this file was made on an unknown backend {section.backend!r}")
     if section.attention not in ATTENTION_MODES:
         raise UnsupportedVersionError(f"this file uses an attention mode this nacrith does not know ({section.attention!r})")
     if section.coder not in CODERS:
         raise UnsupportedVersionError(f"this file uses a range coder this nacrith does not know ({section.coder!r})")
-    if section.backend == "cuda" and not gpu_available():
+    if section.backend_kind == "cuda" and not gpu_available():
         raise BackendMismatchError("this file was made on a CUDA GPU; this llama.cpp has no GPU support, and CPU logits differ")
     return info.path
 
 
 def decode_parsed(parsed: fmt.Container, destination: BinaryIO, progress: Progress | None = None, model: str | None = None,
-                  threads: int | None = None, session=None, workers: int | str = 1, gpu_ids=None) -> int:
+                  threads: int | None = None, session=None, workers: int | str = 1, gpu_ids=None, any_gpu_model: bool = False) -> int:
     """Decode a container parsed with :func:`nacrith.container.parse` into ``destination``.
 
     Everything is validated before the first byte is written except the final checksum:
     on :class:`CorruptError` the caller must discard what was written. Returns the size.
+    A file made on a GPU decodes on GPUs of the model it records, else is refused
+    (:class:`BackendMismatchError`), unless ``any_gpu_model``: then on the first GPU's
+    model, the checksum alone telling whether its logits were the same.
     """
     model_path = check_decodable(parsed, model)
     section = parsed.header.model
-    gpu = section is not None and section.backend == "cuda"
-    if session is not None and parsed.uses_model and session.backend != section.backend:
+    gpu = section is not None and section.backend_kind == "cuda"
+    if session is not None and parsed.uses_model and session.backend != section.backend_kind:
         raise BackendMismatchError(f"this file was made on {section.backend}, the session runs on {session.backend}")
     digest = hashlib.sha256()
     from .workers import plan_workers
@@ -561,7 +565,7 @@ def decode_parsed(parsed: fmt.Container, destination: BinaryIO, progress: Progre
     model_blocks = sum(block.kind == fmt.MODEL for block in parsed.blocks)
     model_only = section is not None and model_alone(section.predictor)
     plan = plan_workers(workers, gpu, max((len(b.stream_tokens) for b in parsed.blocks), default=1), section.ctx if section else 0, threads, gpu_ids,
-                        max(1, model_blocks), model_only, model_path)
+                        max(1, model_blocks), model_only, model_path, section.gpu_model if gpu and not any_gpu_model else None)
     if plan.contexts <= 1 or model_blocks <= 1 or session is not None:
         factory = LocalSession(model_path, gpu, plan.threads if threads is None else threads, session, plan.devices[0])
         decoded = (decode_block(block, section, factory, progress) for block in parsed.blocks)

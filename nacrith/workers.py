@@ -31,7 +31,7 @@ from typing import Callable, Iterable, Iterator
 
 from . import container as fmt
 from .engine import default_threads
-from .errors import ModelNotFoundError, WorkerError
+from .errors import BackendMismatchError, ModelNotFoundError, WorkerError
 
 IN_FLIGHT_PER_WORKER = 2
 MAX_PROCESSES_PER_GPU = 8  # measured on an H100 at 256 streams: 8 processes reach 85% of raw decode, 4 only 58%
@@ -58,6 +58,7 @@ class WorkerPlan:
     threads: int
     devices: tuple  # main_gpu per process; None for the CPU
     lanes: int = 1  # contexts per process, each coding its own block in its own thread
+    gpu_model: str | None = None  # the name of the GPUs in devices (all of one model); None for the CPU
 
     @property
     def contexts(self) -> int:
@@ -79,8 +80,12 @@ def parse_workers(requested) -> tuple:
 
 
 def plan_workers(requested, gpu: bool, streams: int, ctx: int, threads: int | None = None, gpu_ids=None, blocks: int | None = None,
-                 model_only: bool = False, model_path=None) -> WorkerPlan:
+                 model_only: bool = False, model_path=None, gpu_model: str | None = None) -> WorkerPlan:
     """Resolve ``--workers N|PxL|auto`` for the CPU or the GPUs (``gpu_ids``: which ones, None for all).
+
+    The GPUs used are all of one model, since logits differ between GPU models:
+    ``gpu_model`` (a file's, when decoding), else the first GPU's; the others are left out.
+    A ``gpu_model`` that no GPU here has is refused (:class:`BackendMismatchError`).
 
     ``blocks``, when known, caps the contexts: a worker or lane without a block would only
     take CPU threads from the others. ``model_only`` (no ensemble) lets ``auto`` on a GPU
@@ -103,6 +108,12 @@ def plan_workers(requested, gpu: bool, streams: int, ctx: int, threads: int | No
         found = [device for device in gpus() if gpu_ids is None or device.index in gpu_ids]
         if not found:
             raise EngineError("no GPU visible to llama.cpp" + ("" if gpu_ids is None else f" among {sorted(gpu_ids)}") + " (see `make install-cuda`)")
+        model = gpu_model or found[0].description
+        if not any(device.description == model for device in found):
+            names = ", ".join(sorted({device.description for device in found}))
+            raise BackendMismatchError(f"this file was made on a {model} GPU; logits differ between GPU models, and this machine has {names}"
+                                       " (--any-gpu-model tries anyway: the checksum tells whether it decoded)")
+        found = [device for device in found if device.description == model]
         if requested == "auto":
             per_context = kv_cell_bytes(model_path) * streams * max(ctx, 1) + GPU_MEMORY_MARGIN
             most = MODEL_ONLY_GPU_LAYOUT[0] if auto_gpu_lanes else MAX_PROCESSES_PER_GPU
@@ -113,7 +124,7 @@ def plan_workers(requested, gpu: bool, streams: int, ctx: int, threads: int | No
         else:
             devices = tuple(found[i % len(found)].index for i in range(int(requested)))
         devices = devices[: max(1, blocks)] if blocks is not None else devices
-        return WorkerPlan(len(devices), threads or max(1, cores // (len(devices) * lanes)), devices, lanes)
+        return WorkerPlan(len(devices), threads or max(1, cores // (len(devices) * lanes)), devices, lanes, model)
     # CPU: one single-threaded process per core beats one process using every core (on 2
     # cores, 2 x 1 thread measured 6-9% faster than 1 x 2 in bench/results/workers-cpu.json,
     # 21-26% in an earlier run; 2 processes also beat 1 process of 2 lanes in

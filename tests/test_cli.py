@@ -63,6 +63,8 @@ def test_stdin_to_stdout_pipeline():
     assert packed.returncode == 0, packed.stderr
     restored = run("decompress", "-c", "-", stdin=packed.stdout)
     assert restored.returncode == 0 and restored.stdout == TEXT
+    restored = run("-d", "--any-gpu-model", "-c", "-", stdin=packed.stdout)  # accepted; no effect on a CPU file
+    assert restored.returncode == 0 and restored.stdout == TEXT
 
 
 def test_output_option_and_stdout_flag(text_file: Path, tmp_path: Path):

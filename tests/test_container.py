@@ -1,6 +1,9 @@
 """The container refuses anything it cannot decode exactly, before model work where it can."""
 from __future__ import annotations
 
+import io
+from dataclasses import replace
+
 import pytest
 
 from nacrith import container as fmt
@@ -208,12 +211,48 @@ def test_wrong_model_is_refused_naming_both(session, model_blob):
         unpack(session, other)
 
 
-def test_other_backend_is_refused(session, model_blob):
+@pytest.mark.parametrize("gpu_backend", ["cuda", "cuda:NVIDIA H100 80GB HBM3"])
+def test_other_backend_is_refused(session, model_blob, gpu_backend):
     from nacrith.engine import gpu_available
 
-    other = reheader(model_blob, backend="cuda" if not gpu_available() else "cpu")
+    other = reheader(model_blob, backend=gpu_backend if not gpu_available() else "cpu")
     with pytest.raises(BackendMismatchError):
         unpack(session, other)
+
+
+def test_gpu_model_is_recorded_and_read():
+    section = fmt.ModelSection(b"\x00" * 32, "m.gguf", "engine", "cuda:NVIDIA H100 80GB HBM3", 1024, 512)
+    header, _ = fmt.read_header(fmt.write_header(fmt.Header(section)))
+    assert header.model == section
+    assert (header.model.backend_kind, header.model.gpu_model) == ("cuda", "NVIDIA H100 80GB HBM3")
+    assert (replace(section, backend="cuda").backend_kind, replace(section, backend="cuda").gpu_model) == ("cuda", None)  # older files
+    assert (replace(section, backend="cpu").backend_kind, replace(section, backend="cpu").gpu_model) == ("cpu", None)
+
+
+def test_file_of_another_gpu_model_is_refused_before_any_output(session, model_blob, monkeypatch):
+    """A file made on one GPU model, on a machine whose GPUs are another: refused before
+    decoding (nothing written), unless any_gpu_model lets the machine's GPUs try."""
+    from nacrith import devices, pipeline, workers
+
+    gib = 1 << 30
+    monkeypatch.setattr(pipeline, "check_decodable", lambda parsed, model=None: None)  # as if this build had CUDA
+    monkeypatch.setattr(devices, "gpus", lambda: [devices.Device(0, "CUDA0", "GPU B", 80 * gib, 80 * gib)])
+    other = reheader(model_blob, backend="cuda:GPU A")
+    out = io.BytesIO()
+    with pytest.raises(BackendMismatchError, match="made on a GPU A GPU.*this machine has GPU B"):
+        pipeline.decompress_to(other, out)
+    assert out.getvalue() == b""
+    planned = []
+
+    def plan(*args, **kwargs):
+        planned.append(args[9] if len(args) > 9 else kwargs.get("gpu_model"))
+        raise RuntimeError("planned")
+    monkeypatch.setattr(workers, "plan_workers", plan)
+    with pytest.raises(RuntimeError, match="planned"):
+        pipeline.decode_parsed(fmt.parse(other), out, any_gpu_model=True)
+    with pytest.raises(RuntimeError, match="planned"):
+        pipeline.decode_parsed(fmt.parse(other), out)
+    assert planned == [None, "GPU A"]
 
 
 def test_other_engine_is_refused(session, model_blob):

@@ -6,6 +6,7 @@ worker count, and that a GPU-made file is refused up front where no GPU is visib
 """
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -15,8 +16,9 @@ import pytest
 
 import nacrith
 from nacrith import container as fmt
+from nacrith import pipeline
 from nacrith.devices import gpus
-from nacrith.errors import ContainerError
+from nacrith.errors import BackendMismatchError, ContainerError
 
 pytestmark = pytest.mark.skipif(not gpus(), reason="no GPU visible to llama.cpp")
 
@@ -32,7 +34,7 @@ def test_gpu_roundtrip_any_worker_count():
     data = text(60_000)
     blob = nacrith.compress(data, gpu=True, streams=64, min_stream_tokens=32, block_size=20_000, fallback=False, workers=2)
     parsed = fmt.parse(blob)
-    assert parsed.header.model.backend == "cuda" and len(parsed.blocks) == 3
+    assert parsed.header.model.backend == f"cuda:{gpus()[0].description}" and len(parsed.blocks) == 3
     for workers in (1, 3, "1x3", "2x2"):
         assert nacrith.decompress(blob, workers=workers) == data
     assert nacrith.compress(data, gpu=True, streams=64, min_stream_tokens=32, block_size=20_000, fallback=False, workers="1x3") == blob
@@ -54,6 +56,18 @@ def test_gpu_file_refused_without_gpu(tmp_path):
     result = subprocess.run([sys.executable, "-m", "nacrith.cli", "-d", "-c", str(path)], capture_output=True, env=env, timeout=300)
     assert result.returncode == 1
     assert b"made on a CUDA GPU" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_file_of_another_gpu_model_refused_unless_any_gpu_model():
+    data = text(3_000)
+    blob = nacrith.compress(data, gpu=True, fallback=False, streams=4, min_stream_tokens=32)
+    header, end = fmt.read_header(blob)
+    relabelled = fmt.write_header(fmt.Header(fmt.ModelSection(**{**header.model.__dict__, "backend": "cuda:Another GPU"}))) + blob[end:]
+    with pytest.raises(BackendMismatchError, match="made on a Another GPU GPU"):
+        nacrith.decompress(relabelled)
+    out = io.BytesIO()
+    pipeline.decode_parsed(fmt.parse(relabelled), out, any_gpu_model=True)  # this GPU made it: exact
+    assert out.getvalue() == data
 
 
 def test_gpu_file_forced_onto_cpu_never_gives_wrong_bytes():

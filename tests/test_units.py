@@ -243,25 +243,45 @@ def test_gpu_worker_plan(monkeypatch):
     monkeypatch.setattr(workers, "kv_cell_bytes", lambda model_path=None: 23040)  # SmolLM2-135M: a context of 256 x 1024 cells is 5.6 GiB
     monkeypatch.setattr(devices, "gpus", lambda: [devices.Device(0, "CUDA0", "test", 80 * gib, 80 * gib), devices.Device(1, "CUDA1", "test", 80 * gib, 80 * gib)])
     # the ensemble: up to 8 processes per GPU, no more than half the cores, the GPUs taken in turn
-    assert workers.plan_workers("auto", True, 256, 1024) == workers.WorkerPlan(8, 2, (0, 1) * 4, 1)
-    assert workers.plan_workers("auto", True, 256, 1024, gpu_ids={1}) == workers.WorkerPlan(8, 2, (1,) * 8, 1)
+    assert workers.plan_workers("auto", True, 256, 1024) == workers.WorkerPlan(8, 2, (0, 1) * 4, 1, "test")
+    assert workers.plan_workers("auto", True, 256, 1024, gpu_ids={1}) == workers.WorkerPlan(8, 2, (1,) * 8, 1, "test")
     # the model alone: 2 processes of 4 lanes per GPU, within half the cores
-    assert workers.plan_workers("auto", True, 256, 1024, model_only=True) == workers.WorkerPlan(2, 2, (0, 1), 4)
-    assert workers.plan_workers("auto", True, 256, 1024, gpu_ids={1}, model_only=True) == workers.WorkerPlan(2, 2, (1, 1), 4)
+    assert workers.plan_workers("auto", True, 256, 1024, model_only=True) == workers.WorkerPlan(2, 2, (0, 1), 4, "test")
+    assert workers.plan_workers("auto", True, 256, 1024, gpu_ids={1}, model_only=True) == workers.WorkerPlan(2, 2, (1, 1), 4, "test")
     monkeypatch.setattr(workers, "default_threads", lambda: 32)
-    assert workers.plan_workers("auto", True, 256, 1024, model_only=True) == workers.WorkerPlan(4, 2, (0, 1, 0, 1), 4)
+    assert workers.plan_workers("auto", True, 256, 1024, model_only=True) == workers.WorkerPlan(4, 2, (0, 1, 0, 1), 4, "test")
     monkeypatch.setattr(workers, "default_threads", lambda: 16)
     # fewer blocks, fewer lanes and processes
-    assert workers.plan_workers("auto", True, 256, 1024, blocks=3, model_only=True) == workers.WorkerPlan(1, 5, (0,), 3)
-    assert workers.plan_workers("auto", True, 256, 1024, blocks=6, model_only=True) == workers.WorkerPlan(2, 2, (0, 1), 4)
+    assert workers.plan_workers("auto", True, 256, 1024, blocks=3, model_only=True) == workers.WorkerPlan(1, 5, (0,), 3, "test")
+    assert workers.plan_workers("auto", True, 256, 1024, blocks=6, model_only=True) == workers.WorkerPlan(2, 2, (0, 1), 4, "test")
     # a GPU with room for one 4-lane process only (each context: 5.6 GiB of KV cache and a 1 GiB margin)
     monkeypatch.setattr(devices, "gpus", lambda: [devices.Device(0, "CUDA0", "test", 40 * gib, 80 * gib)])
-    assert workers.plan_workers("auto", True, 256, 1024, model_only=True) == workers.WorkerPlan(1, 4, (0,), 4)
-    assert workers.plan_workers("auto", True, 256, 1024) == workers.WorkerPlan(6, 2, (0,) * 6, 1)
+    assert workers.plan_workers("auto", True, 256, 1024, model_only=True) == workers.WorkerPlan(1, 4, (0,), 4, "test")
+    assert workers.plan_workers("auto", True, 256, 1024) == workers.WorkerPlan(6, 2, (0,) * 6, 1, "test")
     # few cores: contexts stay at half of them
     monkeypatch.setattr(workers, "default_threads", lambda: 4)
-    assert workers.plan_workers("auto", True, 256, 1024, model_only=True) == workers.WorkerPlan(1, 2, (0,), 2)
-    assert workers.plan_workers("2x4", True, 256, 1024, model_only=True) == workers.WorkerPlan(2, 1, (0, 0), 4)
+    assert workers.plan_workers("auto", True, 256, 1024, model_only=True) == workers.WorkerPlan(1, 2, (0,), 2, "test")
+    assert workers.plan_workers("2x4", True, 256, 1024, model_only=True) == workers.WorkerPlan(2, 1, (0, 0), 4, "test")
+
+def test_gpu_worker_plan_keeps_to_one_gpu_model(monkeypatch):
+    """Logits differ between GPU models: a plan's GPUs are all of one model, the file's when
+    decoding (refused where no GPU here has it), else the first GPU's."""
+    from nacrith import devices, workers
+    from nacrith.errors import BackendMismatchError
+
+    gib = 1 << 30
+    monkeypatch.setattr(workers, "default_threads", lambda: 16)
+    found = [devices.Device(0, "CUDA0", "GPU A", 80 * gib, 80 * gib), devices.Device(1, "CUDA1", "GPU B", 80 * gib, 80 * gib),
+             devices.Device(2, "CUDA2", "GPU A", 80 * gib, 80 * gib)]
+    monkeypatch.setattr(devices, "gpus", lambda: found)
+    assert workers.plan_workers(4, True, 256, 1024) == workers.WorkerPlan(4, 4, (0, 2, 0, 2), 1, "GPU A")
+    assert workers.plan_workers(4, True, 256, 1024, gpu_ids={1, 2}) == workers.WorkerPlan(4, 4, (1, 1, 1, 1), 1, "GPU B")
+    assert workers.plan_workers(2, True, 256, 1024, gpu_model="GPU B") == workers.WorkerPlan(2, 8, (1, 1), 1, "GPU B")
+    with pytest.raises(BackendMismatchError, match="made on a GPU C GPU.*this machine has GPU A, GPU B"):
+        workers.plan_workers(2, True, 256, 1024, gpu_model="GPU C")
+    with pytest.raises(BackendMismatchError, match=r"made on a GPU B GPU.*this machine has GPU A \("):
+        workers.plan_workers(2, True, 256, 1024, gpu_ids={0}, gpu_model="GPU B")
+    assert workers.plan_workers(2, False, 256, 1024).gpu_model is None
 
 
 def test_kv_cell_bytes_from_the_gguf_header(tmp_path):
