@@ -581,3 +581,31 @@ def test_weight_rows_are_the_coders_own_quantisation():
         assert len(set(made)) == 1, n
         for kernel in (True, False):
             assert (coders.make_decoder(made[0], "int24", use_kernel=kernel).decode(weight_rows) == symbols).all()
+
+
+def test_ngram_single_followers_are_dicts_in_waiting():
+    """A context seen once holds its follower as an int; what contexts() gives is, after every
+    update, the counts (and their order, which picks the top candidate and the evicted
+    follower) that dicts from the start give."""
+    from nacrith.predictors.ngram import NGramTables
+
+    def reference_update(tables, history, token, max_order, max_per_context):
+        tail = history[-max_order:]
+        for order in range(1, len(tail) + 1):
+            followers = tables[order].setdefault(tuple(tail[-order:]), {})
+            if token not in followers and len(followers) >= max_per_context:
+                del followers[min(followers, key=followers.__getitem__)]
+            followers[token] = followers.get(token, 0) + 1
+
+    rng = np.random.default_rng(5)
+    for vocab in (3, 12, 200):
+        tables, reference, history = NGramTables(4, max_per_context=3), [dict() for _ in range(5)], []
+        for token in rng.integers(0, vocab, 3000).tolist():
+            found = [{f: 1} if isinstance(f, int) else f for f in tables.contexts(history)]
+            expected = [reference[order].get(tuple(history[-order:])) if order <= len(history) else None for order in range(1, 5)]
+            assert [None if f is None else list(f.items()) for f in found] == [None if e is None else list(e.items()) for e in expected]
+            tables.update(history, token)
+            reference_update(reference, history, token, 4, 3)
+            history.append(token)
+        if vocab > 3:  # (with 3 tokens every context recurs)
+            assert any(isinstance(f, int) for table in tables.tables[1:] for f in table.values())

@@ -45,6 +45,7 @@ machines too.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -228,14 +229,34 @@ class StreamState:
         self.keys: list[tuple] | None = None  # the n-gram context keys of the history, while it is this long:
         self.keys_length = -1
         self.skip_hits: dict[int, list[int]] = {}  # confidence bucket -> [hits, trials]
-        # this step's candidates and features, filled by EnsemblePredictor._prepare
-        self.candidates: np.ndarray = np.empty(0, np.int64)
-        self.columns: dict[int, list[float]] = {}  # candidate -> its features, in candidates' order
-        self.features: np.ndarray = np.empty((0, n_features - 1))
+        # this step's candidates and their features, filled by EnsemblePredictor._prepare
+        self.columns: dict[int, list[float]] = {}  # candidate -> its features
+        self.n_cheap = n_features - 1
+        self._candidates: np.ndarray | None = None  # the same as arrays, made when first asked for
+        self._features: np.ndarray | None = None
         self.weight_set = 0
         self.top = -1
         self.top_bucket = -1
         self.skip = False
+
+    def set_columns(self, columns: dict[int, list[float]]) -> None:
+        """This step's candidates and their features (candidate -> features)."""
+        self.columns = columns
+        self._candidates = self._features = None
+
+    @property
+    def candidates(self) -> np.ndarray:
+        """This step's candidate tokens (int64), in ``columns``' order."""
+        if self._candidates is None:
+            self._candidates = np.fromiter(self.columns, np.int64, len(self.columns))
+        return self._candidates
+
+    @property
+    def features(self) -> np.ndarray:
+        """Each candidate's cheap features, one row per candidate (float64)."""
+        if self._features is None:
+            self._features = np.array(list(self.columns.values()), np.float64).reshape(len(self.columns), self.n_cheap)
+        return self._features
 
     def context_keys(self) -> list[tuple]:
         """The n-gram tables' keys of the current history (computed once per step)."""
@@ -344,8 +365,10 @@ class EnsemblePredictor:
         if state.ngram:
             top_followers = None  # the highest order's followers: its most frequent is the top candidate
             for order, followers in enumerate(state.ngram.contexts(state.history, state.context_keys()), start=1):
-                if not followers:
+                if followers is None:
                     continue
+                if followers.__class__ is int:  # one token, seen once
+                    followers = {followers: 1}
                 highest, top_followers = order, followers
                 total = sum(followers.values())
                 column = order - 1
@@ -368,9 +391,7 @@ class EnsemblePredictor:
                     row = columns[predicted] = [0.0] * n_cheap
                 row[-1] = math.log1p(min(state.match.length, 64)) + 1.0 if geometric else 1.0
         state.weight_set = highest * N_MATCH_BUCKETS + match_bucket
-        state.columns = columns
-        state.candidates = np.fromiter(columns, np.int64, len(columns))
-        state.features = np.array(list(columns.values()), np.float64).reshape(len(columns), n_cheap)
+        state.set_columns(columns)
         # confidence of the top cheap candidate, for the skip decision
         if match_bucket >= 2:
             state.top, state.top_bucket = state.match.predicted(), 100 + match_bucket
@@ -479,16 +500,19 @@ class EnsemblePredictor:
         for row, index in zip(skip_rows, skipped):
             self._skip_row(self.streams[index], row)
         states, simplexes = self._mixing_weights(wanted)
-        additions = [self._additions(state, weights) for state, weights in zip(states, simplexes)]
+        counts = [len(state.columns) for state in states]
         offsets = np.zeros(len(states) + 1, np.int64)
-        np.cumsum([len(state.candidates) for state in states], out=offsets[1:])
-        candidates = np.concatenate([np.empty(0, np.int64), *(state.candidates for state in states)])
+        np.cumsum(counts, out=offsets[1:])
+        # all the step's candidates at once: per row the same products and sums as _additions
+        candidates = np.fromiter(itertools.chain.from_iterable(state.columns for state in states), np.int64, int(offsets[-1]))
+        features = np.array([row for state in states for row in state.columns.values()], np.float64).reshape(len(candidates), self.n_features - 1)
+        additions = (features * np.repeat(simplexes[:, 1:], counts, axis=0)).sum(axis=1)
         self._logits = logits
         self.steps += running
         self.skipped += len(skipped)
         self._fused_step = None
         return FusedStep(self, np.ascontiguousarray(logits, np.float32), wanted, skip_rows, np.ascontiguousarray(simplexes[:, 0]),
-                         offsets, np.ascontiguousarray(candidates, np.int64), np.concatenate([np.empty(0), *additions]))
+                         offsets, candidates, additions)
 
     def _model_scores(self, logits: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
         """``out = w_llm * logits + bias`` for the given stream rows."""

@@ -6,6 +6,11 @@ history to the tokens seen after them, with counts. Each context keeps at most
 per context is bounded. One :class:`NGramTables` may serve one stream or all the streams of
 a block (they are parallel cursors through the same document); the mixer turns the counts
 into log-space evidence (see :mod:`nacrith.predictors.ensemble`).
+
+Most contexts are seen once (57% of the updates on bible.txt at 121 streams made a new
+one), so a context with a single follower seen once holds that token (an int) instead of a
+dict; it becomes a dict ``{token: count}`` when anything follows it again, with the same
+insertion order as a dict from the start would have.
 """
 from __future__ import annotations
 
@@ -23,9 +28,10 @@ class NGramTables:
         tail = history[-self.max_order:]
         return [tuple(tail[-order:]) for order in range(1, len(tail) + 1)]
 
-    def contexts(self, history: list[int], keys: list[tuple] | None = None) -> list[dict | None]:
-        """For orders 1..max_order, the follower counts after ``history`` (None if unseen);
-        ``keys``: :meth:`keys` of ``history``, when the caller already has them."""
+    def contexts(self, history: list[int], keys: list[tuple] | None = None) -> list[dict | int | None]:
+        """For orders 1..max_order, the follower counts after ``history``: a dict, an int (the
+        one token seen once after it) or None (unseen); ``keys``: :meth:`keys` of
+        ``history``, when the caller already has them."""
         if keys is None:
             keys = self.keys(history)
         found = [self.tables[order].get(key) for order, key in enumerate(keys, start=1)]
@@ -40,7 +46,9 @@ class NGramTables:
             table = self.tables[order]
             followers = table.get(key)
             if followers is None:
-                table[key] = {token: 1}
+                table[key] = token  # seen once, followed by token
+            elif followers.__class__ is int:
+                table[key] = {followers: 2} if followers == token else {followers: 1, token: 1}
             elif token in followers:
                 followers[token] += 1
             else:
