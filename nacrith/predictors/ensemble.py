@@ -226,7 +226,7 @@ class StreamState:
         self.ngram = ngram
         self.match = MatchState(match, self.history) if match is not None else None
         self.weights = weights  # raw mixer weights, one row per weight set (a view of the predictor's array)
-        self.keys: list[tuple] | None = None  # the n-gram context keys of the history, while it is this long:
+        self.keys: list[int] | None = None  # the n-gram context keys of the history, while it is this long:
         self.keys_length = -1
         self.skip_hits: dict[int, list[int]] = {}  # confidence bucket -> [hits, trials]
         # this step's candidates and their features, filled by EnsemblePredictor._prepare
@@ -258,7 +258,7 @@ class StreamState:
             self._features = np.array(list(self.columns.values()), np.float64).reshape(len(self.columns), self.n_cheap)
         return self._features
 
-    def context_keys(self) -> list[tuple]:
+    def context_keys(self) -> list[int]:
         """The n-gram tables' keys of the current history (computed once per step)."""
         if self.keys_length != len(self.history):
             self.keys, self.keys_length = self.ngram.keys(self.history), len(self.history)

@@ -23,12 +23,18 @@ class NGramTables:
         self.max_per_context = max_per_context
         self.tables: list[dict] = [dict() for _ in range(max_order + 1)]  # index = order; 0 unused
 
-    def keys(self, history: list[int]) -> list[tuple]:
-        """The context keys ending ``history``, for orders 1..max_order (as far as it reaches)."""
-        tail = history[-self.max_order:]
-        return [tuple(tail[-order:]) for order in range(1, len(tail) + 1)]
+    def keys(self, history: list[int]) -> list[int]:
+        """The context keys ending ``history``, for orders 1..max_order (as far as it reaches):
+        the last ``order`` tokens as one int, 32 bits per token (token ids are below 2^32),
+        the newest lowest; smaller than a tuple of them and as exact."""
+        keys, key, shift = [], 0, 0
+        for token in reversed(history[-self.max_order:]):
+            key |= token << shift
+            keys.append(key)
+            shift += 32
+        return keys
 
-    def contexts(self, history: list[int], keys: list[tuple] | None = None) -> list[dict | int | None]:
+    def contexts(self, history: list[int], keys: list[int] | None = None) -> list[dict | int | None]:
         """For orders 1..max_order, the follower counts after ``history``: a dict, an int (the
         one token seen once after it) or None (unseen); ``keys``: :meth:`keys` of
         ``history``, when the caller already has them."""
@@ -37,7 +43,7 @@ class NGramTables:
         found = [self.tables[order].get(key) for order, key in enumerate(keys, start=1)]
         return found + [None] * (self.max_order - len(found))
 
-    def update(self, history: list[int], token: int, keys: list[tuple] | None = None) -> None:
+    def update(self, history: list[int], token: int, keys: list[int] | None = None) -> None:
         """Count ``token`` after every context ending ``history`` (before it is appended);
         ``keys``: :meth:`keys` of ``history``, when the caller already has them."""
         if keys is None:
