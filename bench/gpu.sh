@@ -57,8 +57,8 @@ step timeout 120 python3 bench/throughput.py $BIBLE --bytes 3000000 --gpu --stre
 # bits per byte of the model alone, CPU against GPU, same settings (the ensemble's: +0.74% on the H200)
 [ "$(left 260)" -gt 45 ] && step timeout "$(left 260)" python3 bench/cpu_vs_gpu.py $BIBLE --bytes 40000 --streams 256 --llm-only --tag "gpu-$CARD-llm-only"
 # The default ensemble on 2 MB (8 blocks of 250 KB: twice the steps of the 1 MB runs, so
-# model loading and start-up weigh less): 2 processes of 4 lanes (the ensemble's Python, ~40
-# of ~190-210 us per token with the fused C step in ensemble-replay.json, is what lanes share
+# model loading and start-up weigh less): 2 processes of 4 lanes (the ensemble's Python, ~30
+# of ~160-170 us per token with the fused C step in ensemble-replay.json, is what lanes share
 # a GIL for; ensemble-lanes.json), then `auto` (8 processes of one lane). At the 1 MB runs' 9.8k
 # tokens/s each takes about 150 s.
 [ "$(left 400)" -gt 100 ] && step timeout "$(left 400)" python3 bench/throughput.py $BIBLE --bytes 2000000 --gpu --streams 256 --workers 2x4 --tag gpu
