@@ -111,7 +111,8 @@ def plan_workers(requested, gpu: bool, streams: int, ctx: int, threads: int | No
         model = gpu_model or found[0].description
         if not any(device.description == model for device in found):
             names = ", ".join(sorted({device.description for device in found}))
-            raise BackendMismatchError(f"this file was made on a {model} GPU; logits differ between GPU models, and this machine has {names}"
+            here = "this machine has" if gpu_ids is None else f"GPUs {','.join(map(str, sorted(gpu_ids)))} are"
+            raise BackendMismatchError(f"this file was made on a {model} GPU; logits differ between GPU models, and {here} {names}"
                                        " (--any-gpu-model tries anyway: the checksum tells whether it decoded)")
         found = [device for device in found if device.description == model]
         if requested == "auto":

@@ -279,7 +279,7 @@ def test_gpu_worker_plan_keeps_to_one_gpu_model(monkeypatch):
     assert workers.plan_workers(2, True, 256, 1024, gpu_model="GPU B") == workers.WorkerPlan(2, 8, (1, 1), 1, "GPU B")
     with pytest.raises(BackendMismatchError, match="made on a GPU C GPU.*this machine has GPU A, GPU B"):
         workers.plan_workers(2, True, 256, 1024, gpu_model="GPU C")
-    with pytest.raises(BackendMismatchError, match=r"made on a GPU B GPU.*this machine has GPU A \("):
+    with pytest.raises(BackendMismatchError, match=r"made on a GPU B GPU.*GPUs 0 are GPU A \("):
         workers.plan_workers(2, True, 256, 1024, gpu_ids={0}, gpu_model="GPU B")
     assert workers.plan_workers(2, False, 256, 1024).gpu_model is None
 
