@@ -130,3 +130,29 @@ def replay_steps(predictor, logits, running, symbols):
         yield tokens, predictor.probabilities(rows if want is None else np.ascontiguousarray(rows[want.astype(bool)]), n)
         predictor.update(tokens)
         row += n
+
+
+class TimedKernels:
+    """A kernel module (nacrith._kernels) with a stopwatch around every call: ``seconds``
+    per function name, ``total`` over all; ``clock``: time.perf_counter (wall) or
+    time.thread_time (the calling thread's CPU time)."""
+
+    def __init__(self, kernels, clock=None):
+        import time
+
+        self.kernels, self.seconds, self.clock = kernels, {}, clock or time.perf_counter
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+    def __getattr__(self, name):
+        function = getattr(self.kernels, name)
+
+        def timed(*args):
+            began = self.clock()
+            try:
+                return function(*args)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + self.clock() - began
+        return timed

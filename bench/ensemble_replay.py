@@ -25,31 +25,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import append_results, replay_steps, stored_steps  # noqa: E402
+from common import TimedKernels, append_results, replay_steps, stored_steps  # noqa: E402
 
 from nacrith.coder import make_encoder  # noqa: E402
 from nacrith.predictors import EnsembleConfig, EnsemblePredictor  # noqa: E402
 from nacrith.predictors import ensemble as ensemble_module  # noqa: E402
 from nacrith.predictors import llm as llm_module  # noqa: E402
 from nacrith import coder as coder_module  # noqa: E402
-
-
-class TimedKernels:
-    """nacrith._kernels with a stopwatch around every call."""
-
-    def __init__(self, kernels):
-        self.kernels, self.seconds = kernels, {}
-
-    def __getattr__(self, name):
-        function = getattr(self.kernels, name)
-
-        def timed(*args):
-            began = time.perf_counter()
-            try:
-                return function(*args)
-            finally:
-                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - began
-        return timed
 
 
 def run(folder: Path, name: str, limit: int, fused: bool = False) -> dict:
@@ -68,7 +50,7 @@ def run(folder: Path, name: str, limit: int, fused: bool = False) -> dict:
         wall = time.perf_counter() - began
     finally:
         llm_module._kernels, ensemble_module._kernels, coder_module._kernels = saved
-    kernel = sum(timed.seconds.values())
+    kernel = timed.total
     return {"file": name, "tokens": tokens, "streams": int(running[0]), "fused": fused, "us_per_token": round(wall / tokens * 1e6, 1),
             "kernel_us_per_token": round(kernel / tokens * 1e6, 1), "python_us_per_token": round((wall - kernel) / tokens * 1e6, 1),
             "kernel_calls_us_per_token": {k: round(v / tokens * 1e6, 1) for k, v in sorted(timed.seconds.items())},

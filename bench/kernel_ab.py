@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import append_results, machine, stored_steps  # noqa: E402
+from common import TimedKernels, append_results, machine, stored_steps  # noqa: E402
 
 from nacrith import coder as coder_module  # noqa: E402
 from nacrith.coder import make_decoder, make_encoder  # noqa: E402
@@ -40,24 +40,6 @@ from nacrith.predictors import ensemble as ensemble_module  # noqa: E402
 from nacrith.predictors import llm as llm_module  # noqa: E402
 
 MODULES = (llm_module, ensemble_module, coder_module)
-
-
-class CpuTimed:
-    """A kernel module with the calling thread's CPU time of every call added up."""
-
-    def __init__(self, kernels):
-        self.kernels, self.seconds = kernels, 0.0
-
-    def __getattr__(self, name):
-        function = getattr(self.kernels, name)
-
-        def timed(*args):
-            began = time.thread_time()
-            try:
-                return function(*args)
-            finally:
-                self.seconds += time.thread_time() - began
-        return timed
 
 
 def load_kernels(path: str):
@@ -87,7 +69,7 @@ def main() -> int:
     result = {"tag": args.tag, "machine": machine(), "file": args.file, "tokens": tokens, "other": others[0]}
     codes = {}
     for phase in ("encode", "decode"):
-        sides = {name: CpuTimed(module) for name, module in kernels.items()}
+        sides = {name: TimedKernels(module, time.thread_time) for name, module in kernels.items()}
         runs = {}
         for name, timed in sides.items():
             _use(timed)
@@ -116,11 +98,11 @@ def main() -> int:
                         raise SystemExit(f"{name} build decoded step {step} wrongly")
                     predictor.update(decoded)
                 if step % args.block == args.block - 1 or step == len(running) - 1:
-                    block_seconds[name].append(timed.seconds - sum(block_seconds[name]))
+                    block_seconds[name].append(timed.total - sum(block_seconds[name]))
             start += n
         ratios = [a / b for a, b in zip(block_seconds["this"], block_seconds["other"]) if b > 0]
-        result.update({f"{phase}_this_us_per_token": round(sides["this"].seconds / tokens * 1e6, 1),
-                       f"{phase}_other_us_per_token": round(sides["other"].seconds / tokens * 1e6, 1),
+        result.update({f"{phase}_this_us_per_token": round(sides["this"].total / tokens * 1e6, 1),
+                       f"{phase}_other_us_per_token": round(sides["other"].total / tokens * 1e6, 1),
                        f"{phase}_median_block_ratio": round(statistics.median(ratios), 3)})
         if phase == "encode":
             codes = {name: runs[name][1].finish() for name in sides}
