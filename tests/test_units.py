@@ -609,3 +609,46 @@ def test_ngram_single_followers_are_dicts_in_waiting():
             history.append(token)
         if vocab > 3:  # (with 3 tokens every context recurs)
             assert any(isinstance(f, int) for table in tables.tables[1:] for f in table.values())
+
+
+def test_match_model_predicts_as_with_tuple_keys():
+    """The match index's packed int keys and values predict what tuple keys and (history,
+    position) values did, for streams sharing one index."""
+    from nacrith.predictors.match import MatchIndex, MatchState
+
+    class Reference:  # the match model with tuple keys and tuple values
+        def __init__(self, seen: dict, history: list, size: int):
+            self.seen, self.history, self.size = seen, history, size
+            self.source, self.position, self.length = None, -1, 0
+
+        def predicted(self) -> int:
+            return -1 if self.source is None or self.position >= len(self.source) else self.source[self.position]
+
+        def update(self, token: int) -> None:
+            if self.predicted() == token:
+                self.position, self.length = self.position + 1, self.length + 1
+            else:
+                self.source, self.position, self.length = None, -1, 0
+            if len(self.history) < self.size:
+                return
+            key = tuple(self.history[-self.size:])
+            if self.source is None and key in self.seen:
+                self.source, self.position = self.seen[key]
+            self.seen[key] = (self.history, len(self.history))
+
+    rng = np.random.default_rng(9)
+    phrase = rng.integers(0, 50000, 40).tolist()
+    index, seen = MatchIndex(4), {}
+    streams = [([], []) for _ in range(3)]
+    states = [(MatchState(index, mine), Reference(seen, theirs, 4)) for mine, theirs in streams]
+    matched = 0
+    for step in range(1500):
+        for (mine, theirs), (state, reference) in zip(streams, states):
+            token = phrase[step % 40] if rng.random() < 0.7 else int(rng.integers(0, 50000))
+            mine.append(token)
+            theirs.append(token)
+            state.update(token)
+            reference.update(token)
+            assert (state.predicted(), state.length) == (reference.predicted(), reference.length)
+            matched += state.length > 0
+    assert matched > 500
