@@ -51,7 +51,8 @@ class MatchState:
         return self.source[self.position]
 
     def update(self, token: int) -> None:
-        """Follow ``token``, which has just been appended to the stream's history."""
+        """Follow ``token`` (a Python int: the key's shifts need one), which has just been
+        appended to the stream's history."""
         if self.predicted() == token:
             self.position += 1
             self.length += 1

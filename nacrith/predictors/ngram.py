@@ -45,7 +45,9 @@ class NGramTables:
 
     def update(self, history: list[int], token: int, keys: list[int] | None = None) -> None:
         """Count ``token`` after every context ending ``history`` (before it is appended);
-        ``keys``: :meth:`keys` of ``history``, when the caller already has them."""
+        ``keys``: :meth:`keys` of ``history``, when the caller already has them. Tokens, here
+        and in ``history``, are Python ints (a numpy integer would overflow the keys' shifts
+        and not be told apart from a follower dict)."""
         if keys is None:
             keys = self.keys(history)
         for order, key in enumerate(keys, start=1):
