@@ -500,13 +500,7 @@ class EnsemblePredictor:
         for row, index in zip(skip_rows, skipped):
             self._skip_row(self.streams[index], row)
         states, simplexes = self._mixing_weights(wanted)
-        counts = [len(state.columns) for state in states]
-        offsets = np.zeros(len(states) + 1, np.int64)
-        np.cumsum(counts, out=offsets[1:])
-        # all the step's candidates at once: per row the same products and sums as _additions
-        candidates = np.fromiter(itertools.chain.from_iterable(state.columns for state in states), np.int64, int(offsets[-1]))
-        features = np.array([row for state in states for row in state.columns.values()], np.float64).reshape(len(candidates), self.n_features - 1)
-        additions = (features * np.repeat(simplexes[:, 1:], counts, axis=0)).sum(axis=1)
+        offsets, candidates, additions = self._candidate_additions(states, simplexes)
         self._logits = logits
         self.steps += running
         self.skipped += len(skipped)
@@ -556,17 +550,16 @@ class EnsemblePredictor:
         """
         mixed_totals = np.empty(len(rows), np.float64) if self.table.use_kernel else None
         states, simplexes = self._mixing_weights(rows)
-        for position, (index, state) in enumerate(zip(rows, states)):
+        offsets, candidates, additions = self._candidate_additions(states, simplexes)
+        for position, index in enumerate(rows):
             row = probabilities[index]
-            weights = simplexes[position]
-            factor = weights[0] / totals[position]
-            additions = self._additions(state, weights)
+            factor = simplexes[position, 0] / totals[position]
+            mine = slice(offsets[position], offsets[position + 1])
             if mixed_totals is not None:
-                mixed_totals[position] = _kernels.scale_add_sum(row, factor, state.candidates, additions)
+                mixed_totals[position] = _kernels.scale_add_sum(row, factor, candidates[mine], additions[mine])
                 continue
             row *= factor
-            if len(state.candidates):
-                row[state.candidates] += additions
+            row[candidates[mine]] += additions[mine]
         return mixed_totals
 
     def _mixing_weights(self, rows: np.ndarray) -> tuple[list[StreamState], np.ndarray]:
@@ -578,10 +571,17 @@ class EnsemblePredictor:
         self._simplexes = self._softmax_rows(self.weights[rows, sets])
         return states, self._simplexes
 
-    @staticmethod
-    def _additions(state: StreamState, weights: np.ndarray) -> np.ndarray:
-        """What the cheap predictors add to a stream's candidates: ``sum_i w_i * q_i`` per candidate."""
-        return (state.features * weights[1:]).sum(axis=1) if len(state.candidates) else np.empty(0)
+    def _candidate_additions(self, states: list[StreamState], simplexes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What the cheap predictors add to the candidates of the streams ``states`` (mixing
+        weights ``simplexes``): ``sum_i w_i * q_i`` per candidate, for all of them in one array
+        operation (per row the same products and row sum as one stream at a time). Returns
+        (offsets, candidates, additions): stream j's are ``[offsets[j]:offsets[j + 1]]``."""
+        counts = [len(state.columns) for state in states]
+        offsets = np.zeros(len(states) + 1, np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        candidates = np.fromiter(itertools.chain.from_iterable(state.columns for state in states), np.int64, int(offsets[-1]))
+        features = np.array([row for state in states for row in state.columns.values()], np.float64).reshape(len(candidates), self.n_features - 1)
+        return offsets, candidates, (features * np.repeat(simplexes[:, 1:], counts, axis=0)).sum(axis=1)
 
     def _softmax_rows(self, raw: np.ndarray) -> np.ndarray:
         """Mixing weights on the simplex (softmax of each row of raw weights)."""
