@@ -80,7 +80,10 @@ def atomic_output(target: Path | None, force: bool, source: Path | None = None):
         raise UsageError(f"{target} already exists; use -f to overwrite")
     if target.is_dir():
         raise UsageError(f"{target} is a directory")
-    handle = tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".part", delete=False)
+    try:
+        handle = tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".part", delete=False)
+    except OSError as exc:  # name the output, not the input or the temporary file's made-up name
+        raise UsageError(f"cannot write {target} ({exc.strerror or exc})") from None
     try:
         with handle:
             yield handle

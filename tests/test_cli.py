@@ -88,6 +88,13 @@ def test_missing_input_and_directory(tmp_path: Path):
     assert_one_line_error(run("compress", tmp_path), "is a directory")
 
 
+def test_unwritable_output_names_the_output(text_file: Path, tmp_path: Path):
+    target = tmp_path / "no-such-folder" / "out.nc"
+    result = run("compress", "-o", target, text_file)
+    assert_one_line_error(result, f"cannot write {target} (")
+    assert not target.parent.exists()
+
+
 def test_unknown_suffix_on_decompress(text_file: Path):
     assert_one_line_error(run("-d", text_file), "unknown suffix")
 
