@@ -66,8 +66,9 @@ class LogitTable:
 
     def _levels_into(self, logits: np.ndarray, steps: np.ndarray, distance: np.ndarray, row_max: np.ndarray) -> None:
         np.max(logits, axis=1, keepdims=True, out=row_max)
-        np.subtract(row_max, logits, out=distance)
-        np.multiply(distance, _SCALE, out=distance)
+        with np.errstate(over="ignore", invalid="ignore"):  # huge or infinite logits: inf and NaN, clamped below
+            np.subtract(row_max, logits, out=distance)
+            np.multiply(distance, _SCALE, out=distance)
         # NaN and anything from LIMIT up become LIMIT before the cast: casting them to int32
         # is platform-defined (INT_MIN on x86, saturation or 0 on ARM)
         np.fmin(distance, _LIMIT_F, out=distance)
