@@ -8,6 +8,8 @@ with timers around each part:
 * probabilities: logits to float64 rows (the LLM table, and the ensemble's mixing);
 * coder: the range coder (``--coders``: nacrith's int24, constriction's);
 * update: the predictor learning from the coded tokens;
+* kv clear: clearing the KV cache when the block starts (``LockstepContext.reset``): once
+  per block, so with a few dozen steps it weighs far more per token than over a whole block;
 * rest: the lockstep loop itself (Python), the difference to the wall time.
 
 ``--compare-numpy`` runs each predictor a second time with the numpy code
@@ -39,7 +41,7 @@ from nacrith.predictors import make_predictor, predictor_settings  # noqa: E402
 from nacrith.predictors.ensemble import EnsembleConfig  # noqa: E402
 from nacrith.session import Session  # noqa: E402
 
-PARTS = ("model step", "want", "probabilities", "coder", "update")
+PARTS = ("model step", "want", "probabilities", "coder", "update", "kv clear")
 
 
 class Timers:
@@ -67,6 +69,7 @@ def profile(session: Session, streams: list, settings: pipeline.Settings, ensemb
         setattr(predictor, method, timers.wrap(part, getattr(predictor, method)))
     context = session.context(len(streams), settings.ctx)
     context.step = timers.wrap("model step", context.step)
+    context.reset = timers.wrap("kv clear", context.reset)
 
     original = lockstep_module.make_encoder
 
@@ -82,12 +85,12 @@ def profile(session: Session, streams: list, settings: pipeline.Settings, ensemb
         wall = time.perf_counter() - began
     finally:
         lockstep_module.make_encoder = original
-        del context.step  # the session caches the context: unwrap it
+        del context.step, context.reset  # the session caches the context: unwrap it
     tokens = sum(len(stream) for stream in streams)
     per_token = {part: 1e6 * seconds / tokens for part, seconds in timers.seconds.items()}
     per_token["rest"] = 1e6 * wall / tokens - sum(per_token.values())
     label = ("llm only" if ensemble is None else "ensemble (default)") + f", {coder} coder" + ("" if kernel else ", numpy (no C kernel)")
-    cpu_side = sum(value for part, value in per_token.items() if part != "model step")
+    cpu_side = sum(value for part, value in per_token.items() if part not in ("model step", "kv clear"))  # llama.cpp, or once per block
     return {"predictor": label, "coder": coder, "kernel": kernel and saved_kernels is not None, "tokens": tokens, "wall_s": wall,
             "tok_s": tokens / wall, "us_per_token": per_token, "cpu_side_us_per_token": cpu_side,
             "coded_sha256": hashlib.sha256(coded).hexdigest()}
@@ -97,7 +100,7 @@ def markdown(rows: list[dict], args, streams: int) -> str:
     columns = list(PARTS) + ["rest"]
     lines = ["# Where a token's time goes", "", f"{args.file.name}, {streams} lockstep streams x {args.steps} steps, ctx {args.ctx}, one process. Machine: {machine()}.", "",
              "Microseconds per token (share of the total):", "",
-             "| predictor | " + " | ".join(columns) + " | total | all but the model step | tokens/s |", "|---|" + "---:|" * (len(columns) + 3)]
+             "| predictor | " + " | ".join(columns) + " | total | all but the model step and kv clear | tokens/s |", "|---|" + "---:|" * (len(columns) + 3)]
     for row in rows:
         total = sum(row["us_per_token"].values())
         cells = [f"{row['us_per_token'][part]:.0f} ({100 * row['us_per_token'][part] / total:.0f}%)" for part in columns]
