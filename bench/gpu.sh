@@ -6,7 +6,9 @@
 # Expects, already in /tmp/gpu from earlier calls (at most 64 MiB travel per call, so the
 # model comes in parts; see README "GPU"), or in the working tree's ignored folder .gpu/:
 #   site/ or llama_cpp-*.tar.xz   llama-cpp-python built with CUDA (../shared/gpu) and the
-#                                 constriction and zstandard wheels for the machine's Python
+#                                 constriction and zstandard wheels for the machine's Python,
+#                                 and a setuptools >= 77 wheel (setup.py reads pyproject.toml's
+#                                 SPDX license string, which older setuptools refuse)
 #   corpora/                      bible.txt and alice29.txt
 #   model.part*                   the GGUF model in pieces (or $NACRITH_MODEL)
 set -u
@@ -36,6 +38,7 @@ export NACRITH_CORPORA=$G/corpora
 mkdir -p corpora/data && for f in "$G"/corpora/*; do ln -sf "$f" corpora/data/; done
 { sha256sum "$NACRITH_MODEL"; nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm --format=csv,noheader; nproc
   python3 -c "import nacrith.devices as d; print(d.gpus())"
+  python3 -c "import setuptools; print('setuptools', setuptools.__version__)"
   python3 -c "from nacrith.predictors.llm import _kernels; print('C kernel:', bool(_kernels))"; } 2>&1 | tee "$OUT/setup.log"
 
 left() { echo $(( ${1} - ($(date +%s) - BEGAN) )); }
