@@ -200,6 +200,28 @@ def decompress_one(name: str, model: str | None, threads: int | None, workers, g
         Path(name).unlink()
 
 
+class _Discard:
+    """A binary sink that keeps nothing (``nacrith test``)."""
+
+    def write(self, data) -> int:
+        return len(data)
+
+
+def test_one(name: str, model: str | None, threads: int | None, workers, gpu_ids, quiet: bool, verbose: bool, any_gpu_model: bool) -> None:
+    source = open_input(name)
+    if name == "-" and sys.stdin.isatty():
+        raise UsageError("no input: name a file or pipe data to standard input")
+    with source, mapped(source) as blob:
+        if len(blob) == 0:
+            raise fmt.NotNacrithError(f"{name}: empty input is not a nacrith file")
+        parsed = fmt.parse(blob)
+        with progress_bar(parsed.trailer.total_length, quiet, "test") as progress:
+            size = pipeline.decode_parsed(parsed, _Discard(), progress, model=model, threads=threads, workers=workers, gpu_ids=gpu_ids,
+                                          any_gpu_model=any_gpu_model)
+    if verbose:
+        click.echo(f"{name}: OK ({size} bytes)", err=True)
+
+
 def run_each(names: tuple[str, ...], output: str | None, action) -> None:
     """Apply ``action`` to every input; report each failure in one line, exit 1 if any."""
     names = names or ("-",)
@@ -222,12 +244,14 @@ def run_each(names: tuple[str, ...], output: str | None, action) -> None:
         sys.exit(EXIT_ERROR)
 
 
-COMMON = [
+OUTPUT_OPTIONS = [
     click.option("-o", "--output", metavar="FILE", help="Write to FILE ('-' for standard output). One input only."),
     click.option("-c", "--stdout", "to_stdout", is_flag=True, help="Write to standard output; keep the input."),
     click.option("-f", "--force", is_flag=True, help="Overwrite existing output; allow writing to a terminal."),
     click.option("-k", "--keep", is_flag=True, help="Keep the input file (the default; kept for gzip habits)."),
     click.option("--rm", "remove", is_flag=True, help="Delete the input file after success."),
+]
+RUN_OPTIONS = [
     click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary."),
     click.option("-v", "--verbose", is_flag=True, help="Print a summary line per file."),
     click.option("--model", metavar="PATH", envvar="NACRITH_MODEL", help="GGUF model file (default: $NACRITH_MODEL, else the embedded SmolLM2-135M)."),
@@ -264,10 +288,19 @@ def parse_gpus(value: str):
     return ids
 
 
-def with_common(function):
-    for option in reversed(COMMON):
-        function = option(function)
-    return function
+def with_options(*groups):
+    """A decorator applying the click options of ``groups`` in order."""
+
+    def apply(function):
+        for option in reversed([option for group in groups for option in group]):
+            function = option(function)
+        return function
+
+    return apply
+
+
+with_common = with_options(OUTPUT_OPTIONS, RUN_OPTIONS)
+ANY_GPU_MODEL = click.option("--any-gpu-model", is_flag=True, help="Decode a GPU-made file on this machine's GPUs even if they are another model than the file records (refused otherwise: logits differ between GPU models); the checksum tells whether it worked.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -278,6 +311,7 @@ def main_group():
     \b
     nacrith FILE              compress FILE to FILE.nc (same as `nacrith compress FILE`)
     nacrith -d FILE.nc        decompress to FILE (same as `nacrith decompress FILE.nc`)
+    nacrith -t FILE.nc        check that it decodes exactly (same as `nacrith test FILE.nc`)
     nacrith info FILE.nc      describe a compressed file
 
     Input files are kept unless --rm is given. '-' means standard input.
@@ -329,11 +363,24 @@ def ensemble_config(no_ngram: bool, no_match: bool, no_bias: bool, no_mixer: boo
 @main_group.command("decompress")
 @click.argument("files", nargs=-1)
 @with_common
-@click.option("--any-gpu-model", is_flag=True, help="Decode a GPU-made file on this machine's GPUs even if they are another model than the file records (refused otherwise: logits differ between GPU models); the checksum tells whether it worked.")
+@ANY_GPU_MODEL
 def decompress_command(files, output, to_stdout, force, keep, remove, quiet, verbose, model, threads, workers, gpus, any_gpu_model):
     """Restore FILES.nc (or standard input) to FILE."""
     run_each(files, output, lambda name: decompress_one(name, model, threads, workers, gpus or None, output, to_stdout, force, quiet, verbose, remove,
                                                         any_gpu_model))
+
+
+@main_group.command("test")
+@click.argument("files", nargs=-1)
+@with_options(RUN_OPTIONS)
+@ANY_GPU_MODEL
+def test_command(files, quiet, verbose, model, threads, workers, gpus, any_gpu_model):
+    """Check that FILES.nc (or standard input) decode exactly, writing nothing.
+
+    A full decode (as slow as decompressing), checked against the original's checksum.
+    Silent on success unless -v; a failure is one line per file and exit status 1.
+    """
+    run_each(files, None, lambda name: test_one(name, model, threads, workers, gpus or None, quiet, verbose, any_gpu_model))
 
 
 def predictor_parts(settings: dict) -> list[str] | None:
@@ -415,11 +462,13 @@ def info_command(files, as_json):
 
 def normalise_argv(argv: list[str]) -> list[str]:
     """Accept gzip-style command lines: ``nacrith FILE``, ``nacrith -d FILE``."""
-    commands = {"compress", "decompress", "info"}
+    commands = {"compress", "decompress", "test", "info"}
     if not argv or argv[0] in commands or argv[0] in ("-h", "--help", "--version"):
         return argv
     if "-d" in argv or "--decompress" in argv:
         return ["decompress"] + [arg for arg in argv if arg not in ("-d", "--decompress")]
+    if "-t" in argv or "--test" in argv:
+        return ["test"] + [arg for arg in argv if arg not in ("-t", "--test")]
     return ["compress"] + argv
 
 

@@ -88,6 +88,45 @@ def test_missing_input_and_directory(tmp_path: Path):
     assert_one_line_error(run("compress", tmp_path), "is a directory")
 
 
+def test_test_command_decodes_and_writes_nothing(text_file: Path, tmp_path: Path):
+    assert run("compress", text_file).returncode == 0
+    packed = Path(str(text_file) + ".nc")
+    broken = tmp_path / "broken.txt.nc"
+    data = bytearray(packed.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    broken.write_bytes(bytes(data))
+    text_file.unlink()
+    before = sorted(tmp_path.iterdir())
+    result = run("-t", "-v", packed)
+    assert result.returncode == 0, result.stderr
+    assert f"{packed}: OK ({len(TEXT)} bytes)" in result.stderr.decode()
+    assert run("test", packed).stderr == b""  # silent without -v
+    assert_one_line_error(run("test", broken), "broken.txt.nc: corrupt")
+    both = run("test", "-v", packed, broken)  # every file is tried; one failure fails the run
+    assert both.returncode == 1 and b"OK" in both.stderr and b"corrupt" in both.stderr
+    assert sorted(tmp_path.iterdir()) == before
+    # coded bytes damaged behind valid CRCs: only decoding finds it
+    from nacrith import container as fmt
+
+    blob = packed.read_bytes()
+    _, header_end = fmt.read_header(blob)
+    block, block_end = fmt.read_block(blob, header_end)
+    assert block.kind == fmt.MODEL
+    for position in (len(block.coded) // 2, 0):
+        coded = bytearray(block.coded)
+        coded[position] ^= 0x01
+        forged = fmt.Block(**{**block.__dict__, "payload": bytes(block.binary_payload) + bytes(coded)})
+        broken.write_bytes(blob[:header_end] + fmt.write_block(forged) + blob[block_end:])
+        result = run("test", broken)
+        if result.returncode == 0:  # an unused bit: then it must really decode to the original
+            assert run("-d", "-c", broken).stdout == TEXT
+            continue
+        assert_one_line_error(result, "broken.txt.nc: ")
+        break
+    else:
+        pytest.fail("no damaged bit was found by decoding")
+
+
 def test_unwritable_output_names_the_output(text_file: Path, tmp_path: Path):
     target = tmp_path / "no-such-folder" / "out.nc"
     result = run("compress", "-o", target, text_file)
