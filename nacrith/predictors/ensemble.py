@@ -752,7 +752,8 @@ class FusedStep(CodedRows):
         if p._fused_step is not None:
             raise RuntimeError("a FusedStep is coded once")
         bias = (p.bias, p._bias_row, p.bias_squares, config.bias_lr, p.context_bias, p._context_row, p.context_squares,
-                config.context_bias_lr, config.bias_eps)  # as _learn_bias passes them to learn_bias
+                config.context_bias_lr, config.bias_eps)  # per table (table, rows, squares, rate), then eps: the values _learn_bias
+        # passes to the learn_bias kernel, which takes them in its older order (rates, tables and rows, eps, squares)
         result = _kernels.ensemble_int24(encode, self.logits, np.ascontiguousarray(self.wanted, np.int64), self.skip_rows, symbols,
                                          p.n_vocab, float(_SCALE), p._applied_temperature(), bias, self.mix,
                                          (self.model_totals, self.dots, self.mixed_totals, self.p_token), state, words)
