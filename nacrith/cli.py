@@ -159,6 +159,8 @@ def output_for(name: str, decompressing: bool, output: str | None, to_stdout: bo
 
 
 def compress_one(name: str, settings: pipeline.Settings, workers, output: str | None, to_stdout: bool, force: bool, quiet: bool, verbose: bool, remove: bool) -> None:
+    if name.endswith(SUFFIX) and output is None and not to_stdout and not force:  # gzip's guard against `nacrith *` run twice
+        raise UsageError(f"{name}: already has the {SUFFIX} suffix; left unchanged (-f compresses it anyway)")
     target = output_for(name, False, output, to_stdout)
     if target is None and sys.stdout.isatty() and not force:
         raise UsageError("compressed data not written to a terminal; use -o FILE or -f")

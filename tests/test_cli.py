@@ -127,6 +127,14 @@ def test_test_command_decodes_and_writes_nothing(text_file: Path, tmp_path: Path
         pytest.fail("no damaged bit was found by decoding")
 
 
+def test_compressed_input_is_left_unless_forced(text_file: Path):
+    packed = Path(str(text_file) + ".nc")
+    assert run("compress", text_file).returncode == 0
+    assert_one_line_error(run(packed), "already has the .nc suffix")
+    assert not Path(str(packed) + ".nc").exists()
+    assert run("-f", packed).returncode == 0 and Path(str(packed) + ".nc").exists()
+
+
 def test_unwritable_output_names_the_output(text_file: Path, tmp_path: Path):
     target = tmp_path / "no-such-folder" / "out.nc"
     result = run("compress", "-o", target, text_file)
