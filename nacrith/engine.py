@@ -99,6 +99,14 @@ def gpu_available() -> bool:
     return bool(gpus())
 
 
+def gpu_missing() -> str:
+    """Why :func:`gpu_available` is false, as a clause for an error message."""
+    _init_backend()
+    if not L.llama_supports_gpu_offload():
+        return "this llama.cpp has no GPU support (see `make install-cuda`)"
+    return "this llama.cpp has GPU support but sees no GPU (CUDA_VISIBLE_DEVICES, driver?)"
+
+
 def default_threads() -> int:
     """The number of CPU cores this process may use."""
     try:

@@ -518,7 +518,7 @@ def check_decodable(parsed: fmt.Container, model: str | None = None):
     if not parsed.uses_model:
         return None
     from . import model as model_files
-    from .engine import gpu_available
+    from .engine import gpu_available, gpu_missing
     from .session import engine_name
 
     info = model_files.locate(model)
@@ -540,7 +540,7 @@ def check_decodable(parsed: fmt.Container, model: str | None = None):
     if section.coder not in CODERS:
         raise UnsupportedVersionError(f"this file uses a range coder this nacrith does not know ({section.coder!r})")
     if section.backend_kind == "cuda" and not gpu_available():
-        raise BackendMismatchError("this file was made on a CUDA GPU; this llama.cpp has no GPU support, and CPU logits differ")
+        raise BackendMismatchError(f"this file was made on a CUDA GPU; {gpu_missing()}, and CPU logits differ")
     return info.path
 
 

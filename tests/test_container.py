@@ -215,8 +215,10 @@ def test_wrong_model_is_refused_naming_both(session, model_blob):
 def test_other_backend_is_refused(session, model_blob, gpu_backend):
     from nacrith.engine import gpu_available
 
-    other = reheader(model_blob, backend=gpu_backend if not gpu_available() else "cpu")
-    with pytest.raises(BackendMismatchError):
+    other = reheader(model_blob, backend=gpu_backend)
+    # without a GPU: refused up front; with one, this CPU session cannot replay GPU logits
+    reason = "made on a CUDA GPU; this llama.cpp has (no GPU support|GPU support but sees no GPU)" if not gpu_available() else "the session runs on cpu"
+    with pytest.raises(BackendMismatchError, match=reason):
         unpack(session, other)
 
 
