@@ -38,6 +38,7 @@ export NACRITH_CORPORA=$G/corpora
 mkdir -p corpora/data && for f in "$G"/corpora/*; do ln -sf "$f" corpora/data/; done
 { sha256sum "$NACRITH_MODEL"; nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm --format=csv,noheader; nproc
   python3 -c "import nacrith.devices as d; print(d.gpus())"
+  grep -m1 'model name' /proc/cpuinfo; grep -m1 -o -w avx512f /proc/cpuinfo || echo 'no avx512f'
   python3 -c "import setuptools; print('setuptools', setuptools.__version__)"
   python3 -c "from nacrith.predictors.llm import _kernels; print('C kernel:', bool(_kernels))"; } 2>&1 | tee "$OUT/setup.log"
 
