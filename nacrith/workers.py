@@ -262,8 +262,13 @@ class WorkerPool:
         self.executor.shutdown(wait=True, cancel_futures=True)
 
     def terminate(self) -> None:
-        """Stop the worker processes now, not after the blocks they are coding (minutes)."""
-        for process in list((self.executor._processes or {}).values()):  # no public API for this
+        """Stop the worker processes now, not after the blocks they are coding (minutes).
+
+        ProcessPoolExecutor has no public way to reach its processes; its ``_processes``
+        (CPython 3.8 to 3.13 at least) is read defensively, so that a Python without it only
+        falls back to waiting for the running blocks instead of failing here.
+        """
+        for process in list((getattr(self.executor, "_processes", None) or {}).values()):
             if process.is_alive():
                 process.terminate()
 
