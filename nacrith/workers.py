@@ -265,7 +265,7 @@ class WorkerPool:
         """Stop the worker processes now, not after the blocks they are coding (minutes).
 
         ProcessPoolExecutor has no public way to reach its processes; its ``_processes``
-        (CPython 3.8 to 3.13 at least) is read defensively, so that a Python without it only
+        (an implementation detail of CPython) is read defensively, so that a Python without it only
         falls back to waiting for the running blocks instead of failing here.
         """
         for process in list((getattr(self.executor, "_processes", None) or {}).values()):
