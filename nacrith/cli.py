@@ -13,6 +13,7 @@ import json
 import mmap
 import os
 import shutil
+import signal
 import stat
 import sys
 import tempfile
@@ -45,14 +46,17 @@ class Terminated(BaseException):
         self.signum = signum
 
 
+class ReaderGone(Exception):
+    """Standard output's reader went away (``nacrith -dc FILE.nc | head``): stop quietly
+    with SIGPIPE's exit status, as gzip and zstd do (they die of the signal)."""
+
+
 def _raise_terminated(signum, frame):
     raise Terminated(signum)
 
 
 def catch_termination() -> None:
     """Turn SIGTERM and SIGHUP (where the platform has it) into :class:`Terminated`."""
-    import signal
-
     for name in ("SIGTERM", "SIGHUP"):
         number = getattr(signal, name, None)
         if number is not None and signal.getsignal(number) is signal.SIG_DFL:  # an ignored SIGHUP (nohup) stays ignored
@@ -73,8 +77,11 @@ def atomic_output(target: Path | None, force: bool, source: Path | None = None):
     ``target`` None means standard output (written directly).
     """
     if target is None:
-        yield sys.stdout.buffer
-        sys.stdout.buffer.flush()
+        try:
+            yield sys.stdout.buffer
+            sys.stdout.buffer.flush()
+        except BrokenPipeError:
+            raise ReaderGone() from None
         return
     if target.exists() and not force:
         raise UsageError(f"{target} already exists; use -f to overwrite")
@@ -490,6 +497,10 @@ def main(argv: list[str] | None = None) -> None:
     except Terminated as exc:
         fail("terminated")
         sys.exit(128 + exc.signum)
+    except ReaderGone:
+        # what is still buffered for the closed pipe must not fail again at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(128 + getattr(signal, "SIGPIPE", 13))
     except NacrithError as exc:
         fail(str(exc))
         sys.exit(EXIT_ERROR)

@@ -135,6 +135,19 @@ def test_compressed_input_is_left_unless_forced(text_file: Path):
     assert run("-f", packed).returncode == 0 and Path(str(packed) + ".nc").exists()
 
 
+def test_closed_reader_of_stdout_stops_quietly(tmp_path: Path):
+    """`nacrith -dc FILE.nc | head`: SIGPIPE's status and no message, as gzip and zstd."""
+    data = os.urandom(400_000)  # stored blocks: no model work
+    source = tmp_path / "noise.bin"
+    source.write_bytes(data)
+    assert run("compress", "--block-size", "100000", source).returncode == 0
+    reader = subprocess.Popen([*NACRITH, "-d", "-c", str(source) + ".nc"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert reader.stdout.read(10) == data[:10]
+    reader.stdout.close()
+    assert reader.wait(timeout=120) == 141
+    assert reader.stderr.read() == b""
+
+
 def test_unwritable_output_names_the_output(text_file: Path, tmp_path: Path):
     target = tmp_path / "no-such-folder" / "out.nc"
     result = run("compress", "-o", target, text_file)
