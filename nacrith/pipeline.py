@@ -32,7 +32,7 @@ import zstandard
 from . import container as fmt
 from .coder import CODERS, DEFAULT_CODER
 from .engine import ATTENTION_MODES, default_attention
-from .errors import BackendMismatchError, CorruptError, ModelMismatchError, UnsupportedVersionError
+from .errors import BackendMismatchError, CorruptError, ModelMismatchError, ModelNotFoundError, UnsupportedVersionError
 from .lockstep import Lockstep, check_window, split_streams
 from .predictors import EnsembleConfig, make_predictor, model_alone, predictor_settings
 from .segment import split_segments
@@ -517,16 +517,10 @@ def check_decodable(parsed: fmt.Container, model: str | None = None):
     section = parsed.header.model
     if not parsed.uses_model:
         return None
-    from . import model as model_files
     from .engine import gpu_available, gpu_missing
     from .session import engine_name
 
-    info = model_files.locate(model)
-    if info.sha256 != section.sha256:
-        raise ModelMismatchError(
-            f"this file was made with model {section.name} (sha256 {section.sha256.hex()[:16]}…), "
-            f"not {info.name} (sha256 {info.sha256.hex()[:16]}…); pass the right one with --model"
-        )
+    model_path = _decoding_model(section, model)
     if section.engine != engine_name():
         raise BackendMismatchError(f"this file was made with {section.engine}; this is {engine_name()}, whose logits may differ")
     try:
@@ -541,7 +535,39 @@ def check_decodable(parsed: fmt.Container, model: str | None = None):
         raise UnsupportedVersionError(f"this file uses a range coder this nacrith does not know ({section.coder!r})")
     if section.backend_kind == "cuda" and not gpu_available():
         raise BackendMismatchError(f"this file was made on a CUDA GPU; {gpu_missing()}, and CPU logits differ")
-    return info.path
+    return model_path
+
+
+def _decoding_model(section: fmt.ModelSection, model: str | None):
+    """The model file whose SHA-256 the file records: ``model`` (--model) when given, else
+    the usual choice ($NACRITH_MODEL, the default) or, failing that, the zoo model of that
+    SHA-256 (:data:`nacrith.model.ZOO`), so that a file made with ``--model gemma3-270m``
+    decodes without options where that model is installed."""
+    from . import model as model_files
+
+    try:
+        info, missing = model_files.locate(model), None
+    except ModelNotFoundError as exc:
+        if model is not None:
+            raise
+        info, missing = None, exc
+    if info is not None and info.sha256 == section.sha256:
+        return info.path
+    known = model_files.zoo_model_of(section.sha256)
+    if known is not None and model is None:
+        found = model_files.zoo_path(known)
+        if found is None:
+            raise ModelNotFoundError(f"this file was made with {section.name}, nacrith's {known.name} model, which is not installed;"
+                                     f" install it with {known.install_hint}")
+        if model_files.fingerprint(found) == section.sha256:
+            return found
+    if info is None:
+        raise missing
+    hint = f"--model {known.name}" if known is not None else "--model"
+    raise ModelMismatchError(
+        f"this file was made with model {section.name} (sha256 {section.sha256.hex()[:16]}…), "
+        f"not {info.name} (sha256 {info.sha256.hex()[:16]}…); pass the right one with {hint}"
+    )
 
 
 def decode_parsed(parsed: fmt.Container, destination: BinaryIO, progress: Progress | None = None, model: str | None = None,

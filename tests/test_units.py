@@ -652,3 +652,47 @@ def test_match_model_predicts_as_with_tuple_keys():
             assert (state.predicted(), state.length) == (reference.predicted(), reference.length)
             matched += state.length > 0
     assert matched > 500
+
+
+def test_zoo_model_is_joined_once_from_its_part_packages(tmp_path, monkeypatch):
+    """Parts found in installed packages (not imported), joined into the cache, checked."""
+    import hashlib
+    from dataclasses import replace
+
+    from nacrith import model as model_files
+    from nacrith.errors import ModelNotFoundError
+
+    pieces = [b"GGUF" + bytes(range(200)), b"second piece" * 50, b"end"]
+    for index, piece in enumerate(pieces):
+        folder = tmp_path / "site" / f"nacrith_fake_part{index}" / "data"
+        folder.mkdir(parents=True)
+        (folder.parent / "__init__.py").write_text("raise RuntimeError('imported')\n")
+        (folder / f"fake.gguf.part{index:02d}").write_bytes(piece)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("NACRITH_CACHE", str(tmp_path / "cache"))
+    parts = tuple((f"nacrith_fake_part{i}", f"data/fake.gguf.part{i:02d}") for i in range(3))
+    fake = model_files.ZooModel("fake-1m", "fake.gguf", hashlib.sha256(b"".join(pieces)).hexdigest(), "fake-gguf", "make install-fake", parts)
+    monkeypatch.setitem(model_files.ZOO, "fake-1m", fake)
+    monkeypatch.chdir(tmp_path)
+
+    path = model_files.resolve_model_path("fake-1m")
+    assert path == tmp_path / "cache" / "models" / "fake.gguf" and path.read_bytes() == b"".join(pieces)
+    assert oct(path.stat().st_mode & 0o777) != oct(0o600)  # a plain file's mode, not the temporary file's
+    made = path.stat().st_mtime_ns
+    assert model_files.resolve_model_path("fake-1m") == path and path.stat().st_mtime_ns == made  # joined once
+    assert model_files.zoo_model_of(bytes.fromhex(fake.sha256)) is fake
+
+    # parts that do not give the pinned digest: refused, and nothing is left in the cache
+    path.unlink()
+    monkeypatch.setitem(model_files.ZOO, "fake-1m", replace(fake, sha256="00" * 32))
+    with pytest.raises(ModelNotFoundError, match="do not join to its SHA-256.*make install-fake"):
+        model_files.resolve_model_path("fake-1m")
+    assert list((tmp_path / "cache" / "models").iterdir()) == []
+
+    # a missing part: not installed, with the install hint
+    monkeypatch.setitem(model_files.ZOO, "fake-1m", replace(fake, parts=parts + (("nacrith_fake_absent", "x"),)))
+    with pytest.raises(ModelNotFoundError, match="model fake-1m is not installed; install it with `make install-fake`"):
+        model_files.resolve_model_path("fake-1m")
+    # a file of the zoo name in the current folder is taken as that file
+    (tmp_path / "fake-1m").write_bytes(b"a file")
+    assert model_files.resolve_model_path("fake-1m") == tmp_path.joinpath("fake-1m").relative_to(tmp_path)
