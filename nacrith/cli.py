@@ -188,24 +188,30 @@ def compress_one(name: str, settings: pipeline.Settings, workers, output: str | 
         Path(name).unlink()
 
 
-def decompress_one(name: str, model: str | None, threads: int | None, workers, gpu_ids, output: str | None, to_stdout: bool, force: bool, quiet: bool, verbose: bool, remove: bool,
-                   any_gpu_model: bool = False) -> None:
-    target = output_for(name, True, output, to_stdout)
-    if target is not None and target.exists() and not force:
-        raise UsageError(f"{target} already exists; use -f to overwrite")
+@contextmanager
+def parsed_input(name: str):
+    """(the parsed container, its size in bytes) of the compressed input ``name``, held open."""
     source = open_input(name)
     if name == "-" and sys.stdin.isatty():
         raise UsageError("no input: name a file or pipe data to standard input")
     with source, mapped(source) as blob:
         if len(blob) == 0:
             raise fmt.NotNacrithError(f"{name}: empty input is not a nacrith file")
-        parsed = fmt.parse(blob)
+        yield fmt.parse(blob), len(blob)
+
+
+def decompress_one(name: str, model: str | None, threads: int | None, workers, gpu_ids, output: str | None, to_stdout: bool, force: bool, quiet: bool, verbose: bool, remove: bool,
+                   any_gpu_model: bool = False) -> None:
+    target = output_for(name, True, output, to_stdout)
+    if target is not None and target.exists() and not force:
+        raise UsageError(f"{target} already exists; use -f to overwrite")
+    with parsed_input(name) as (parsed, packed_size):
         with progress_bar(parsed.trailer.total_length, quiet, "decompress") as progress:
             with atomic_output(target, force, None if name == "-" else Path(name)) as out:
                 size = pipeline.decode_parsed(parsed, out, progress, model=model, threads=threads, workers=workers, gpu_ids=gpu_ids,
                                               any_gpu_model=any_gpu_model)
     if verbose:
-        click.echo(f"{name}: {len(blob)} -> {size} bytes", err=True)
+        click.echo(f"{name}: {packed_size} -> {size} bytes", err=True)
     if remove and name != "-" and target is not None:
         Path(name).unlink()
 
@@ -218,13 +224,7 @@ class _Discard:
 
 
 def test_one(name: str, model: str | None, threads: int | None, workers, gpu_ids, quiet: bool, verbose: bool, any_gpu_model: bool) -> None:
-    source = open_input(name)
-    if name == "-" and sys.stdin.isatty():
-        raise UsageError("no input: name a file or pipe data to standard input")
-    with source, mapped(source) as blob:
-        if len(blob) == 0:
-            raise fmt.NotNacrithError(f"{name}: empty input is not a nacrith file")
-        parsed = fmt.parse(blob)
+    with parsed_input(name) as (parsed, _):
         with progress_bar(parsed.trailer.total_length, quiet, "test") as progress:
             size = pipeline.decode_parsed(parsed, _Discard(), progress, model=model, threads=threads, workers=workers, gpu_ids=gpu_ids,
                                           any_gpu_model=any_gpu_model)
