@@ -97,3 +97,12 @@ def kv_cell_bytes(path: str | os.PathLike) -> int | None:
     except (KeyError, TypeError, ValueError):
         return None
     return layers * kv_heads * (key_size + value_size) * KV_CELL_ELEMENT_BYTES
+
+
+def vocab_size(path: str | os.PathLike) -> int | None:
+    """The number of tokens in the model's vocabulary, or None if unknown."""
+    try:
+        tokens = read_metadata(path).get("tokenizer.ggml.tokens")
+    except (OSError, GGUFFormatError, struct.error):
+        return None
+    return len(tokens) if isinstance(tokens, list) else None

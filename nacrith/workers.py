@@ -46,8 +46,14 @@ BYTES_PER_KV_CELL = 64 << 10  # where the model's header cannot be read: a bound
 # per CPU worker beside its KV cache: the model's pages, compute buffers, Python and the
 # ensemble's tables (up to ~420 MiB over a full 1 MiB text block:
 # bench/results/memory-cpu-v4-block.md). With SmolLM2-135M's KV cache at 16 streams x 1024
-# tokens (360 MiB) that reserves 1.0 GiB per worker, where README estimates a worker near 0.8 GiB
+# tokens (360 MiB) that reserves 1.0 GiB per worker, where README estimates a worker near 0.8 GiB.
 CPU_MEMORY_MARGIN = 640 << 20
+# The part of that margin that grows with the model: its file (mapped) and, per vocabulary
+# entry, the ensemble's context bias table and its AdaGrad squares (256 rows of float32 each)
+# and each stream's int64 probability row. gemma3-270m (253 MB, 262,144 tokens) compressing
+# 30 KB peaked at 1238 MiB RSS against 658 MiB for SmolLM2-135M (/usr/bin/time, README "Models").
+ENSEMBLE_BYTES_PER_VOCAB_ENTRY = 2 * 256 * 4
+DEFAULT_MODEL_BYTES, DEFAULT_VOCAB = 98_362_432, 49_152  # SmolLM2-135M, whose figures the margin holds
 
 
 @dataclass(frozen=True)
@@ -156,9 +162,38 @@ def kv_cell_bytes(model_path=None) -> int:
     return _kv_cells_read[key] or BYTES_PER_KV_CELL
 
 
+_vocab_read: dict[tuple, int | None] = {}  # (path, size, mtime) -> the header's vocabulary size
+
+
+def model_size(model_path=None) -> tuple[int, int]:
+    """(file bytes, vocabulary size) of the model, SmolLM2-135M's where it cannot be read;
+    each model file's header is read once per process."""
+    from .gguf import vocab_size
+    from .model import resolve_model_path
+
+    try:
+        path = resolve_model_path(model_path)
+        stat = os.stat(path)
+    except (OSError, ModelNotFoundError):
+        return DEFAULT_MODEL_BYTES, DEFAULT_VOCAB
+    key = (os.fspath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _vocab_read:
+        _vocab_read[key] = vocab_size(path)
+    return stat.st_size, _vocab_read[key] or DEFAULT_VOCAB
+
+
+def cpu_worker_bytes(streams: int, ctx: int, model_path=None) -> int:
+    """The memory a CPU worker is reckoned to need: its KV cache and CPU_MEMORY_MARGIN,
+    grown by what the model's file and vocabulary take beyond SmolLM2-135M's."""
+    file_bytes, vocab = model_size(model_path)
+    per_entry = ENSEMBLE_BYTES_PER_VOCAB_ENTRY + 8 * streams
+    growth = max(0, file_bytes - DEFAULT_MODEL_BYTES) + max(0, vocab - DEFAULT_VOCAB) * per_entry
+    return kv_cell_bytes(model_path) * streams * max(ctx, 1) + CPU_MEMORY_MARGIN + growth
+
+
 def _processes_fitting_in_memory(streams: int, ctx: int, model_path=None) -> int:
-    """How many CPU workers the available memory holds (each: a KV cache and a margin)."""
-    per_worker = kv_cell_bytes(model_path) * streams * max(ctx, 1) + CPU_MEMORY_MARGIN
+    """How many CPU workers the available memory holds (:func:`cpu_worker_bytes` each)."""
+    per_worker = cpu_worker_bytes(streams, ctx, model_path)
     try:
         with open("/proc/meminfo") as meminfo:
             fields = dict(line.split(":", 1) for line in meminfo)

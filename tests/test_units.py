@@ -294,12 +294,14 @@ def test_kv_cell_bytes_from_the_gguf_header(tmp_path):
     assert (metadata["general.architecture"], metadata["llama.block_count"], metadata["llama.attention.head_count_kv"]) == ("llama", 30, 3)
     assert len(metadata["tokenizer.ggml.tokens"]) == 49152
     assert gguf.kv_cell_bytes(path) == 30 * 3 * 128 * 2 == workers.kv_cell_bytes(path)
+    assert gguf.vocab_size(path) == 49152 and workers.model_size(path) == (path.stat().st_size, 49152)
     header = path.read_bytes()[:4096]
     huge_string = header[:24] + (1 << 62).to_bytes(8, "little") + header[32:]  # the first key's length
     damaged = {"empty": b"", "text": b"not a model", "truncated": header, "v9": b"GGUF" + (9).to_bytes(4, "little") + header[8:], "huge": huge_string}
     for name, data in damaged.items():
         (tmp_path / name).write_bytes(data)
         assert gguf.kv_cell_bytes(tmp_path / name) is None
+        assert gguf.vocab_size(tmp_path / name) is None
         assert workers.kv_cell_bytes(tmp_path / name) == workers.BYTES_PER_KV_CELL
     assert workers.kv_cell_bytes(tmp_path / "absent.gguf") == workers.BYTES_PER_KV_CELL
 
@@ -696,3 +698,17 @@ def test_zoo_model_is_joined_once_from_its_part_packages(tmp_path, monkeypatch):
     # a file of the zoo name in the current folder is taken as that file
     (tmp_path / "fake-1m").write_bytes(b"a file")
     assert model_files.resolve_model_path("fake-1m") == tmp_path.joinpath("fake-1m").relative_to(tmp_path)
+
+
+def test_cpu_worker_memory_grows_with_the_model(monkeypatch):
+    """The default model keeps the measured margin; a bigger file and vocabulary add to it."""
+    from nacrith import workers
+
+    monkeypatch.setattr(workers, "kv_cell_bytes", lambda model_path=None: 23040)
+    kv = 23040 * 16 * 1024
+    monkeypatch.setattr(workers, "model_size", lambda model_path=None: (workers.DEFAULT_MODEL_BYTES, workers.DEFAULT_VOCAB))
+    assert workers.cpu_worker_bytes(16, 1024) == kv + workers.CPU_MEMORY_MARGIN
+    monkeypatch.setattr(workers, "model_size", lambda model_path=None: (253_113_024, 262_144))  # gemma3-270m
+    grown = (253_113_024 - workers.DEFAULT_MODEL_BYTES) + (262_144 - workers.DEFAULT_VOCAB) * (2 * 256 * 4 + 8 * 16)
+    assert workers.cpu_worker_bytes(16, 1024) == kv + workers.CPU_MEMORY_MARGIN + grown
+    assert 1.2 * (1 << 30) < workers.cpu_worker_bytes(16, 1024) - kv < 1.3 * (1 << 30)  # beside the KV cache: 1.25 GiB for gemma3-270m
