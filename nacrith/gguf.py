@@ -75,12 +75,27 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return metadata
 
 
-def kv_cell_bytes(path: str | os.PathLike) -> int | None:
-    """Bytes of KV cache per token cell (keys and values of every layer, f16), or None if unknown."""
+def header_facts(path: str | os.PathLike) -> tuple[int | None, int | None]:
+    """(:func:`kv_cell_bytes`, :func:`vocab_size`) from one read of the header."""
     try:
         meta = read_metadata(path)
     except (OSError, GGUFFormatError, struct.error):
-        return None
+        return None, None
+    tokens = meta.get("tokenizer.ggml.tokens")
+    return _kv_cell_bytes_of(meta), len(tokens) if isinstance(tokens, list) else None
+
+
+def kv_cell_bytes(path: str | os.PathLike) -> int | None:
+    """Bytes of KV cache per token cell (keys and values of every layer, f16), or None if unknown."""
+    return header_facts(path)[0]
+
+
+def vocab_size(path: str | os.PathLike) -> int | None:
+    """The number of tokens in the model's vocabulary, or None if unknown."""
+    return header_facts(path)[1]
+
+
+def _kv_cell_bytes_of(meta: dict) -> int | None:
     architecture = meta.get("general.architecture")
     if not isinstance(architecture, str):
         return None
@@ -97,12 +112,3 @@ def kv_cell_bytes(path: str | os.PathLike) -> int | None:
     except (KeyError, TypeError, ValueError):
         return None
     return layers * kv_heads * (key_size + value_size) * KV_CELL_ELEMENT_BYTES
-
-
-def vocab_size(path: str | os.PathLike) -> int | None:
-    """The number of tokens in the model's vocabulary, or None if unknown."""
-    try:
-        tokens = read_metadata(path).get("tokenizer.ggml.tokens")
-    except (OSError, GGUFFormatError, struct.error):
-        return None
-    return len(tokens) if isinstance(tokens, list) else None

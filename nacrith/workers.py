@@ -142,44 +142,39 @@ def plan_workers(requested, gpu: bool, streams: int, ctx: int, threads: int | No
     return WorkerPlan(processes, threads or max(1, cores // (processes * lanes)), (None,) * processes, lanes)
 
 
-_kv_cells_read: dict[tuple, int | None] = {}  # (path, size, mtime) -> the header's figure
+_headers_read: dict[tuple, tuple] = {}  # (path, size, mtime) -> gguf.header_facts of the file
+
+
+def _model_facts(model_path=None) -> tuple[int, int | None, int | None] | None:
+    """(file bytes, KV cache bytes per cell, vocabulary size) of the model, None where it
+    cannot be found; each model file's header is read once per process (about 65 ms), and
+    again once the file changed."""
+    from . import gguf
+    from .model import resolve_model_path
+
+    try:
+        path = resolve_model_path(model_path)
+        stat = os.stat(path)
+    except (OSError, ModelNotFoundError):
+        return None
+    key = (os.fspath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _headers_read:
+        _headers_read[key] = gguf.header_facts(path)
+    return (stat.st_size, *_headers_read[key])
 
 
 def kv_cell_bytes(model_path=None) -> int:
-    """KV cache bytes per token cell of the model (:func:`nacrith.gguf.kv_cell_bytes`), or the
-    bound. Each model file's header is read once per process (about 65 ms), not per file coded."""
-    from .gguf import kv_cell_bytes as read_kv_cell_bytes
-    from .model import resolve_model_path
-
-    try:
-        path = resolve_model_path(model_path)
-        stat = os.stat(path)
-    except (OSError, ModelNotFoundError):
-        return BYTES_PER_KV_CELL
-    key = (os.fspath(path), stat.st_size, stat.st_mtime_ns)  # a replaced file is read again
-    if key not in _kv_cells_read:
-        _kv_cells_read[key] = read_kv_cell_bytes(path)
-    return _kv_cells_read[key] or BYTES_PER_KV_CELL
-
-
-_vocab_read: dict[tuple, int | None] = {}  # (path, size, mtime) -> the header's vocabulary size
+    """KV cache bytes per token cell of the model (:func:`nacrith.gguf.kv_cell_bytes`), or the bound."""
+    facts = _model_facts(model_path)
+    return (facts and facts[1]) or BYTES_PER_KV_CELL
 
 
 def model_size(model_path=None) -> tuple[int, int]:
-    """(file bytes, vocabulary size) of the model, SmolLM2-135M's where it cannot be read;
-    each model file's header is read once per process."""
-    from .gguf import vocab_size
-    from .model import resolve_model_path
-
-    try:
-        path = resolve_model_path(model_path)
-        stat = os.stat(path)
-    except (OSError, ModelNotFoundError):
+    """(file bytes, vocabulary size) of the model, SmolLM2-135M's where they cannot be read."""
+    facts = _model_facts(model_path)
+    if facts is None:
         return DEFAULT_MODEL_BYTES, DEFAULT_VOCAB
-    key = (os.fspath(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _vocab_read:
-        _vocab_read[key] = vocab_size(path)
-    return stat.st_size, _vocab_read[key] or DEFAULT_VOCAB
+    return facts[0], facts[2] or DEFAULT_VOCAB
 
 
 def cpu_worker_bytes(streams: int, ctx: int, model_path=None) -> int:

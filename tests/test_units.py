@@ -313,10 +313,11 @@ def test_kv_cell_bytes_reads_each_model_header_once(tmp_path, monkeypatch):
     from nacrith import gguf, workers
 
     reads = []
-    monkeypatch.setattr(gguf, "kv_cell_bytes", lambda path: reads.append(path) or 1000 + len(reads))
+    monkeypatch.setattr(gguf, "header_facts", lambda path: reads.append(path) or (1000 + len(reads), 7))
     path = tmp_path / "model.gguf"
     path.write_bytes(b"first")
     assert workers.kv_cell_bytes(path) == workers.kv_cell_bytes(path) == 1001 and len(reads) == 1
+    assert workers.model_size(path) == (5, 7) and len(reads) == 1  # the vocabulary comes from the same read
     path.write_bytes(b"second, longer")
     os.utime(path, ns=(1, 1))
     assert workers.kv_cell_bytes(path) == 1002 and len(reads) == 2
