@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,9 +105,11 @@ def zoo_path(model: ZooModel) -> Path | None:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    handle = tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{model.file}.", suffix=".part", delete=False)
+    # a name of this process and thread alone, opened as a plain file (mode 0666 less the
+    # umask, where a temporary file would be 0600), renamed into place when complete
+    partial = target.with_name(f".{model.file}.{os.getpid()}-{threading.get_ident()}.part")
     try:
-        with handle:
+        with open(partial, "wb") as handle:
             for part in parts:
                 with open(part, "rb") as piece:
                     for chunk in iter(lambda: piece.read(1 << 20), b""):
@@ -116,12 +118,9 @@ def zoo_path(model: ZooModel) -> Path | None:
         if digest.hexdigest() != model.sha256:
             raise ModelNotFoundError(f"the installed parts of {model.name} do not join to its SHA-256 ({digest.hexdigest()[:16]}…, "
                                      f"not {model.sha256[:16]}…); reinstall it with {model.install_hint}")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(handle.name, 0o666 & ~umask)  # as a plain file would be, not the temporary file's 0600
-        os.replace(handle.name, target)  # whole or not at all, also for two processes at once
+        os.replace(partial, target)  # whole or not at all, also for two processes at once
     finally:
-        Path(handle.name).unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
     return target
 
 
