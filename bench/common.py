@@ -22,7 +22,7 @@ from nacrith.predictors.ensemble import PARTS  # noqa: E402
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = pipeline.Settings()
-    parser.add_argument("--streams", type=int, default=defaults.streams)
+    parser.add_argument("--streams", type=int, default=None, help=f"default: {defaults.streams}, {pipeline.DEFAULT_GPU_STREAMS} with --gpu")
     parser.add_argument("--ctx", type=int, default=defaults.ctx)
     parser.add_argument("--slide", type=int, default=None, help="default: the pipeline's, or ctx/4 when --ctx is given")
     parser.add_argument("--block-size", type=int, default=defaults.block_size)

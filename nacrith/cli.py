@@ -332,7 +332,9 @@ def main_group():
 @main_group.command("compress")
 @click.argument("files", nargs=-1)
 @with_common
-@click.option("--streams", type=click.IntRange(min=1), default=pipeline.DEFAULT_STREAMS, show_default=True, help="Lockstep streams per block (one llama_decode feeds them all).")
+@click.option("--streams", type=click.IntRange(min=1), default=None,
+              help=f"Lockstep streams per block (one llama_decode feeds them all).  [default: {pipeline.DEFAULT_STREAMS}; "
+                   f"{pipeline.DEFAULT_GPU_STREAMS} with --gpus]")
 @click.option("--ctx", type=click.IntRange(min=8), default=pipeline.DEFAULT_CTX, show_default=True, help="Tokens in each stream's context window.")
 @click.option("--slide", type=click.IntRange(min=1), default=pipeline.DEFAULT_SLIDE, show_default=True, help="Tokens dropped from a full window.")
 @click.option("--block-size", type=click.IntRange(min=1), default=pipeline.DEFAULT_BLOCK_SIZE, show_default=True, help="Bytes per independently coded block.")

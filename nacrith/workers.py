@@ -294,10 +294,14 @@ class WorkerPool:
     def terminate(self) -> None:
         """Stop the worker processes now, not after the blocks they are coding (minutes).
 
-        ProcessPoolExecutor has no public way to reach its processes; its ``_processes``
-        (an implementation detail of CPython) is read defensively, so that a Python without it only
+        Python 3.14 and later do this with ``ProcessPoolExecutor.terminate_workers``. Before,
+        the executor had no public way to reach its processes; its ``_processes`` (an
+        implementation detail of CPython) is read defensively, so that a Python without it only
         falls back to waiting for the running blocks instead of failing here.
         """
+        if hasattr(self.executor, "terminate_workers"):
+            self.executor.terminate_workers()
+            return
         for process in list((getattr(self.executor, "_processes", None) or {}).values()):
             if process.is_alive():
                 process.terminate()

@@ -713,3 +713,39 @@ def test_cpu_worker_memory_grows_with_the_model(monkeypatch):
     grown = (253_113_024 - workers.DEFAULT_MODEL_BYTES) + (262_144 - workers.DEFAULT_VOCAB) * (2 * 256 * 4 + 8 * 16)
     assert workers.cpu_worker_bytes(16, 1024) == kv + workers.CPU_MEMORY_MARGIN + grown
     assert 1.2 * (1 << 30) < workers.cpu_worker_bytes(16, 1024) - kv < 1.3 * (1 << 30)  # beside the KV cache: 1.25 GiB for gemma3-270m
+
+
+@pytest.mark.parametrize("args, streams", [([], 16), (["--gpus", "all"], 256), (["--gpus", "0", "--streams", "8"], 8), (["--streams", "4"], 4)])
+def test_default_streams_follow_the_backend(monkeypatch, tmp_path, args, streams):
+    from click.testing import CliRunner
+
+    from nacrith import cli, pipeline
+
+    # one llama_decode of 256 streams costs a GPU little more than one of 16; the CPU pays per token
+    seen = []
+    monkeypatch.setattr(cli, "compress_one", lambda name, settings, *rest: seen.append(settings))
+    (tmp_path / "a.txt").write_bytes(b"text")
+    result = CliRunner().invoke(cli.main_group, ["compress", *args, str(tmp_path / "a.txt")])
+    assert result.exit_code == 0, result.output
+    assert [settings.streams for settings in seen] == [streams]
+    gpu = "--gpus" in args
+    assert pipeline.Settings(gpu=gpu).streams == (256 if gpu else 16)  # the Python API's default too
+
+
+def test_worker_pool_terminate_prefers_the_public_api():
+    from types import SimpleNamespace
+
+    from nacrith.workers import WorkerPool
+
+    calls = []
+    process = SimpleNamespace(is_alive=lambda: True, terminate=lambda: calls.append("process"))
+    pool = object.__new__(WorkerPool)  # no processes started: only terminate() is under test
+    pool.executor = SimpleNamespace(_processes={1: process}, terminate_workers=lambda: calls.append("public"))
+    pool.terminate()
+    assert calls == ["public"]  # Python 3.14's ProcessPoolExecutor.terminate_workers
+    pool.executor = SimpleNamespace(_processes={1: process})
+    pool.terminate()
+    assert calls == ["public", "process"]  # earlier Pythons: the executor's processes, read defensively
+    pool.executor = SimpleNamespace()
+    pool.terminate()  # neither: nothing to stop early, and no error
+    assert calls == ["public", "process"]
