@@ -38,6 +38,14 @@ class UsageError(NacrithError):
     """A command line that cannot be carried out as given."""
 
 
+class OutputError(UsageError):
+    """The output cannot be written (no such folder, no permission, a full disk); the
+    message names the output, not the input being read."""
+
+    def __init__(self, target, exc: OSError):
+        super().__init__(f"cannot write {target} ({exc.strerror or exc})")
+
+
 class Terminated(BaseException):
     """SIGTERM or SIGHUP arrived: raised in the main thread so that partial output files
     are removed on the way out, as on Ctrl-C (the default action would leave them)."""
@@ -75,12 +83,14 @@ def fail(message: str) -> None:
 def atomic_output(target: Path | None, force: bool, source: Path | None = None):
     """Yield a binary file to write; it becomes ``target`` only if the block completes.
 
-    ``target`` None means standard output (written directly).
+    ``target`` None means standard output (written directly). Errors writing it (a full
+    disk) are :class:`OutputError`, which names the output.
     """
     if target is None:
         try:
-            yield sys.stdout.buffer
-            sys.stdout.buffer.flush()
+            with naming_write_errors("standard output"):
+                yield NamedOutput(sys.stdout.buffer, "standard output")
+                sys.stdout.buffer.flush()
         except BrokenPipeError:
             raise ReaderGone() from None
         return
@@ -88,19 +98,42 @@ def atomic_output(target: Path | None, force: bool, source: Path | None = None):
         raise UsageError(f"{target} already exists; use -f to overwrite")
     if target.is_dir():
         raise UsageError(f"{target} is a directory")
-    try:
+    with naming_write_errors(target):  # not the temporary file's made-up name
         handle = tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".part", delete=False)
-    except OSError as exc:  # name the output, not the input or the temporary file's made-up name
-        raise UsageError(f"cannot write {target} ({exc.strerror or exc})") from None
     try:
-        with handle:
-            yield handle
-        if source is not None:
-            shutil.copystat(source, handle.name)  # keep the source's mode and times, as gzip does
-        os.replace(handle.name, target)
+        with naming_write_errors(target):
+            with handle:  # closing flushes: a full disk may show only here
+                yield NamedOutput(handle, target)
+            if source is not None:
+                shutil.copystat(source, handle.name)  # keep the source's mode and times, as gzip does
+            os.replace(handle.name, target)
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def naming_write_errors(target):
+    """Turn an OSError of the output's own operations into :class:`OutputError` (a broken
+    pipe stays itself: it is no error of ours, see :class:`ReaderGone`)."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise OutputError(target, exc) from None
+
+
+class NamedOutput:
+    """An output file whose write errors name it: the pipeline writes it while reading the
+    input, and an OSError from either would otherwise be reported against the input."""
+
+    def __init__(self, handle, target):
+        self.handle, self.target = handle, target
+
+    def write(self, data) -> int:
+        with naming_write_errors(self.target):
+            return self.handle.write(data)
 
 
 def open_input(name: str):

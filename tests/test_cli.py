@@ -155,6 +155,32 @@ def test_unwritable_output_names_the_output(text_file: Path, tmp_path: Path):
     assert not target.parent.exists()
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_full_disk_names_the_output(tmp_path: Path):
+    """A write that fails (ENOSPC) is reported against the output, not the input being read."""
+    source = tmp_path / "noise.bin"
+    source.write_bytes(os.urandom(100_000))  # a stored block: no model work
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run([*NACRITH, "-c", str(source)], stdout=full, stderr=subprocess.PIPE, timeout=120)
+    assert_one_line_error(result, "cannot write standard output (No space left on device)")
+
+
+def test_failed_write_leaves_no_partial_file(tmp_path: Path):
+    from nacrith import cli
+
+    class FullDisk:
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    target = tmp_path / "out.nc"
+    with pytest.raises(cli.OutputError, match=f"cannot write {target} \\(No space left on device\\)"):
+        with cli.atomic_output(target, False) as out:
+            out.write(b"written")
+            out.handle = FullDisk()  # the disk fills up after the first write
+            out.write(b"not written")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unknown_suffix_on_decompress(text_file: Path):
     assert_one_line_error(run("-d", text_file), "unknown suffix")
 
