@@ -187,7 +187,15 @@ def progress_bar(total: int | None, quiet: bool, label: str):
 
 
 def output_for(name: str, decompressing: bool, output: str | None, to_stdout: bool) -> Path | None:
-    """Where the result of processing ``name`` goes (None: standard output)."""
+    """Where the result of processing ``name`` goes (None: standard output); never the input
+    itself, even with -f (with --rm that would lose both)."""
+    target = _output_path(name, decompressing, output, to_stdout)
+    if target is not None and name != "-" and target.exists() and os.path.samefile(name, target):
+        raise UsageError(f"{name}: the output would overwrite the input; name another with -o")
+    return target
+
+
+def _output_path(name: str, decompressing: bool, output: str | None, to_stdout: bool) -> Path | None:
     if to_stdout or (output is None and name == "-"):
         return None
     if output is not None:

@@ -155,6 +155,17 @@ def test_unwritable_output_names_the_output(text_file: Path, tmp_path: Path):
     assert not target.parent.exists()
 
 
+def test_output_that_is_the_input_is_refused_even_forced(text_file: Path):
+    """zstd's rule: with --rm, writing over the input and then deleting it would lose both."""
+    link = text_file.with_name("link.txt")
+    os.link(text_file, link)  # the same file under another name
+    for output in (text_file, link):
+        assert_one_line_error(run("compress", "-f", "--rm", "-o", output, text_file), "the output would overwrite the input")
+    assert text_file.read_bytes() == TEXT
+    assert_one_line_error(run("-d", "-f", "-o", text_file, text_file), "the output would overwrite the input")
+    assert text_file.read_bytes() == TEXT
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_full_disk_names_the_output(tmp_path: Path):
     """A write that fails (ENOSPC) is reported against the output, not the input being read."""
