@@ -9,14 +9,15 @@ exit status 1.
 """
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
 import shutil
+import secrets
 import signal
 import stat
 import sys
-import tempfile
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -99,17 +100,31 @@ def atomic_output(target: Path | None, force: bool, source: Path | None = None):
     if target.is_dir():
         raise UsageError(f"{target} is a directory")
     with naming_write_errors(target):  # not the temporary file's made-up name
-        handle = tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".part", delete=False)
+        handle, partial = new_partial_file(target)
     try:
         with naming_write_errors(target):
             with handle:  # closing flushes: a full disk may show only here
                 yield NamedOutput(handle, target)
             if source is not None:
-                shutil.copystat(source, handle.name)  # keep the source's mode and times, as gzip does
-            os.replace(handle.name, target)
+                shutil.copystat(source, partial)  # keep the source's mode and times, as gzip does
+            os.replace(partial, target)
     except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
         raise
+
+
+def new_partial_file(target: Path):
+    """(an open binary file, its path): a new file beside ``target`` under a hidden random
+    name, created with mode 0666 less the umask as the finished output should have (where
+    ``tempfile`` would give 0600, which standard input's output kept)."""
+    for _ in range(100):
+        partial = target.with_name(f".{target.name}.{secrets.token_hex(6)}.part")
+        try:
+            descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        except FileExistsError:
+            continue
+        return os.fdopen(descriptor, "wb"), partial
+    raise FileExistsError(errno.EEXIST, "no free name for a partial file", str(target.parent))
 
 
 @contextmanager

@@ -155,6 +155,23 @@ def test_unwritable_output_names_the_output(text_file: Path, tmp_path: Path):
     assert not target.parent.exists()
 
 
+def test_output_modes(tmp_path: Path):
+    """From standard input the output gets 0666 less the umask, as a shell's redirection would
+    (it was 0600, a temporary file's); from a file, the file's own mode, as gzip keeps it."""
+    mask = os.umask(0o022)
+    try:
+        out = tmp_path / "piped.nc"
+        assert run("-o", out, "-", stdin=os.urandom(2000)).returncode == 0
+        assert out.stat().st_mode & 0o777 == 0o644
+        source = tmp_path / "noise.bin"
+        source.write_bytes(os.urandom(2000))
+        source.chmod(0o640)
+        assert run(source).returncode == 0
+        assert (tmp_path / "noise.bin.nc").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(mask)
+
+
 def test_output_that_is_the_input_is_refused_even_forced(text_file: Path):
     """zstd's rule: with --rm, writing over the input and then deleting it would lose both."""
     link = text_file.with_name("link.txt")
