@@ -89,8 +89,8 @@ def atomic_output(target: Path | None, force: bool, source: Path | None = None):
     """
     if target is None:
         try:
+            yield NamedOutput(sys.stdout.buffer, "standard output")
             with naming_write_errors("standard output"):
-                yield NamedOutput(sys.stdout.buffer, "standard output")
                 sys.stdout.buffer.flush()
         except BrokenPipeError:
             raise ReaderGone() from None
@@ -102,15 +102,28 @@ def atomic_output(target: Path | None, force: bool, source: Path | None = None):
     with naming_write_errors(target):  # not the temporary file's made-up name
         handle, partial = new_partial_file(target)
     try:
+        try:  # (an input's read error inside is not the output's: not named as one)
+            yield NamedOutput(handle, target)
+            with naming_write_errors(target):
+                handle.close()  # flushes: a full disk may show only here
+        finally:
+            close_quietly(handle)  # after an error, which is the one to report
         with naming_write_errors(target):
-            with handle:  # closing flushes: a full disk may show only here
-                yield NamedOutput(handle, target)
             if source is not None:
                 shutil.copystat(source, partial)  # keep the source's mode and times, as gzip does
             os.replace(partial, target)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+
+
+def close_quietly(handle) -> None:
+    """Close ``handle`` if it is open, ignoring the error that flushing it may raise (a full
+    disk again) so that it does not hide the error being handled."""
+    try:
+        handle.close()
+    except OSError:
+        pass
 
 
 def new_partial_file(target: Path):

@@ -207,6 +207,38 @@ def test_failed_write_leaves_no_partial_file(tmp_path: Path):
             out.handle = FullDisk()  # the disk fills up after the first write
             out.write(b"not written")
     assert list(tmp_path.iterdir()) == []
+    with pytest.raises(OSError) as raised:  # an input's read error stays the input's
+        with cli.atomic_output(target, False) as out:
+            out.write(b"written")
+            raise OSError(5, "Input/output error")
+    assert not isinstance(raised.value, cli.OutputError)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_full_disk_found_when_closing_is_named(tmp_path: Path, monkeypatch):
+    """Buffered writes may succeed and only the final flush fail; the second flush that
+    closing tries must not replace that error with an unnamed one."""
+    from nacrith import cli
+
+    class BufferedOnFullDisk:
+        closed = False
+
+        def write(self, data):
+            return len(data)
+
+        def close(self):  # as io.BufferedWriter: closed even when its flush fails
+            if not self.closed:
+                self.closed = True
+                raise OSError(28, "No space left on device")
+
+    partial = tmp_path / ".out.nc.part"
+    partial.write_bytes(b"")
+    monkeypatch.setattr(cli, "new_partial_file", lambda target: (BufferedOnFullDisk(), partial))
+    target = tmp_path / "out.nc"
+    with pytest.raises(cli.OutputError, match="No space left on device"):
+        with cli.atomic_output(target, False) as out:
+            out.write(b"buffered")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unknown_suffix_on_decompress(text_file: Path):
