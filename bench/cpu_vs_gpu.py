@@ -29,8 +29,9 @@ def main() -> int:
     args = parser.parse_args()
     data = args.file.read_bytes()[: args.bytes]
     rows = []
+    streams = args.streams or pipeline.DEFAULT_GPU_STREAMS  # the same on both backends, not each one's default
     for gpu in (False, True):
-        settings = settings_from_arguments(args, gpu=gpu, fallback=False, block_size=len(data))
+        settings = settings_from_arguments(args, gpu=gpu, streams=streams, fallback=False, block_size=len(data))
         packed = io.BytesIO()
         began = time.perf_counter()
         pipeline.compress_stream(io.BytesIO(data), packed, settings)
