@@ -95,10 +95,10 @@ def atomic_output(target: Path | None, force: bool, source: Path | None = None):
         except BrokenPipeError:
             raise ReaderGone() from None
         return
-    if target.exists() and not force:
-        raise UsageError(f"{target} already exists; use -f to overwrite")
-    if target.is_dir():
-        raise UsageError(f"{target} is a directory")
+    check_target(target, force)
+    if writes_in_place(target):
+        yield from _write_in_place(target)
+        return
     with naming_write_errors(target):  # not the temporary file's made-up name
         handle, partial = new_partial_file(target)
     try:
@@ -115,6 +115,41 @@ def atomic_output(target: Path | None, force: bool, source: Path | None = None):
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+
+
+def writes_in_place(target: Path | None) -> bool:
+    """Whether ``target`` is a character device or a named pipe (/dev/null, a FIFO): written
+    directly, never replaced by a renamed file (as root, that rename would put a plain file
+    in the place of /dev/null)."""
+    try:
+        mode = target.stat().st_mode if target is not None else 0
+    except OSError:
+        return False
+    return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)
+
+
+def check_target(target: Path | None, force: bool) -> None:
+    """Refuse an output file that exists (unless ``force``), a directory, or another
+    non-regular file (a block device, a socket); devices and pipes written in place pass."""
+    if target is None or writes_in_place(target) or not target.exists():
+        return
+    if not force:
+        raise UsageError(f"{target} already exists; use -f to overwrite")
+    if target.is_dir():
+        raise UsageError(f"{target} is a directory")
+    if not target.is_file():
+        raise UsageError(f"{target} is not a regular file")
+
+
+def _write_in_place(target: Path):
+    with naming_write_errors(target):
+        handle = open(target, "wb")
+    try:
+        yield NamedOutput(handle, target)
+        with naming_write_errors(target):
+            handle.close()
+    finally:
+        close_quietly(handle)
 
 
 def close_quietly(handle) -> None:
@@ -241,8 +276,7 @@ def compress_one(name: str, settings: pipeline.Settings, workers, output: str | 
     target = output_for(name, False, output, to_stdout)
     if target is None and sys.stdout.isatty() and not force:
         raise UsageError("compressed data not written to a terminal; use -o FILE or -f")
-    if target is not None and target.exists() and not force:
-        raise UsageError(f"{target} already exists; use -f to overwrite")
+    check_target(target, force)
     source = open_input(name)
     if name == "-" and sys.stdin.isatty():
         raise UsageError("no input: name a file or pipe data to standard input")
@@ -253,8 +287,8 @@ def compress_one(name: str, settings: pipeline.Settings, workers, output: str | 
     if verbose or (not quiet and target is not None and sys.stderr.isatty()):
         bits = 8 * summary.compressed_size / summary.original_size if summary.original_size else 0.0
         click.echo(f"{name}: {summary.original_size} -> {summary.compressed_size} bytes, {bits:.3f} bits/byte", err=True)
-    if remove and name != "-" and target is not None:
-        Path(name).unlink()
+    if remove:
+        remove_input(name, target, quiet)
 
 
 @contextmanager
@@ -272,8 +306,7 @@ def parsed_input(name: str):
 def decompress_one(name: str, model: str | None, threads: int | None, workers, gpu_ids, output: str | None, to_stdout: bool, force: bool, quiet: bool, verbose: bool, remove: bool,
                    any_gpu_model: bool = False) -> None:
     target = output_for(name, True, output, to_stdout)
-    if target is not None and target.exists() and not force:
-        raise UsageError(f"{target} already exists; use -f to overwrite")
+    check_target(target, force)
     with parsed_input(name) as (parsed, packed_size):
         with progress_bar(parsed.trailer.total_length, quiet, "decompress") as progress:
             with atomic_output(target, force, None if name == "-" else Path(name)) as out:
@@ -281,8 +314,8 @@ def decompress_one(name: str, model: str | None, threads: int | None, workers, g
                                               any_gpu_model=any_gpu_model)
     if verbose:
         click.echo(f"{name}: {packed_size} -> {size} bytes", err=True)
-    if remove and name != "-" and target is not None:
-        Path(name).unlink()
+    if remove:
+        remove_input(name, target, quiet)
 
 
 class _Discard:
@@ -290,6 +323,18 @@ class _Discard:
 
     def write(self, data) -> int:
         return len(data)
+
+
+def remove_input(name: str, target: Path | None, quiet: bool) -> None:
+    """--rm: delete the input once its output file is complete; kept where the output is
+    standard output, a device or a pipe (/dev/null keeps nothing to restore from)."""
+    if name == "-" or target is None:
+        return
+    if writes_in_place(target):
+        if not quiet:
+            fail(f"{name}: kept: --rm deletes an input only when its output is a regular file")
+        return
+    Path(name).unlink()
 
 
 def test_one(name: str, model: str | None, threads: int | None, workers, gpu_ids, quiet: bool, verbose: bool, any_gpu_model: bool) -> None:

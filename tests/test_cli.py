@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -181,6 +182,44 @@ def test_output_that_is_the_input_is_refused_even_forced(text_file: Path):
     assert text_file.read_bytes() == TEXT
     assert_one_line_error(run("-d", "-f", "-o", text_file, text_file), "the output would overwrite the input")
     assert text_file.read_bytes() == TEXT
+
+
+@pytest.fixture
+def packed_noise(tmp_path: Path) -> tuple[Path, bytes]:
+    data = os.urandom(50_000)  # a stored block: no model work
+    (tmp_path / "noise.bin").write_bytes(data)
+    assert run(tmp_path / "noise.bin").returncode == 0
+    return tmp_path / "noise.bin.nc", data
+
+
+def test_named_pipe_output_is_written_in_place(tmp_path: Path, packed_noise):
+    packed, data = packed_noise
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(["cat", str(fifo)], stdout=subprocess.PIPE)
+    try:
+        result = run("-d", "-o", fifo, packed)  # no -f needed: a pipe holds nothing to overwrite
+        assert result.returncode == 0, result.stderr
+        assert reader.communicate(timeout=60)[0] == data
+    finally:
+        reader.kill()  # where nothing opened the pipe, cat still waits for a writer
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+
+
+def test_device_output_is_never_replaced(tmp_path: Path, packed_noise):
+    """As root, `-f -o /dev/null` used to rename a plain file over the device node."""
+    packed, _ = packed_noise
+    null = tmp_path / "null"  # a private null device, so that a failure cannot touch /dev/null
+    try:
+        os.mknod(null, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        open(null, "wb").close()
+    except OSError:
+        pytest.skip("cannot make or open a device node here (needs root, and a filesystem without nodev)")
+    for forced in ([], ["-f"]):
+        result = run("-d", *forced, "--rm", "-o", null, packed)
+        assert result.returncode == 0, result.stderr
+        assert stat.S_ISCHR(null.stat().st_mode)
+        assert packed.exists() and "kept" in result.stderr.decode()  # --rm keeps an input whose output is gone
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
