@@ -84,8 +84,9 @@ def fail(message: str) -> None:
 def atomic_output(target: Path | None, force: bool, source: Path | None = None):
     """Yield a binary file to write; it becomes ``target`` only if the block completes.
 
-    ``target`` None means standard output (written directly). Errors writing it (a full
-    disk) are :class:`OutputError`, which names the output.
+    ``target`` None means standard output, and a character device or a named pipe is
+    opened as it is (both written directly). Errors writing it (a full disk) are
+    :class:`OutputError`, which names the output.
     """
     if target is None:
         try:
@@ -97,17 +98,14 @@ def atomic_output(target: Path | None, force: bool, source: Path | None = None):
         return
     check_target(target, force)
     if writes_in_place(target):
-        yield from _write_in_place(target)
+        with naming_write_errors(target):
+            handle = open(target, "wb")
+        yield from _written(handle, target)
         return
     with naming_write_errors(target):  # not the temporary file's made-up name
         handle, partial = new_partial_file(target)
     try:
-        try:  # (an input's read error inside is not the output's: not named as one)
-            yield NamedOutput(handle, target)
-            with naming_write_errors(target):
-                handle.close()  # flushes: a full disk may show only here
-        finally:
-            close_quietly(handle)  # after an error, which is the one to report
+        yield from _written(handle, target)
         with naming_write_errors(target):
             if source is not None:
                 shutil.copystat(source, partial)  # keep the source's mode and times, as gzip does
@@ -141,13 +139,14 @@ def check_target(target: Path | None, force: bool) -> None:
         raise UsageError(f"{target} is not a regular file")
 
 
-def _write_in_place(target: Path):
-    with naming_write_errors(target):
-        handle = open(target, "wb")
+def _written(handle, target):
+    """Yield ``handle`` as a :class:`NamedOutput`, then close it. An error raised while it
+    is out (an input's read error) is not named as the output's, and the flush that closing
+    it then tries does not replace that error."""
     try:
         yield NamedOutput(handle, target)
         with naming_write_errors(target):
-            handle.close()
+            handle.close()  # flushes: a full disk may show only here
     finally:
         close_quietly(handle)
 
