@@ -126,6 +126,20 @@ def writes_in_place(target: Path | None) -> bool:
     return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)
 
 
+def is_terminal(target: Path) -> bool:
+    """Whether ``target`` is a terminal (``-o /dev/tty``), as ``-c`` asks of standard output."""
+    if not target.exists() or not stat.S_ISCHR(target.stat().st_mode):
+        return False  # (a FIFO is not opened here: that would wait for its reader)
+    try:
+        descriptor = os.open(target, os.O_WRONLY | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError:
+        return False  # the write will say why
+    try:
+        return os.isatty(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def check_target(target: Path | None, force: bool) -> None:
     """Refuse an output file that exists (unless ``force``), a directory, or another
     non-regular file (a block device, a socket); devices and pipes written in place pass."""
@@ -273,7 +287,7 @@ def compress_one(name: str, settings: pipeline.Settings, workers, output: str | 
     if name.endswith(SUFFIX) and output is None and not to_stdout and not force:  # gzip's guard against `nacrith *` run twice
         raise UsageError(f"{name}: already has the {SUFFIX} suffix; left unchanged (-f compresses it anyway)")
     target = output_for(name, False, output, to_stdout)
-    if target is None and sys.stdout.isatty() and not force:
+    if (sys.stdout.isatty() if target is None else is_terminal(target)) and not force:
         raise UsageError("compressed data not written to a terminal; use -o FILE or -f")
     check_target(target, force)
     source = open_input(name)

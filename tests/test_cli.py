@@ -222,6 +222,17 @@ def test_device_output_is_never_replaced(tmp_path: Path, packed_noise):
         assert packed.exists() and "kept" in result.stderr.decode()  # --rm keeps an input whose output is gone
 
 
+def test_terminal_named_as_output_is_refused_as_with_c(tmp_path: Path):
+    master, slave = os.openpty()
+    try:
+        source = tmp_path / "noise.bin"
+        source.write_bytes(os.urandom(2000))
+        assert_one_line_error(run("-o", os.ttyname(slave), source), "not written to a terminal")
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_full_disk_names_the_output(tmp_path: Path):
     """A write that fails (ENOSPC) is reported against the output, not the input being read."""
