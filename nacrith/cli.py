@@ -115,20 +115,26 @@ def atomic_output(target: Path | None, force: bool, source: Path | None = None):
         raise
 
 
+def file_mode(target: Path | None) -> int | None:
+    """``target``'s st_mode (following links), None for standard output or no such file."""
+    try:
+        return target.stat().st_mode if target is not None else None
+    except OSError:
+        return None  # missing (or not statable: opening it will say why)
+
+
 def writes_in_place(target: Path | None) -> bool:
     """Whether ``target`` is a character device or a named pipe (/dev/null, a FIFO): written
     directly, never replaced by a renamed file (as root, that rename would put a plain file
     in the place of /dev/null)."""
-    try:
-        mode = target.stat().st_mode if target is not None else 0
-    except OSError:
-        return False
-    return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)
+    mode = file_mode(target)
+    return mode is not None and (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode))
 
 
 def is_terminal(target: Path) -> bool:
     """Whether ``target`` is a terminal (``-o /dev/tty``), as ``-c`` asks of standard output."""
-    if not target.exists() or not stat.S_ISCHR(target.stat().st_mode):
+    mode = file_mode(target)
+    if mode is None or not stat.S_ISCHR(mode):
         return False  # (a FIFO is not opened here: that would wait for its reader)
     try:
         descriptor = os.open(target, os.O_WRONLY | os.O_NOCTTY | os.O_NONBLOCK)
@@ -143,13 +149,14 @@ def is_terminal(target: Path) -> bool:
 def check_target(target: Path | None, force: bool) -> None:
     """Refuse an output file that exists (unless ``force``), a directory, or another
     non-regular file (a block device, a socket); devices and pipes written in place pass."""
-    if target is None or writes_in_place(target) or not target.exists():
+    mode = file_mode(target)
+    if mode is None or writes_in_place(target):
         return
     if not force:
         raise UsageError(f"{target} already exists; use -f to overwrite")
-    if target.is_dir():
+    if stat.S_ISDIR(mode):
         raise UsageError(f"{target} is a directory")
-    if not target.is_file():
+    if not stat.S_ISREG(mode):
         raise UsageError(f"{target} is not a regular file")
 
 
