@@ -5,7 +5,7 @@ Conventions follow gzip and zstd: ``nacrith FILE`` or ``nacrith compress FILE`` 
 ``-`` (or no file with piped input) reads standard input and writes standard output.
 Source files are kept. Output goes to a temporary file renamed into place only when
 complete, so a failure never leaves a partial file. Every error is one line on stderr and
-exit status 1.
+exit status 1; a bad command line is one line too (not click's usage block) and status 2.
 """
 from __future__ import annotations
 
@@ -620,6 +620,15 @@ def normalise_argv(argv: list[str]) -> list[str]:
     return ["compress"] + argv
 
 
+def usage_line(exc: click.ClickException) -> str:
+    """One line for a bad command line, where click prints a four-line usage block:
+    "invalid value for '--streams': 'x' is not a valid integer range (see 'nacrith compress --help')"."""
+    message = " ".join(exc.format_message().split()).rstrip(".")
+    message = message[:1].lower() + message[1:]
+    context = getattr(exc, "ctx", None)
+    return f"{message} (see '{context.command_path if context else 'nacrith'} --help')"
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = normalise_argv(list(sys.argv[1:] if argv is None else argv))
     try:
@@ -628,8 +637,8 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        exc.show()
-        sys.exit(2)
+        fail(usage_line(exc))
+        sys.exit(exc.exit_code)  # 2 for a bad command line, as click (and gzip) use
     except (KeyboardInterrupt, click.exceptions.Abort):
         fail("interrupted")
         sys.exit(130)
