@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import json
-import mmap
 import os
 import shutil
 import secrets
@@ -219,17 +218,25 @@ class NamedOutput:
             return self.handle.write(data)
 
 
-def open_input(name: str):
-    """A readable binary file for ``name`` ('-' is standard input), with clear errors."""
+def open_input(name: str, force: bool | None = False):
+    """A readable binary file for ``name`` ('-' is standard input), with clear errors.
+
+    A regular file or a named pipe (``<(command)``) is read; a device or a socket is
+    refused, as zstd does (``nacrith /dev/zero`` would read for ever), unless ``force``
+    (-f; None where the command has no -f to offer).
+    """
     if name == "-":
         return sys.stdin.buffer
-    path = Path(name)
-    if not path.exists():
-        raise UsageError(f"{name}: no such file")
-    if path.is_dir():
+    mode = file_mode(Path(name))
+    if mode is None:
+        if not os.path.lexists(name):
+            raise UsageError(f"{name}: no such file")
+    elif stat.S_ISDIR(mode):
         raise UsageError(f"{name}: is a directory")
+    elif not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode) or force):
+        raise UsageError(f"{name}: is not a regular file" + ("; use -f to read it anyway" if force is not None else ""))
     try:
-        return open(path, "rb")
+        return open(name, "rb")
     except OSError as exc:
         raise UsageError(f"{name}: cannot read ({exc.strerror})") from None
 
@@ -243,15 +250,17 @@ def input_size(handle) -> int | None:
     return status.st_size if stat.S_ISREG(status.st_mode) else None
 
 
-@contextmanager
-def mapped(handle):
-    """The whole content of an input as a bytes-like object (mmap for files)."""
-    size = input_size(handle)
-    if size:
-        # not closed explicitly: parsed blocks keep memoryviews into it; it goes with them
-        yield mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-    else:
-        yield handle.read()
+def parse_input(handle, name: str) -> tuple[fmt.Container, int]:
+    """(the parsed container, its size in bytes) read from ``handle``. A regular file's
+    block payloads stay on disk until decoded (they are read with pread, not mapped: see
+    :class:`nacrith.container.FileData`); a pipe is read whole."""
+    size, blob = input_size(handle), None
+    if size is None:
+        blob = handle.read()
+        size = len(blob)
+    if size == 0:
+        raise fmt.NotNacrithError(f"{name}: empty input is not a nacrith file")
+    return (fmt.parse_file(handle, name) if blob is None else fmt.parse(blob)), size
 
 
 @contextmanager
@@ -297,7 +306,7 @@ def compress_one(name: str, settings: pipeline.Settings, workers, output: str | 
     if (sys.stdout.isatty() if target is None else is_terminal(target)) and not force:
         raise UsageError("compressed data not written to a terminal; use -o FILE or -f")
     check_target(target, force)
-    source = open_input(name)
+    source = open_input(name, force)
     if name == "-" and sys.stdin.isatty():
         raise UsageError("no input: name a file or pipe data to standard input")
     with source:
@@ -312,22 +321,21 @@ def compress_one(name: str, settings: pipeline.Settings, workers, output: str | 
 
 
 @contextmanager
-def parsed_input(name: str):
-    """(the parsed container, its size in bytes) of the compressed input ``name``, held open."""
-    source = open_input(name)
+def parsed_input(name: str, force: bool | None = None):
+    """(the parsed container, its size in bytes) of the compressed input ``name``, held open
+    while the blocks are used (their payloads are read from it as they are decoded)."""
+    source = open_input(name, force)
     if name == "-" and sys.stdin.isatty():
         raise UsageError("no input: name a file or pipe data to standard input")
-    with source, mapped(source) as blob:
-        if len(blob) == 0:
-            raise fmt.NotNacrithError(f"{name}: empty input is not a nacrith file")
-        yield fmt.parse(blob), len(blob)
+    with source:
+        yield parse_input(source, name)
 
 
 def decompress_one(name: str, model: str | None, threads: int | None, workers, gpu_ids, output: str | None, to_stdout: bool, force: bool, quiet: bool, verbose: bool, remove: bool,
                    any_gpu_model: bool = False) -> None:
     target = output_for(name, True, output, to_stdout)
     check_target(target, force)
-    with parsed_input(name) as (parsed, packed_size):
+    with parsed_input(name, force) as (parsed, packed_size):
         with progress_bar(parsed.trailer.total_length, quiet, "decompress") as progress:
             with atomic_output(target, force, None if name == "-" else Path(name)) as out:
                 size = pipeline.decode_parsed(parsed, out, progress, model=model, threads=threads, workers=workers, gpu_ids=gpu_ids,
@@ -541,10 +549,8 @@ def predictor_parts(settings: dict) -> list[str] | None:
 
 def describe(name: str) -> dict:
     """The facts ``nacrith info`` shows, as a JSON-ready dict (a stable format)."""
-    source = open_input(name)
-    with source, mapped(source) as blob:
-        parsed = fmt.parse(blob)
-        size = len(blob)
+    with parsed_input(name) as (parsed, size):
+        pass  # the header, block descriptions and trailer are all that is shown
     original = parsed.trailer.total_length
     section = parsed.header.model
     kinds = [fmt.BLOCK_KINDS[block.kind] for block in parsed.blocks]

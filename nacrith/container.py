@@ -76,11 +76,12 @@ from __future__ import annotations
 import hashlib
 import json
 import lzma
+import os
 import struct
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from .errors import CorruptError, NotNacrithError, TruncatedError, UnsupportedVersionError
+from .errors import CorruptError, InputChangedError, NotNacrithError, TruncatedError, UnsupportedVersionError
 
 MAGIC = b"NCRT"
 VERSION = 4
@@ -142,11 +143,15 @@ class Reader:
         self.offset += n
         return chunk
 
-    def view(self, n: int) -> memoryview:
-        """The next ``n`` bytes without copying them (payloads)."""
+    def view(self, n: int):
+        """The next ``n`` bytes without copying them (payloads): a memoryview, or a
+        :class:`FilePayload` where the data is a :class:`FileData`."""
         if n < 0 or self.offset + n > self.end:
             raise TruncatedError(f"truncated {self.what}: needs {n} more bytes at offset {self.offset}")
-        chunk = memoryview(self.data)[self.offset:self.offset + n]
+        if isinstance(self.data, FileData):
+            chunk = FilePayload(self.data, self.offset, n)
+        else:
+            chunk = memoryview(self.data)[self.offset:self.offset + n]
         self.offset += n
         return chunk
 
@@ -172,6 +177,74 @@ class Reader:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
             raise CorruptError(f"corrupt {self.what}: invalid text field") from None
+
+
+class FileData:
+    """A regular file as the bytes-like object :func:`parse` reads, fetched on demand with
+    ``os.pread`` (a window cached for the many small reads of headers).
+
+    Where an mmap of the file would kill the process with SIGBUS when another process
+    truncates the file during a long decode (leaving the partial output behind), a short
+    read here is :class:`InputChangedError`. Payloads stay on disk as :class:`FilePayload`
+    until a block is decoded, so memory does not grow with the file.
+    """
+
+    WINDOW = 1 << 16
+
+    def __init__(self, descriptor: int, size: int, name: str = "the input"):
+        self.descriptor, self.size, self.name = descriptor, size, name
+        self._window_start, self._window = 0, b""
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: slice) -> bytes:
+        start, stop, _ = index.indices(self.size)
+        stop = max(start, stop)
+        window_end = self._window_start + len(self._window)
+        if not (self._window_start <= start and stop <= window_end):
+            if stop - start > self.WINDOW:
+                return self.read(start, stop - start)
+            self._window_start, self._window = start, self.read(start, min(self.WINDOW, self.size - start))
+        return self._window[start - self._window_start:stop - self._window_start]
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset``; the file must still hold them."""
+        chunks, done = [], 0
+        while done < length:
+            chunk = os.pread(self.descriptor, length - done, offset + done)
+            if not chunk:
+                raise InputChangedError(f"{self.name} shrank while being read (another process changed it)")
+            chunks.append(chunk)
+            done += len(chunk)
+        return b"".join(chunks)
+
+
+class FilePayload:
+    """``length`` bytes at ``offset`` of a :class:`FileData`, read when asked for."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, data: FileData, offset: int, length: int):
+        self.data, self.offset, self.length = data, offset, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __bytes__(self) -> bytes:
+        return self.data.read(self.offset, self.length)
+
+    def crc32(self) -> int:
+        """zlib's CRC-32 of the bytes, read a chunk at a time."""
+        crc = 0
+        for start in range(0, self.length, self.CHUNK):
+            crc = zlib.crc32(self.data.read(self.offset + start, min(self.CHUNK, self.length - start)), crc)
+        return crc
+
+
+def payload_crc32(payload) -> int:
+    """CRC-32 of a payload held in memory or still on disk."""
+    return payload.crc32() if isinstance(payload, FilePayload) else zlib.crc32(payload)
 
 
 # --- header -------------------------------------------------------------------------
@@ -294,6 +367,18 @@ class Block:
     binary_length: int = 0
     stream_tokens: tuple = ()
     coded_length: int = 0
+    payload_crc: int | None = None  # as the file records it (parsed blocks only)
+
+    def read_in(self) -> "Block":
+        """This block with its payload as bytes, ready to decode or to send to a worker. A
+        payload still on disk is read now and checked again against its CRC: the file may
+        have changed since :func:`parse` checked it."""
+        if not isinstance(self.payload, FilePayload):
+            return replace(self, payload=bytes(self.payload))
+        payload = bytes(self.payload)
+        if zlib.crc32(payload) != self.payload_crc:
+            raise InputChangedError(f"{self.payload.data.name} changed while being read (another process wrote to it)")
+        return replace(self, payload=payload)
 
     @property
     def binary_payload(self) -> bytes:
@@ -363,9 +448,9 @@ def read_block(data, offset: int) -> tuple[Block, int]:
     if body.offset != body.end:
         raise CorruptError("corrupt container: block header has trailing bytes")
     payload = reader.view(payload_length)
-    if zlib.crc32(payload) != payload_crc:
+    if payload_crc32(payload) != payload_crc:
         raise CorruptError(f"corrupt container: block payload checksum mismatch at offset {offset}")
-    return Block(kind=kind, raw_length=raw_length, payload=payload, **fields), reader.offset
+    return Block(kind=kind, raw_length=raw_length, payload=payload, payload_crc=payload_crc, **fields), reader.offset
 
 
 def _read_model_fields(body: Reader, raw_length: int) -> dict:
@@ -449,7 +534,8 @@ class Container:
 
 
 def parse(data) -> Container:
-    """Parse and validate a whole container held in a bytes-like object."""
+    """Parse and validate a whole container held in a bytes-like object or a
+    :class:`FileData` (see :func:`parse_file`)."""
     header, offset = read_header(data)
     blocks = []
     while offset < len(data) and data[offset:offset + 1] == BLOCK_TAG:
@@ -471,3 +557,10 @@ def parse(data) -> Container:
     return Container(header, blocks, trailer)
 
 
+
+
+def parse_file(handle, name: str = "the input") -> Container:
+    """Parse and validate the container in the regular file open as ``handle``, leaving its
+    block payloads on disk: :meth:`Block.read_in` fetches each when it is decoded. The file
+    must stay open while the blocks are used."""
+    return parse(FileData(handle.fileno(), os.fstat(handle.fileno()).st_size, name))

@@ -41,6 +41,10 @@ class CorruptError(ContainerError):
     """A checksum or a structural check of the container failed."""
 
 
+class InputChangedError(ContainerError):
+    """The compressed input file shrank or changed while it was being decoded."""
+
+
 class EngineError(NacrithError):
     """llama.cpp refused an operation (context creation, decode)."""
 

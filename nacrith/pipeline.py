@@ -315,6 +315,7 @@ def _lockstep(session, n_streams: int, ctx: int, slide: int, attention: str, pre
 
 def decode_block(block: fmt.Block, section: fmt.ModelSection | None, session_factory: Callable, progress: Progress | None = None) -> bytes:
     """The original bytes of one parsed block."""
+    block = block.read_in()
     if block.kind == fmt.STORED:
         data = bytes(block.payload)
     elif block.kind in (fmt.ZSTD, fmt.XZ):

@@ -26,7 +26,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 from . import container as fmt
@@ -312,7 +312,7 @@ class WorkerPool:
 
     def decode(self, blocks: Iterable[fmt.Block], section) -> Iterator[bytes]:
         """The decoded bytes of each parsed block, in order."""
-        blocks = (replace(block, payload=bytes(block.payload)) for block in blocks)
+        blocks = (block.read_in() for block in blocks)  # bytes to pickle, read from disk one at a time
         return (result for _, result in self._ordered(blocks, lambda group: (_decode_job, (group, section))))
 
     def _ordered(self, items: Iterable, job: Callable) -> Iterator[tuple]:

@@ -192,6 +192,47 @@ def packed_noise(tmp_path: Path) -> tuple[Path, bytes]:
     return tmp_path / "noise.bin.nc", data
 
 
+def test_input_truncated_while_decoding_leaves_no_output(tmp_path: Path, monkeypatch):
+    """The input used to be mmap'd: truncated by another process mid-decode, SIGBUS killed
+    nacrith and its partial output stayed. Now a clean error, and the partial file goes."""
+    from nacrith import cli, pipeline
+    from nacrith.errors import InputChangedError
+
+    source = tmp_path / "noise.bin"
+    source.write_bytes(os.urandom(60_000))
+    assert run("--block-size", "20000", "--rm", source).returncode == 0  # three stored blocks
+    packed = tmp_path / "noise.bin.nc"
+    decode_block = pipeline.decode_block
+
+    def truncating_first(block, *args, **kwargs):
+        os.truncate(packed, min(packed.stat().st_size, 30_000))
+        return decode_block(block, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "decode_block", truncating_first)
+    with pytest.raises(InputChangedError, match="noise.bin.nc shrank while being read"):
+        cli.decompress_one(str(packed), None, None, 1, None, None, False, False, True, False, False)
+    assert [path.name for path in tmp_path.iterdir()] == ["noise.bin.nc"]
+
+
+def test_device_input_is_refused_unless_forced(tmp_path: Path):
+    """`nacrith /dev/zero` read for ever; zstd refuses a device input. A named pipe is read."""
+    assert_one_line_error(run("-c", "/dev/zero"), "/dev/zero: is not a regular file; use -f to read it anyway")
+    tested = run("-t", "/dev/null")
+    assert_one_line_error(tested, "/dev/null: is not a regular file")
+    assert b"-f" not in tested.stderr  # test has no -f to offer
+    forced = run("-c", "-f", "/dev/null")  # -f reads it: empty input, an empty container
+    assert forced.returncode == 0 and run("-d", "-", stdin=forced.stdout).stdout == b""
+    fifo = tmp_path / "in"
+    os.mkfifo(fifo)
+    writer = subprocess.Popen(["sh", "-c", f"printf 'piped text' > '{fifo}'"])
+    try:
+        result = run("-c", fifo)  # no -f needed for a pipe
+        assert result.returncode == 0, result.stderr
+        assert run("-d", "-", stdin=result.stdout).stdout == b"piped text"
+    finally:
+        writer.kill()
+
+
 def test_named_pipe_output_is_written_in_place(tmp_path: Path, packed_noise):
     packed, data = packed_noise
     fifo = tmp_path / "pipe"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import replace
 
 import pytest
@@ -297,3 +298,77 @@ def test_varint_bounds():
         fmt.Reader(b"\xff" * 11).varint()
     with pytest.raises(TruncatedError):
         fmt.Reader(b"\xff").varint()
+
+
+def stored_container(parts: list[bytes]) -> bytes:
+    """A container of stored blocks only (no model work to decode it)."""
+    blocks = [fmt.write_block(fmt.Block(fmt.STORED, len(part), part)) for part in parts]
+    trailer = fmt.Trailer(len(parts), sum(map(len, parts)), fmt.checksum(b"".join(parts)))
+    return fmt.write_header(fmt.Header()) + b"".join(blocks) + fmt.write_trailer(trailer)
+
+
+def test_a_file_parses_as_its_bytes_do(model_blob, tmp_path):
+    """parse_file leaves payloads on disk; read in, the blocks equal those parsed in memory."""
+    path = tmp_path / "x.nc"
+    path.write_bytes(model_blob)
+    in_memory = fmt.parse(model_blob)
+    with open(path, "rb") as handle:
+        on_disk = fmt.parse_file(handle, "x.nc")
+        assert isinstance(on_disk.blocks[0].payload, fmt.FilePayload)
+        assert [block.read_in() for block in on_disk.blocks] == [block.read_in() for block in in_memory.blocks]
+    assert (on_disk.header, on_disk.trailer) == (in_memory.header, in_memory.trailer)
+
+
+def test_a_file_is_checked_as_its_bytes_are(model_blob, tmp_path):
+    path = tmp_path / "x.nc"
+    for length in range(0, len(model_blob), 7):
+        path.write_bytes(model_blob[:length])
+        with open(path, "rb") as handle, pytest.raises(ContainerError):
+            fmt.parse_file(handle)
+    damaged = bytearray(model_blob)
+    damaged[regions(model_blob)["coded payload"][3]] ^= 1
+    path.write_bytes(damaged)
+    with open(path, "rb") as handle, pytest.raises(CorruptError, match="payload checksum"):
+        fmt.parse_file(handle)
+
+
+class ChangesInput(io.BytesIO):
+    """An output that changes the input file once the first block has been written."""
+
+    def __init__(self, change):
+        super().__init__()
+        self.change = change
+
+    def write(self, data):
+        if self.tell() == 0:
+            self.change()
+        return super().write(data)
+
+
+@pytest.mark.parametrize("how", ["truncated", "rewritten"])
+def test_an_input_file_changed_while_decoding_is_an_error(tmp_path, how):
+    """An mmap'd input died of SIGBUS here (leaving the partial output); now a clean error."""
+    from nacrith import pipeline
+    from nacrith.errors import InputChangedError
+
+    parts = [bytes([i]) * 300_000 for i in range(3)]
+    blob = stored_container(parts)
+    path = tmp_path / "x.nc"
+    path.write_bytes(blob)
+
+    def change():
+        if how == "truncated":
+            os.truncate(path, len(blob) // 2)
+        else:
+            with open(path, "r+b") as handle:
+                handle.seek(len(blob) - 100_000)
+                handle.write(b"\xff")
+
+    with open(path, "rb") as handle:
+        parsed = fmt.parse_file(handle, "x.nc")
+        with pytest.raises(InputChangedError, match="x.nc (shrank|changed) while being read"):
+            pipeline.decode_parsed(parsed, ChangesInput(change))
+    path.write_bytes(blob)
+    with open(path, "rb") as handle:
+        out = io.BytesIO()
+        assert pipeline.decode_parsed(fmt.parse_file(handle), out) == len(out.getvalue()) == 900_000
