@@ -250,17 +250,17 @@ def input_size(handle) -> int | None:
     return status.st_size if stat.S_ISREG(status.st_mode) else None
 
 
-def parse_input(handle, name: str) -> tuple[fmt.Container, int]:
-    """(the parsed container, its size in bytes) read from ``handle``. A regular file's
-    block payloads stay on disk until decoded (they are read with pread, not mapped: see
-    :class:`nacrith.container.FileData`); a pipe is read whole."""
+def parse_input(handle, name: str) -> tuple[list[fmt.Container], int]:
+    """(the parsed containers, their size in bytes) read from ``handle``: one, or several
+    concatenated. A regular file's block payloads stay on disk until decoded (they are read
+    with pread, not mapped: see :class:`nacrith.container.FileData`); a pipe is read whole."""
     size, blob = input_size(handle), None
     if size is None:
         blob = handle.read()
         size = len(blob)
     if size == 0:
         raise fmt.NotNacrithError(f"{name}: empty input is not a nacrith file")
-    return (fmt.parse_file(handle, name) if blob is None else fmt.parse(blob)), size
+    return (fmt.parse_file(handle, name) if blob is None else fmt.parse_members(blob)), size
 
 
 @contextmanager
@@ -322,7 +322,7 @@ def compress_one(name: str, settings: pipeline.Settings, workers, output: str | 
 
 @contextmanager
 def parsed_input(name: str, force: bool | None = None):
-    """(the parsed container, its size in bytes) of the compressed input ``name``, held open
+    """(the parsed containers, their size in bytes) of the compressed input ``name``, held open
     while the blocks are used (their payloads are read from it as they are decoded)."""
     source = open_input(name, force)
     if name == "-" and sys.stdin.isatty():
@@ -335,15 +335,20 @@ def decompress_one(name: str, model: str | None, threads: int | None, workers, g
                    any_gpu_model: bool = False) -> None:
     target = output_for(name, True, output, to_stdout)
     check_target(target, force)
-    with parsed_input(name, force) as (parsed, packed_size):
-        with progress_bar(parsed.trailer.total_length, quiet, "decompress") as progress:
+    with parsed_input(name, force) as (members, packed_size):
+        with progress_bar(original_size(members), quiet, "decompress") as progress:
             with atomic_output(target, force, None if name == "-" else Path(name)) as out:
-                size = pipeline.decode_parsed(parsed, out, progress, model=model, threads=threads, workers=workers, gpu_ids=gpu_ids,
-                                              any_gpu_model=any_gpu_model)
+                size = pipeline.decode_members(members, out, progress, model=model, threads=threads, workers=workers, gpu_ids=gpu_ids,
+                                               any_gpu_model=any_gpu_model)
     if verbose:
         click.echo(f"{name}: {packed_size} -> {size} bytes", err=True)
     if remove:
         remove_input(name, target, quiet)
+
+
+def original_size(members: list[fmt.Container]) -> int:
+    """Bytes that decoding ``members`` restores."""
+    return sum(member.trailer.total_length for member in members)
 
 
 class _Discard:
@@ -366,10 +371,10 @@ def remove_input(name: str, target: Path | None, quiet: bool) -> None:
 
 
 def test_one(name: str, model: str | None, threads: int | None, workers, gpu_ids, quiet: bool, verbose: bool, any_gpu_model: bool) -> None:
-    with parsed_input(name) as (parsed, _):
-        with progress_bar(parsed.trailer.total_length, quiet, "test") as progress:
-            size = pipeline.decode_parsed(parsed, _Discard(), progress, model=model, threads=threads, workers=workers, gpu_ids=gpu_ids,
-                                          any_gpu_model=any_gpu_model)
+    with parsed_input(name) as (members, _):
+        with progress_bar(original_size(members), quiet, "test") as progress:
+            size = pipeline.decode_members(members, _Discard(), progress, model=model, threads=threads, workers=workers, gpu_ids=gpu_ids,
+                                           any_gpu_model=any_gpu_model)
     if verbose:
         click.echo(f"{name}: OK ({size} bytes)", err=True)
 
@@ -547,15 +552,21 @@ def predictor_parts(settings: dict) -> list[str] | None:
     return ["llm"] + (config.parts if config else [])
 
 
-def describe(name: str) -> dict:
-    """The facts ``nacrith info`` shows, as a JSON-ready dict (a stable format)."""
-    with parsed_input(name) as (parsed, size):
-        pass  # the header, block descriptions and trailer are all that is shown
+def describe(name: str) -> list[dict]:
+    """The facts ``nacrith info`` shows, as JSON-ready dicts (a stable format): one per
+    container in the file (several where containers were concatenated)."""
+    with parsed_input(name) as (members, _):
+        pass  # the headers, block descriptions and trailers are all that is shown
+    return [dict(describe_member(parsed), file=name, member=number, members=len(members)) for number, parsed in enumerate(members, 1)]
+
+
+def describe_member(parsed: fmt.Container) -> dict:
+    """:func:`describe`'s facts of one parsed container."""
+    size = parsed.size
     original = parsed.trailer.total_length
     section = parsed.header.model
     kinds = [fmt.BLOCK_KINDS[block.kind] for block in parsed.blocks]
     return {
-        "file": name,
         "format_version": parsed.header.version,
         "original_size": original,
         "compressed_size": size,
@@ -586,16 +597,21 @@ def describe(name: str) -> dict:
 @click.argument("files", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per file (stable keys, for scripts).")
 def info_command(files, as_json):
-    """Describe compressed FILES without decoding them."""
+    """Describe compressed FILES without decoding them (each container of a file that
+    holds several concatenated ones)."""
 
     def show(name: str) -> None:
-        facts = describe(name)
+        for facts in describe(name):
+            show_member(name, facts)
+
+    def show_member(name: str, facts: dict) -> None:
         if as_json:
             click.echo(json.dumps(facts, sort_keys=True))
             return
         model = facts["model"]
         bpb = facts["bits_per_byte"]
-        click.echo(f"{name}: nacrith format {facts['format_version']}")
+        member = f" (container {facts['member']} of {facts['members']})" if facts["members"] > 1 else ""
+        click.echo(f"{name}: nacrith format {facts['format_version']}{member}")
         click.echo(f"  original    {facts['original_size']} bytes")
         click.echo(f"  compressed  {facts['compressed_size']} bytes" + (f" ({bpb:.4f} bits/byte)" if bpb is not None else ""))
         click.echo(f"  blocks      {facts['blocks']} " + ", ".join(f"{n} {kind}" for kind, n in facts["block_kinds"].items()))

@@ -6,7 +6,11 @@ by that many UTF-8 bytes. *u32* is 4 bytes little-endian. CRC-32 is zlib's.
 
 ::
 
-    file     := header block* trailer          (nothing may follow the trailer)
+    file     := member+                      (nothing may follow the last trailer)
+    member   := header block* trailer        one container; several, one after another
+                                            (`nacrith -c a b`, `cat a.nc b.nc`), decode to
+                                            the concatenation of their originals, as
+                                            gzip's, xz's and zstd's members and frames do
 
     header   := magic "NCRT" (4 bytes)
                 version                 u8      = 4 (1 to 3 are read too, see below)
@@ -310,11 +314,11 @@ def write_header(header: Header) -> bytes:
     return bytes(out)
 
 
-def read_header(data) -> tuple[Header, int]:
-    """Parse the header at the start of ``data``; returns it and the offset after it."""
-    if len(data) < len(MAGIC) or bytes(data[:4]) != MAGIC:
+def read_header(data, offset: int = 0) -> tuple[Header, int]:
+    """Parse the header at ``offset`` of ``data``; returns it and the offset after it."""
+    if bytes(data[offset:offset + len(MAGIC)]) != MAGIC:
         raise NotNacrithError("not a nacrith file (bad magic bytes)")
-    reader = Reader(data, 4, what="header")
+    reader = Reader(data, offset + len(MAGIC), what="header")
     version = reader.u8()
     if version not in READABLE_VERSIONS:
         raise UnsupportedVersionError(f"unsupported container version {version} (this nacrith reads versions {', '.join(map(str, READABLE_VERSIONS))})")
@@ -322,7 +326,7 @@ def read_header(data) -> tuple[Header, int]:
     body_start = reader.offset
     reader.take(body_length)
     crc_end = reader.offset
-    if reader.u32() != zlib.crc32(bytes(data[:crc_end])):
+    if reader.u32() != zlib.crc32(bytes(data[offset:crc_end])):
         raise CorruptError("corrupt container: header checksum mismatch")
     body = Reader(data, body_start, crc_end, what="header")
     flags = body.varint()
@@ -524,9 +528,12 @@ def read_trailer(data, offset: int) -> tuple[Trailer, int]:
 
 @dataclass(frozen=True)
 class Container:
+    """One parsed container (a member of the file)."""
+
     header: Header
     blocks: list
     trailer: Trailer
+    size: int = 0  # bytes it spans in the file
 
     @property
     def uses_model(self) -> bool:
@@ -534,9 +541,30 @@ class Container:
 
 
 def parse(data) -> Container:
-    """Parse and validate a whole container held in a bytes-like object or a
-    :class:`FileData` (see :func:`parse_file`)."""
-    header, offset = read_header(data)
+    """Parse and validate the one container that ``data`` holds (a bytes-like object or a
+    :class:`FileData`); several concatenated ones are :func:`parse_members`' to read."""
+    members = parse_members(data)
+    if len(members) > 1:
+        raise CorruptError(f"{len(members)} concatenated containers where one was expected (see parse_members)")
+    return members[0]
+
+
+def parse_members(data) -> list[Container]:
+    """Parse and validate every container in ``data``, one after another (gzip's members:
+    ``nacrith -c a b > ab.nc`` writes two, which decode to a's bytes then b's)."""
+    members, offset = [], 0
+    while True:
+        members.append(read_member(data, offset))
+        offset += members[-1].size
+        if offset == len(data):
+            return members
+        if bytes(data[offset:offset + len(MAGIC)]) != MAGIC:
+            raise CorruptError(f"corrupt container: {len(data) - offset} unexpected bytes after the trailer")
+
+
+def read_member(data, start: int) -> Container:
+    """The container at ``start`` of ``data``, validated; its ``size`` says where it ends."""
+    header, offset = read_header(data, start)
     blocks = []
     while offset < len(data) and data[offset:offset + 1] == BLOCK_TAG:
         block, offset = read_block(data, offset)
@@ -544,8 +572,6 @@ def parse(data) -> Container:
     if offset >= len(data):
         raise TruncatedError("truncated container: the trailer is missing")
     trailer, offset = read_trailer(data, offset)
-    if offset != len(data):
-        raise CorruptError(f"corrupt container: {len(data) - offset} unexpected bytes after the trailer")
     if trailer.n_blocks != len(blocks):
         raise CorruptError(f"corrupt container: trailer counts {trailer.n_blocks} blocks, found {len(blocks)}")
     if trailer.total_length != sum(block.raw_length for block in blocks):
@@ -554,13 +580,13 @@ def parse(data) -> Container:
         raise CorruptError("corrupt container: a model block but no model section")
     if header.version < 2 and any(block.kind == XZ or block.binary_codec == BINARY_XZ for block in blocks):
         raise CorruptError("corrupt container: xz data in a version 1 file")
-    return Container(header, blocks, trailer)
+    return Container(header, blocks, trailer, offset - start)
 
 
 
 
-def parse_file(handle, name: str = "the input") -> Container:
-    """Parse and validate the container in the regular file open as ``handle``, leaving its
-    block payloads on disk: :meth:`Block.read_in` fetches each when it is decoded. The file
-    must stay open while the blocks are used."""
-    return parse(FileData(handle.fileno(), os.fstat(handle.fileno()).st_size, name))
+def parse_file(handle, name: str = "the input") -> list[Container]:
+    """:func:`parse_members` of the regular file open as ``handle``, leaving block payloads
+    on disk: :meth:`Block.read_in` fetches each when it is decoded. The file must stay open
+    while the blocks are used."""
+    return parse_members(FileData(handle.fileno(), os.fstat(handle.fileno()).st_size, name))

@@ -624,14 +624,26 @@ def decode_parsed(parsed: fmt.Container, destination: BinaryIO, progress: Progre
     return parsed.trailer.total_length
 
 
+def decode_members(members: list[fmt.Container], destination: BinaryIO, progress: Progress | None = None, model: str | None = None,
+                   threads: int | None = None, session=None, workers: int | str = 1, gpu_ids=None, any_gpu_model: bool = False) -> int:
+    """Decode the containers :func:`nacrith.container.parse_members` found, one after another,
+    into ``destination`` (the concatenation of their originals); returns the total size.
+    Each is checked with :func:`check_decodable` before the first is decoded."""
+    for member in members:
+        check_decodable(member, model)
+    return sum(decode_parsed(member, destination, progress, model, threads, session, workers, gpu_ids, any_gpu_model) for member in members)
+
+
 def decompress_to(blob, destination: BinaryIO, progress: Progress | None = None, model: str | None = None,
                   threads: int | None = None, session=None, workers: int | str = 1, gpu_ids=None) -> int:
-    """Decode the container in the bytes-like ``blob`` into ``destination``; returns the size."""
-    return decode_parsed(fmt.parse(blob), destination, progress, model, threads, session, workers, gpu_ids)
+    """Decode the container (or concatenated containers) in the bytes-like ``blob`` into
+    ``destination``; returns the size."""
+    return decode_members(fmt.parse_members(blob), destination, progress, model, threads, session, workers, gpu_ids)
 
 
 def decompress(blob: bytes, progress: Progress | None = None, model: str | None = None, threads: int | None = None, workers: int | str = 1) -> bytes:
-    """Restore the original bytes from a nacrith container.
+    """Restore the original bytes from a nacrith container (several concatenated ones give
+    the concatenation of their originals).
 
     ``model`` overrides the model file ($NACRITH_MODEL or the embedded default); it must be
     the one the container names.

@@ -397,7 +397,8 @@ def test_info_text_and_json(text_file: Path):
     human = run("info", packed)
     assert human.returncode == 0 and b"original    %d bytes" % len(TEXT) in human.stdout
     facts = json.loads(run("info", "--json", packed).stdout)
-    assert facts["original_size"] == len(TEXT)
+    assert facts["original_size"] == len(TEXT) and (facts["member"], facts["members"]) == (1, 1)
+    assert b"container 1 of" not in human.stdout
     assert facts["compressed_size"] == os.path.getsize(packed)
     assert set(facts) >= {"format_version", "bits_per_byte", "blocks", "streams", "tokens", "model", "checksum"}
     if facts["model"] is not None:  # the default model, as the zoo names it (where the pinned version is installed)
@@ -406,6 +407,26 @@ def test_info_text_and_json(text_file: Path):
         expected = "smollm2-135m" if facts["model"]["sha256"] == ZOO["smollm2-135m"].sha256 else None
         assert facts["model"]["zoo_name"] == expected
         assert (b"(--model smollm2-135m)" in human.stdout) == (expected is not None)
+
+
+def test_several_files_to_standard_output_decode_as_one(tmp_path: Path):
+    """`nacrith -c a b > ab.nc` exited 0 with a file nacrith could not decode (data after
+    the first trailer); now it decodes to a then b, as gzip's and zstd's do."""
+    first, second = tmp_path / "a.bin", tmp_path / "b.txt"
+    first.write_bytes(os.urandom(3000))
+    second.write_bytes(TEXT)
+    packed = run("-c", first, second)
+    assert packed.returncode == 0, packed.stderr
+    both = tmp_path / "ab.nc"
+    both.write_bytes(packed.stdout)
+    expected = first.read_bytes() + TEXT
+    assert run("-d", "-c", both).stdout == expected
+    assert run("-d", "-", stdin=packed.stdout + packed.stdout).stdout == expected + expected  # `cat ab.nc ab.nc |`
+    assert run("-t", both).returncode == 0
+    facts = [json.loads(line) for line in run("info", "--json", both).stdout.splitlines()]
+    assert [(f["member"], f["members"], f["original_size"]) for f in facts] == [(1, 2, 3000), (2, 2, len(TEXT))]
+    assert sum(f["compressed_size"] for f in facts) == len(packed.stdout)
+    assert b"(container 2 of 2)" in run("info", both).stdout
 
 
 def test_help_states_keep_semantics():

@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 
 from nacrith import container as fmt
+from nacrith import pipeline
 from nacrith.errors import (
     BackendMismatchError,
     ContainerError,
@@ -216,7 +217,6 @@ def test_decoding_finds_a_zoo_model_by_its_sha256(model_blob, tmp_path, monkeypa
     """NACRITH_MODEL names another model: the file's recorded SHA-256 still finds the default,
     a zoo model; an explicit --model of another model is refused with the zoo name as hint."""
     from nacrith import model as model_files
-    from nacrith import pipeline
     from nacrith.errors import ModelNotFoundError
 
     default = model_files.default_model_path()
@@ -313,10 +313,10 @@ def test_a_file_parses_as_its_bytes_do(model_blob, tmp_path):
     path.write_bytes(model_blob)
     in_memory = fmt.parse(model_blob)
     with open(path, "rb") as handle:
-        on_disk = fmt.parse_file(handle, "x.nc")
+        [on_disk] = fmt.parse_file(handle, "x.nc")
         assert isinstance(on_disk.blocks[0].payload, fmt.FilePayload)
         assert [block.read_in() for block in on_disk.blocks] == [block.read_in() for block in in_memory.blocks]
-    assert (on_disk.header, on_disk.trailer) == (in_memory.header, in_memory.trailer)
+    assert (on_disk.header, on_disk.trailer, on_disk.size) == (in_memory.header, in_memory.trailer, len(model_blob))
 
 
 def test_a_file_is_checked_as_its_bytes_are(model_blob, tmp_path):
@@ -348,7 +348,6 @@ class ChangesInput(io.BytesIO):
 @pytest.mark.parametrize("how", ["truncated", "rewritten"])
 def test_an_input_file_changed_while_decoding_is_an_error(tmp_path, how):
     """An mmap'd input died of SIGBUS here (leaving the partial output); now a clean error."""
-    from nacrith import pipeline
     from nacrith.errors import InputChangedError
 
     parts = [bytes([i]) * 300_000 for i in range(3)]
@@ -365,10 +364,42 @@ def test_an_input_file_changed_while_decoding_is_an_error(tmp_path, how):
                 handle.write(b"\xff")
 
     with open(path, "rb") as handle:
-        parsed = fmt.parse_file(handle, "x.nc")
+        members = fmt.parse_file(handle, "x.nc")
         with pytest.raises(InputChangedError, match="x.nc (shrank|changed) while being read"):
-            pipeline.decode_parsed(parsed, ChangesInput(change))
+            pipeline.decode_members(members, ChangesInput(change))
     path.write_bytes(blob)
     with open(path, "rb") as handle:
         out = io.BytesIO()
-        assert pipeline.decode_parsed(fmt.parse_file(handle), out) == len(out.getvalue()) == 900_000
+        assert pipeline.decode_members(fmt.parse_file(handle), out) == len(out.getvalue()) == 900_000
+
+
+def test_concatenated_containers_decode_to_the_concatenation(session, model_blob):
+    """`nacrith -c a b > ab.nc` writes two containers, as gzip writes two members."""
+    stored = stored_container([b"stored, ", b"then model-coded: "])
+    both = stored + model_blob + stored
+    members = fmt.parse_members(both)
+    assert [member.size for member in members] == [len(stored), len(model_blob), len(stored)]
+    assert unpack(session, both) == b"stored, then model-coded: " + MIXED + b"stored, then model-coded: "
+    with pytest.raises(CorruptError, match="3 concatenated containers"):
+        fmt.parse(both)  # the one-container reader says what it found
+
+
+def test_damage_in_a_later_container_is_caught(session, model_blob):
+    stored = stored_container([b"first"])
+    for tail in (model_blob[:-1], model_blob[:3], b"x" + model_blob[1:]):
+        with pytest.raises(ContainerError):
+            unpack(session, stored + tail)
+    wrong = bytearray(stored + model_blob)
+    wrong[-5] ^= 1  # the second container's trailer
+    with pytest.raises(CorruptError, match="trailer"):
+        unpack(session, bytes(wrong))
+
+
+def test_a_later_container_is_checked_before_anything_is_written(session, model_blob):
+    """Each container's model is checked before the first is decoded."""
+    header, end = fmt.read_header(model_blob)
+    other = fmt.write_header(replace(header, model=replace(header.model, sha256=b"\x01" * 32))) + model_blob[end:]
+    out = io.BytesIO()
+    with pytest.raises(ModelMismatchError):
+        pipeline.decode_members(fmt.parse_members(stored_container([b"first"]) + other), out, session=session)
+    assert out.getvalue() == b""
