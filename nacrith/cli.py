@@ -228,7 +228,7 @@ def open_input(name: str, force: bool | None = False):
     """
     if name == "-":
         return sys.stdin.buffer
-    mode = file_mode(Path(name))
+    mode = file_mode(Path(name)) if name else None  # (Path("") is the current folder)
     if mode is None:
         if not os.path.lexists(name):
             raise UsageError(f"{name}: no such file")

@@ -240,6 +240,7 @@ def test_a_long_piped_input_is_spooled_to_disk(monkeypatch, packed_noise):
 def test_device_input_is_refused_unless_forced(tmp_path: Path):
     """`nacrith /dev/zero` read for ever; zstd refuses a device input. A named pipe is read."""
     assert_one_line_error(run("-c", "/dev/zero"), "/dev/zero: is not a regular file; use -f to read it anyway")
+    assert_one_line_error(run("-c", ""), ": no such file")  # was ": is a directory" (Path("") is ".")
     tested = run("-t", "/dev/null")
     assert_one_line_error(tested, "/dev/null: is not a regular file")
     assert b"-f" not in tested.stderr  # test has no -f to offer
