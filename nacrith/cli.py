@@ -10,6 +10,7 @@ exit status 1; a bad command line is one line too (not click's usage block) and 
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import shutil
@@ -653,16 +654,51 @@ def info_command(files, as_json):
     run_each(files, None, show)
 
 
+MODE_FLAGS = {"-d": "decompress", "--decompress": "decompress", "-t": "test", "--test": "test"}
+
+
 def normalise_argv(argv: list[str]) -> list[str]:
-    """Accept gzip-style command lines: ``nacrith FILE``, ``nacrith -d FILE``."""
-    commands = {"compress", "decompress", "test", "info"}
-    if not argv or argv[0] in commands or argv[0] in ("-h", "--help", "--version"):
+    """Accept gzip-style command lines: ``nacrith FILE``, ``nacrith -d FILE``, ``nacrith -dc
+    FILE.nc``, ``nacrith -t FILE.nc``: the mode flag becomes the command, found also inside a
+    cluster of short flags, but never in an option's value (``-o -d``) or after ``--``.
+    With both, -t wins, as in gzip."""
+    if not argv or argv[0] in main_group.commands or argv[0] in ("-h", "--help", "--version"):
         return argv
-    if "-d" in argv or "--decompress" in argv:
-        return ["decompress"] + [arg for arg in argv if arg not in ("-d", "--decompress")]
-    if "-t" in argv or "--test" in argv:
-        return ["test"] + [arg for arg in argv if arg not in ("-t", "--test")]
-    return ["compress"] + argv
+    valued = options_taking_values()
+    modes, kept, rest = set(), [], iter(argv)
+    for arg in rest:
+        if arg == "--":
+            kept += [arg, *rest]
+        elif arg in MODE_FLAGS:
+            modes.add(MODE_FLAGS[arg])
+        elif arg.startswith("--") or not arg.startswith("-") or len(arg) < 3:
+            kept += [arg, *itertools.islice(rest, 1)] if arg in valued else [arg]
+        else:  # a cluster like -dc, -dvo FILE or -doFILE
+            cluster, value_follows = short_cluster(arg, modes)
+            kept += ([cluster] if cluster else []) + list(itertools.islice(rest, 1 if value_follows else 0))
+    mode = "test" if "test" in modes else "decompress" if modes else "compress"
+    return [mode] + kept
+
+
+def short_cluster(arg: str, modes: set) -> tuple[str, bool]:
+    """``arg`` (like -dvo) without its mode letters, which go into ``modes``; and whether
+    the next argument is -o's value (no value attached in the cluster)."""
+    kept = ""
+    for at, letter in enumerate(arg[1:], 1):
+        if letter == "o":  # takes the rest of the cluster as its value, or the next argument
+            kept += arg[at:]
+            return "-" + kept, at == len(arg) - 1
+        if "-" + letter in MODE_FLAGS:
+            modes.add(MODE_FLAGS["-" + letter])
+        else:
+            kept += letter
+    return ("-" + kept if kept else ""), False
+
+
+def options_taking_values() -> set[str]:
+    """Every option name of the commands that takes a value (-o, --model, ...)."""
+    return {name for command in main_group.commands.values() for param in command.params
+            if isinstance(param, click.Option) and not param.is_flag for name in param.opts + param.secondary_opts}
 
 
 def usage_line(exc: click.ClickException) -> str:

@@ -583,8 +583,6 @@ def read_member(data, start: int) -> Container:
     return Container(header, blocks, trailer, offset - start)
 
 
-
-
 def parse_file(handle, name: str = "the input") -> list[Container]:
     """:func:`parse_members` of the regular file open as ``handle``, leaving block payloads
     on disk: :meth:`Block.read_in` fetches each when it is decoded. The file must stay open

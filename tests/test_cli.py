@@ -136,6 +136,32 @@ def test_compressed_input_is_left_unless_forced(text_file: Path):
     assert run("-f", packed).returncode == 0 and Path(str(packed) + ".nc").exists()
 
 
+def test_gzip_style_flag_clusters(packed_noise):
+    """`nacrith -dc FILE.nc`, README's own example, was "no such option '-d'"."""
+    packed, data = packed_noise
+    assert run("-dc", packed).stdout == data
+    assert run("-cd", packed).stdout == data
+    tested = run("-tv", packed)
+    assert tested.returncode == 0 and b"OK" in tested.stderr
+    out = packed.with_name("out.bin")
+    assert run("-dfo", out, packed).returncode == 0 and out.read_bytes() == data
+    assert run(f"-dfo{out}", packed).returncode == 0 and out.read_bytes() == data
+
+
+def test_mode_flags_are_found_where_they_are_flags():
+    from nacrith.cli import normalise_argv
+
+    assert normalise_argv(["-dc", "x.nc"]) == ["decompress", "-c", "x.nc"]
+    assert normalise_argv(["-dt", "x.nc"]) == ["test", "x.nc"]  # -t wins, as in gzip
+    assert normalise_argv(["-kdo", "out", "x.nc"]) == ["decompress", "-ko", "out", "x.nc"]
+    assert normalise_argv(["-do-t", "x.nc"]) == ["decompress", "-o-t", "x.nc"]  # -o's attached value
+    assert normalise_argv(["-o", "-d", "x"]) == ["compress", "-o", "-d", "x"]  # a value, not a flag
+    assert normalise_argv(["--model", "-t", "-d", "x.nc"]) == ["decompress", "--model", "-t", "x.nc"]
+    assert normalise_argv(["--", "-d"]) == ["compress", "--", "-d"]  # a file named -d
+    assert normalise_argv(["-c", "-o"]) == ["compress", "-c", "-o"]  # click then says -o lacks its value
+    assert normalise_argv(["info", "-d"]) == ["info", "-d"]
+
+
 def test_closed_reader_of_stdout_stops_quietly(tmp_path: Path):
     """`nacrith -dc FILE.nc | head`: SIGPIPE's status and no message, as gzip and zstd."""
     data = os.urandom(400_000)  # stored blocks: no model work
