@@ -18,7 +18,6 @@ import secrets
 import signal
 import stat
 import sys
-import tempfile
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -243,50 +242,6 @@ def open_input(name: str, force: bool | None = False):
         raise UsageError(f"{name}: cannot read ({exc.strerror})") from None
 
 
-def input_size(handle) -> int | None:
-    """The size of a regular file behind ``handle``; None for pipes and terminals."""
-    try:
-        status = os.fstat(handle.fileno())
-    except (OSError, ValueError):
-        return None
-    return status.st_size if stat.S_ISREG(status.st_mode) else None
-
-
-PIPE_IN_MEMORY = 64 << 20  # bytes of piped compressed input held in memory; more goes to a temporary file
-
-
-@contextmanager
-def spooled(source, name: str):
-    """(a regular file, None) to parse ``source`` from, or (None, its bytes) for a pipe of
-    at most :data:`PIPE_IN_MEMORY` bytes. A longer pipe is copied to an unnamed temporary
-    file first, so that memory stays bounded (``cat big.nc | nacrith -d`` held all of it)."""
-    if input_size(source) is not None:
-        yield source, None
-        return
-    head = source.read(PIPE_IN_MEMORY + 1)
-    if len(head) <= PIPE_IN_MEMORY:
-        yield None, head
-        return
-    with tempfile.TemporaryFile(prefix="nacrith-") as spool:
-        with naming_write_errors(f"a temporary file in {tempfile.gettempdir()}"):
-            spool.write(head)
-            del head
-            shutil.copyfileobj(source, spool, 1 << 20)
-            spool.flush()
-        yield spool, None
-
-
-def parse_input(handle, blob, name: str) -> tuple[list[fmt.Container], int]:
-    """(the parsed containers, their size in bytes) of a regular file ``handle`` or of the
-    bytes ``blob`` (:func:`spooled` gives one of them): one container, or several
-    concatenated. A file's block payloads stay on disk until decoded (read with pread, not
-    mapped: see :class:`nacrith.container.FileData`)."""
-    size = len(blob) if handle is None else os.fstat(handle.fileno()).st_size
-    if size == 0:
-        raise fmt.NotNacrithError(f"{name}: empty input is not a nacrith file")
-    return (fmt.parse_members(blob) if handle is None else fmt.parse_file(handle, name)), size
-
-
 @contextmanager
 def progress_bar(total: int | None, quiet: bool, label: str):
     """A tqdm bar on stderr when stderr is a terminal and not ``quiet``; yields a callback or None."""
@@ -334,7 +289,7 @@ def compress_one(name: str, settings: pipeline.Settings, workers, output: str | 
     if name == "-" and sys.stdin.isatty():
         raise UsageError("no input: name a file or pipe data to standard input")
     with source:
-        with progress_bar(input_size(source), quiet, "compress") as progress:
+        with progress_bar(pipeline.remaining_size(source), quiet, "compress") as progress:
             with atomic_output(target, force, None if name == "-" else Path(name)) as out:
                 summary = pipeline.compress_stream(source, out, settings, progress, workers=workers)
     if verbose or (not quiet and target is not None and sys.stderr.isatty()):
@@ -351,8 +306,8 @@ def parsed_input(name: str, force: bool | None = None):
     source = open_input(name, force)
     if name == "-" and sys.stdin.isatty():
         raise UsageError("no input: name a file or pipe data to standard input")
-    with source, spooled(source, name) as (handle, blob):
-        yield parse_input(handle, blob, name)
+    with source, pipeline.parsed_stream(source, name) as parsed:
+        yield parsed
 
 
 def decompress_one(name: str, model: str | None, threads: int | None, workers, gpu_ids, output: str | None, to_stdout: bool, force: bool, quiet: bool, verbose: bool, remove: bool,

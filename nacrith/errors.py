@@ -45,6 +45,11 @@ class InputChangedError(ContainerError):
     """The compressed input file shrank or changed while it was being decoded."""
 
 
+class SpoolError(NacrithError):
+    """Compressed input from a pipe could not be copied to a temporary file (a full
+    temporary folder)."""
+
+
 class EngineError(NacrithError):
     """llama.cpp refused an operation (context creation, decode)."""
 

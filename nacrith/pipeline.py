@@ -23,6 +23,7 @@ import os
 import shutil
 import stat
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterator
 
@@ -32,7 +33,7 @@ import zstandard
 from . import container as fmt
 from .coder import CODERS, DEFAULT_CODER
 from .engine import ATTENTION_MODES, default_attention
-from .errors import BackendMismatchError, CorruptError, ModelMismatchError, ModelNotFoundError, UnsupportedVersionError
+from .errors import BackendMismatchError, CorruptError, ModelMismatchError, ModelNotFoundError, NotNacrithError, SpoolError, UnsupportedVersionError
 from .lockstep import Lockstep, check_window, split_streams
 from .predictors import EnsembleConfig, make_predictor, model_alone, predictor_settings
 from .segment import split_segments
@@ -58,7 +59,7 @@ DEFAULT_SLIDE = 256
 DEFAULT_BLOCK_SIZE = 1 << 20
 MIN_STREAM_TOKENS = 512  # fewer tokens per stream than this and a block uses fewer streams
 DEFAULT_ENSEMBLE = EnsembleConfig()
-SPOOL_IN_MEMORY = 64 << 20
+SPOOL_IN_MEMORY = 64 << 20  # bytes held in memory, more going to a temporary file: blocks being written, piped input
 
 Progress = Callable[[float], None]
 
@@ -632,6 +633,61 @@ def decode_members(members: list[fmt.Container], destination: BinaryIO, progress
     for member in members:
         check_decodable(member, model)
     return sum(decode_parsed(member, destination, progress, model, threads, session, workers, gpu_ids, any_gpu_model) for member in members)
+
+
+@contextmanager
+def parsed_stream(source: BinaryIO, name: str = "the input") -> Iterator[tuple[list[fmt.Container], int]]:
+    """(the containers that ``source`` holds, their size in bytes), for use inside the block.
+
+    A regular file read from its start is parsed where it is, its block payloads left on
+    disk until decoded (read with pread, not mapped: see :class:`nacrith.container.FileData`).
+    Another stream (a pipe) is read into memory up to :data:`SPOOL_IN_MEMORY` bytes, and past
+    that copied to an unnamed temporary file first, so that memory stays bounded.
+    """
+    with _file_or_bytes(source) as (handle, blob):
+        size = len(blob) if handle is None else os.fstat(handle.fileno()).st_size
+        if size == 0:
+            raise NotNacrithError(f"{name}: empty input is not a nacrith file")
+        yield (fmt.parse_members(blob) if handle is None else fmt.parse_file(handle, name)), size
+
+
+@contextmanager
+def _file_or_bytes(source: BinaryIO):
+    """(a regular file, None) holding what ``source`` holds, or (None, its bytes)."""
+    if remaining_size(source) is not None and not isinstance(source, io.BytesIO) and source.tell() == 0:
+        yield source, None
+        return
+    head = source.read(SPOOL_IN_MEMORY + 1)
+    if len(head) <= SPOOL_IN_MEMORY:
+        yield None, head
+        return
+    with tempfile.TemporaryFile(prefix="nacrith-") as spool:
+        _spool(spool, head, source)
+        del head  # (this frame lives on while the caller decodes)
+        yield spool, None
+
+
+def _spool(spool: BinaryIO, head: bytes, source: BinaryIO) -> None:
+    """Write ``head`` and the rest of ``source`` to ``spool``; a failed write (a full
+    temporary folder) is :class:`SpoolError`."""
+    chunk = head
+    try:
+        while chunk:
+            spool.write(chunk)
+            chunk = source.read(1 << 20)
+        spool.flush()
+    except OSError as exc:
+        if not chunk:
+            raise  # the source's read failed: no error of the temporary file
+        raise SpoolError(f"cannot write a temporary file in {tempfile.gettempdir()} ({exc.strerror or exc})") from None
+
+
+def decompress_stream(source: BinaryIO, destination: BinaryIO, progress: Progress | None = None, model: str | None = None,
+                      threads: int | None = None, session=None, workers: int | str = 1, gpu_ids=None, any_gpu_model: bool = False) -> int:
+    """Decode the container (or concatenated containers) read from ``source`` into
+    ``destination``, memory bounded as :func:`parsed_stream` says; returns the size."""
+    with parsed_stream(source) as (members, _):
+        return decode_members(members, destination, progress, model, threads, session, workers, gpu_ids, any_gpu_model)
 
 
 def decompress_to(blob, destination: BinaryIO, progress: Progress | None = None, model: str | None = None,

@@ -240,29 +240,6 @@ def test_input_truncated_while_decoding_leaves_no_output(tmp_path: Path, monkeyp
     assert [path.name for path in tmp_path.iterdir()] == ["noise.bin.nc"]
 
 
-def test_a_long_piped_input_is_spooled_to_disk(monkeypatch, packed_noise):
-    """A pipe was read whole into memory (345 MB of RSS for a 300 MB file through `cat`);
-    past PIPE_IN_MEMORY it now goes to a temporary file, parsed as a file is."""
-    import io
-
-    from nacrith import cli, pipeline
-    from nacrith import container as fmt
-
-    packed, data = packed_noise
-    blob = packed.read_bytes()
-    monkeypatch.setattr(cli, "PIPE_IN_MEMORY", len(blob) - 1)
-    with cli.spooled(io.BytesIO(blob), "-") as (handle, head):
-        assert head is None and os.fstat(handle.fileno()).st_size == len(blob)
-        members, size = cli.parse_input(handle, head, "-")
-        assert size == len(blob) and isinstance(members[0].blocks[0].payload, fmt.FilePayload)
-        out = io.BytesIO()
-        pipeline.decode_members(members, out)
-        assert out.getvalue() == data
-    monkeypatch.setattr(cli, "PIPE_IN_MEMORY", len(blob))
-    with cli.spooled(io.BytesIO(blob), "-") as (handle, head):
-        assert handle is None and head == blob
-
-
 def test_device_input_is_refused_unless_forced(tmp_path: Path):
     """`nacrith /dev/zero` read for ever; zstd refuses a device input. A named pipe is read."""
     assert_one_line_error(run("-c", "/dev/zero"), "/dev/zero: is not a regular file; use -f to read it anyway")

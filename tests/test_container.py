@@ -403,3 +403,51 @@ def test_a_later_container_is_checked_before_anything_is_written(session, model_
     with pytest.raises(ModelMismatchError):
         pipeline.decode_members(fmt.parse_members(stored_container([b"first"]) + other), out, session=session)
     assert out.getvalue() == b""
+
+
+def test_a_long_piped_input_is_spooled_to_disk(monkeypatch, tmp_path):
+    """A pipe was read whole into memory (345 MB of RSS for a 300 MB file through `cat`);
+    past SPOOL_IN_MEMORY it now goes to a temporary file, parsed as a file is."""
+    parts = [bytes([i]) * 5000 for i in range(3)]
+    blob = stored_container(parts)
+    monkeypatch.setattr(pipeline, "SPOOL_IN_MEMORY", len(blob) - 1)
+    with pipeline.parsed_stream(io.BufferedReader(io.BytesIO(blob))) as (members, size):
+        assert size == len(blob) and isinstance(members[0].blocks[0].payload, fmt.FilePayload)
+        out = io.BytesIO()
+        pipeline.decode_members(members, out)
+        assert out.getvalue() == b"".join(parts)
+    monkeypatch.setattr(pipeline, "SPOOL_IN_MEMORY", len(blob))
+    with pipeline.parsed_stream(io.BytesIO(blob)) as (members, size):
+        assert size == len(blob) and isinstance(members[0].blocks[0].payload, memoryview)
+
+
+def test_decompress_stream_reads_files_and_pipes(tmp_path):
+    parts = [b"first block, ", b"second"]
+    blob = stored_container(parts) + stored_container([b"; another container"])
+    path = tmp_path / "x.nc"
+    path.write_bytes(blob)
+    expected = b"first block, second; another container"
+    for source in (open(path, "rb"), io.BytesIO(blob)):
+        out = io.BytesIO()
+        with source:
+            assert pipeline.decompress_stream(source, out) == len(expected) and out.getvalue() == expected
+    with open(path, "rb") as handle:
+        handle.read(1)  # a file not at its start is read as a stream, from where it is
+        with pytest.raises(NotNacrithError):
+            pipeline.decompress_stream(handle, io.BytesIO())
+    with pytest.raises(NotNacrithError, match="empty input"):
+        pipeline.decompress_stream(io.BytesIO(b""), io.BytesIO())
+
+
+def test_a_full_temporary_folder_is_a_spool_error(monkeypatch):
+    from nacrith.errors import SpoolError
+
+    class FullDisk(io.BytesIO):
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "SPOOL_IN_MEMORY", 10)
+    monkeypatch.setattr(pipeline.tempfile, "TemporaryFile", lambda **options: FullDisk())
+    with pytest.raises(SpoolError, match=r"cannot write a temporary file in .* \(No space left on device\)"):
+        with pipeline.parsed_stream(io.BytesIO(stored_container([b"x" * 100]))):
+            pass
