@@ -449,7 +449,7 @@ def main_group():
     nacrith FILE              compress FILE to FILE.nc (same as `nacrith compress FILE`)
     nacrith -d FILE.nc        decompress to FILE (same as `nacrith decompress FILE.nc`)
     nacrith -t FILE.nc        check that it decodes exactly (same as `nacrith test FILE.nc`)
-    nacrith info FILE.nc      describe a compressed file
+    nacrith info FILE.nc      describe a compressed file (same as `nacrith -l FILE.nc`)
 
     Input files are kept unless --rm is given. '-' means standard input.
     """
@@ -609,14 +609,14 @@ def info_command(files, as_json):
     run_each(files, None, show)
 
 
-MODE_FLAGS = {"-d": "decompress", "--decompress": "decompress", "-t": "test", "--test": "test"}
+MODE_FLAGS = {"-d": "decompress", "--decompress": "decompress", "-t": "test", "--test": "test", "-l": "info", "--list": "info"}
 
 
 def normalise_argv(argv: list[str]) -> list[str]:
     """Accept gzip-style command lines: ``nacrith FILE``, ``nacrith -d FILE``, ``nacrith -dc
-    FILE.nc``, ``nacrith -t FILE.nc``: the mode flag becomes the command, found also inside a
-    cluster of short flags, but never in an option's value (``-o -d``) or after ``--``.
-    With both, -t wins, as in gzip."""
+    FILE.nc``, ``nacrith -t FILE.nc``, ``nacrith -l FILE.nc`` (info): the mode flag becomes
+    the command, found also inside a cluster of short flags, but never in an option's value
+    (``-o -d``) or after ``--``. With several, -l wins, then -t, as in gzip."""
     if not argv or argv[0] in main_group.commands or argv[0] in ("-h", "--help", "--version"):
         return argv
     valued = options_taking_values()
@@ -631,7 +631,7 @@ def normalise_argv(argv: list[str]) -> list[str]:
         else:  # a cluster like -dc, -dvo FILE or -doFILE
             cluster, value_follows = short_cluster(arg, modes)
             kept += ([cluster] if cluster else []) + list(itertools.islice(rest, 1 if value_follows else 0))
-    mode = "test" if "test" in modes else "decompress" if modes else "compress"
+    mode = next((mode for mode in ("info", "test", "decompress") if mode in modes), "compress")
     return [mode] + kept
 
 

@@ -160,6 +160,7 @@ def test_mode_flags_are_found_where_they_are_flags():
     assert normalise_argv(["--", "-d"]) == ["compress", "--", "-d"]  # a file named -d
     assert normalise_argv(["-c", "-o"]) == ["compress", "-c", "-o"]  # click then says -o lacks its value
     assert normalise_argv(["info", "-d"]) == ["info", "-d"]
+    assert normalise_argv(["-l", "--json", "x.nc"]) == normalise_argv(["-dl", "--json", "x.nc"]) == ["info", "--json", "x.nc"]
 
 
 def test_closed_reader_of_stdout_stops_quietly(tmp_path: Path):
@@ -426,6 +427,7 @@ def test_info_text_and_json(text_file: Path):
     facts = json.loads(run("info", "--json", packed).stdout)
     assert facts["original_size"] == len(TEXT) and (facts["member"], facts["members"]) == (1, 1)
     assert b"container 1 of" not in human.stdout
+    assert run("-l", packed).stdout == human.stdout  # gzip's -l
     assert facts["compressed_size"] == os.path.getsize(packed)
     assert set(facts) >= {"format_version", "bits_per_byte", "blocks", "streams", "tokens", "model", "checksum"}
     if facts["model"] is not None:  # the default model, as the zoo names it (where the pinned version is installed)
