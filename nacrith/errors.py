@@ -46,8 +46,8 @@ class InputChangedError(ContainerError):
 
 
 class SpoolError(NacrithError):
-    """Compressed input from a pipe could not be copied to a temporary file (a full
-    temporary folder)."""
+    """A temporary file could not be written (a full temporary folder): compressed input
+    from a pipe, or compressed blocks waiting for the header to be written."""
 
 
 class EngineError(NacrithError):

@@ -408,7 +408,8 @@ class ContainerWriter:
         self.total += len(original)
         self.n_blocks += 1
         offset = self.spool.tell()
-        self.spool.write(encoded.data)
+        with temporary_file_errors():  # past 64 MiB the spool is a file in $TMPDIR, which may fill
+            self.spool.write(encoded.data)
         if not encoded.uses_model:
             return
         self.model_used = True
@@ -668,17 +669,23 @@ def _file_or_bytes(source: BinaryIO):
 
 
 def _spool(spool: BinaryIO, head: bytes, source: BinaryIO) -> None:
-    """Write ``head`` and the rest of ``source`` to ``spool``; a failed write (a full
-    temporary folder) is :class:`SpoolError`."""
+    """Write ``head`` and the rest of ``source`` to ``spool``, a temporary file."""
     chunk = head
-    try:
-        while chunk:
+    while chunk:
+        with temporary_file_errors():
             spool.write(chunk)
-            chunk = source.read(1 << 20)
+        chunk = source.read(1 << 20)
+    with temporary_file_errors():
         spool.flush()
+
+
+@contextmanager
+def temporary_file_errors():
+    """An OSError of a temporary file's own write (a full $TMPDIR) as :class:`SpoolError`,
+    which names the folder: it was reported against the input being read."""
+    try:
+        yield
     except OSError as exc:
-        if not chunk:
-            raise  # the source's read failed: no error of the temporary file
         raise SpoolError(f"cannot write a temporary file in {tempfile.gettempdir()} ({exc.strerror or exc})") from None
 
 

@@ -439,15 +439,21 @@ def test_decompress_stream_reads_files_and_pipes(tmp_path):
         pipeline.decompress_stream(io.BytesIO(b""), io.BytesIO())
 
 
+class FullDisk(io.BytesIO):
+    def write(self, data):
+        raise OSError(28, "No space left on device")
+
+
 def test_a_full_temporary_folder_is_a_spool_error(monkeypatch):
+    """It was reported against the input: `nacrith: h.bin: No space left on device`."""
     from nacrith.errors import SpoolError
 
-    class FullDisk(io.BytesIO):
-        def write(self, data):
-            raise OSError(28, "No space left on device")
-
+    full = r"cannot write a temporary file in .* \(No space left on device\)"
     monkeypatch.setattr(pipeline, "SPOOL_IN_MEMORY", 10)
     monkeypatch.setattr(pipeline.tempfile, "TemporaryFile", lambda **options: FullDisk())
-    with pytest.raises(SpoolError, match=r"cannot write a temporary file in .* \(No space left on device\)"):
+    with pytest.raises(SpoolError, match=full):  # piped compressed input
         with pipeline.parsed_stream(io.BytesIO(stored_container([b"x" * 100]))):
             pass
+    monkeypatch.setattr(pipeline.tempfile, "SpooledTemporaryFile", lambda **options: FullDisk())
+    with pytest.raises(SpoolError, match=full):  # compressed blocks waiting for the header
+        pipeline.compress_stream(io.BytesIO(os.urandom(3000)), io.BytesIO(), pipeline.Settings())
