@@ -373,8 +373,9 @@ def run_each(names: tuple[str, ...], output: str | None, action) -> None:
         except ValueError as exc:  # bad option values found by the pipeline
             fail(str(exc))
             failed = True
-        except OSError as exc:
-            fail(f"{name}: {exc.strerror or exc}")
+        except OSError as exc:  # unforeseen: say which file, where it is not the input
+            other = f"{exc.filename}: " if exc.filename is not None and str(exc.filename) != name else ""
+            fail(f"{name}: {other}{exc.strerror or exc}")
             failed = True
     if failed:
         sys.exit(EXIT_ERROR)

@@ -148,6 +148,22 @@ def test_gzip_style_flag_clusters(packed_noise):
     assert run(f"-dfo{out}", packed).returncode == 0 and out.read_bytes() == data
 
 
+def test_an_unforeseen_os_error_names_its_file(capsys):
+    from nacrith.cli import run_each
+
+    def fails(error):
+        def action(name):
+            raise error
+        return action
+
+    for error, expected in ((OSError(13, "Permission denied", "/var/cache/x"), "nacrith: a.txt: /var/cache/x: Permission denied"),
+                            (OSError(5, "Input/output error", "a.txt"), "nacrith: a.txt: Input/output error"),
+                            (OSError(28, "No space left on device"), "nacrith: a.txt: No space left on device")):
+        with pytest.raises(SystemExit):
+            run_each(("a.txt",), None, fails(error))
+        assert capsys.readouterr().err.strip() == expected
+
+
 def test_mode_flags_are_found_where_they_are_flags():
     from nacrith.cli import normalise_argv
 
