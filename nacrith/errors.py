@@ -56,3 +56,16 @@ class EngineError(NacrithError):
 
 class WorkerError(NacrithError):
     """A worker process stopped without finishing its blocks (killed, or out of memory)."""
+
+
+class UsageError(NacrithError):
+    """A command line that cannot be carried out as given (an output that exists without
+    -f, an input that is a directory, ...)."""
+
+
+class OutputError(UsageError):
+    """The output cannot be written (no such folder, no permission, a full disk); the
+    message names the output, not the input being read."""
+
+    def __init__(self, target, exc: OSError):
+        super().__init__(f"cannot write {target} ({exc.strerror or exc})")

@@ -329,31 +329,33 @@ def test_full_disk_names_the_output(tmp_path: Path):
 
 
 def test_failed_write_leaves_no_partial_file(tmp_path: Path):
-    from nacrith import cli
+    from nacrith import files
+    from nacrith.errors import OutputError
 
     class FullDisk:
         def write(self, data):
             raise OSError(28, "No space left on device")
 
     target = tmp_path / "out.nc"
-    with pytest.raises(cli.OutputError, match=f"cannot write {target} \\(No space left on device\\)"):
-        with cli.atomic_output(target, False) as out:
+    with pytest.raises(OutputError, match=f"cannot write {target} \\(No space left on device\\)"):
+        with files.atomic_output(target, False) as out:
             out.write(b"written")
             out.handle = FullDisk()  # the disk fills up after the first write
             out.write(b"not written")
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(OSError) as raised:  # an input's read error stays the input's
-        with cli.atomic_output(target, False) as out:
+        with files.atomic_output(target, False) as out:
             out.write(b"written")
             raise OSError(5, "Input/output error")
-    assert not isinstance(raised.value, cli.OutputError)
+    assert not isinstance(raised.value, OutputError)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_full_disk_found_when_closing_is_named(tmp_path: Path, monkeypatch):
     """Buffered writes may succeed and only the final flush fail; the second flush that
     closing tries must not replace that error with an unnamed one."""
-    from nacrith import cli
+    from nacrith import files
+    from nacrith.errors import OutputError
 
     class BufferedOnFullDisk:
         closed = False
@@ -368,10 +370,10 @@ def test_full_disk_found_when_closing_is_named(tmp_path: Path, monkeypatch):
 
     partial = tmp_path / ".out.nc.part"
     partial.write_bytes(b"")
-    monkeypatch.setattr(cli, "new_partial_file", lambda target: (BufferedOnFullDisk(), partial))
+    monkeypatch.setattr(files, "new_partial_file", lambda target: (BufferedOnFullDisk(), partial))
     target = tmp_path / "out.nc"
-    with pytest.raises(cli.OutputError, match="No space left on device"):
-        with cli.atomic_output(target, False) as out:
+    with pytest.raises(OutputError, match="No space left on device"):
+        with files.atomic_output(target, False) as out:
             out.write(b"buffered")
     assert list(tmp_path.iterdir()) == []
 
@@ -468,6 +470,8 @@ def test_several_files_to_standard_output_decode_as_one(tmp_path: Path):
     assert run("-d", "-c", both).stdout == expected
     assert run("-d", "-", stdin=packed.stdout + packed.stdout).stdout == expected + expected  # `cat ab.nc ab.nc |`
     assert run("-t", both).returncode == 0
+    with open(both, "rb") as redirected:  # standard input that is a regular file: read in place
+        assert subprocess.run([*NACRITH, "-d"], stdin=redirected, capture_output=True, timeout=300).stdout == expected
     facts = [json.loads(line) for line in run("info", "--json", both).stdout.splitlines()]
     assert [(f["member"], f["members"], f["original_size"]) for f in facts] == [(1, 2, 3000), (2, 2, len(TEXT))]
     assert sum(f["compressed_size"] for f in facts) == len(packed.stdout)
