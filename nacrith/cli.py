@@ -17,6 +17,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 import click
 
@@ -173,12 +174,20 @@ def test_one(name: str, model: str | None, threads: int | None, workers, gpu_ids
         click.echo(f"{name}: OK ({size} bytes)", err=True)
 
 
-def run_each(names: tuple[str, ...], output: str | None, action) -> None:
-    """Apply ``action`` to every input; report each failure in one line, exit 1 if any."""
-    names = names or ("-",)
+def run_each(names: tuple[str, ...], output: str | None, action, recursive: bool = False, compressed: bool = False) -> None:
+    """Apply ``action`` to every input (with ``recursive``, to the files below each folder
+    named: the compressed ones, or all but those); report each failure in one line, exit 1
+    if any."""
+    failed = False
+
+    def unreadable(exc: OSError) -> None:
+        nonlocal failed
+        fail(f"{exc.filename}: cannot read the folder ({exc.strerror})")
+        failed = True
+
+    names = list(inputs(names or ("-",), recursive, compressed, unreadable))
     if output is not None and len(names) > 1:
         raise click.UsageError("-o/--output takes one input file")
-    failed = False
     for name in names:
         try:
             action(name)
@@ -196,6 +205,23 @@ def run_each(names: tuple[str, ...], output: str | None, action) -> None:
         sys.exit(EXIT_ERROR)
 
 
+def inputs(names, recursive: bool, compressed: bool, unreadable) -> Iterator[str]:
+    """``names``, each folder replaced by its files where ``recursive`` (as gzip -r and zstd -r:
+    sorted, folder by folder; links and other non-regular files are skipped, and so are the
+    files whose name does or does not end in .nc, as ``compressed`` says). Folders that
+    cannot be read go to ``unreadable``."""
+    for name in names:
+        if not (recursive and name != "-" and os.path.isdir(name)):
+            yield name
+            continue
+        for folder, subfolders, files in os.walk(name, onerror=unreadable):  # (links to folders are not followed)
+            subfolders.sort()
+            for file in sorted(files):
+                path = os.path.join(folder, file)
+                if path.endswith(SUFFIX) == compressed and not os.path.islink(path) and os.path.isfile(path):
+                    yield path
+
+
 OUTPUT_OPTIONS = [
     click.option("-o", "--output", metavar="FILE", help="Write to FILE ('-' for standard output). One input only."),
     click.option("-c", "--stdout", "to_stdout", is_flag=True, help="Write to standard output; keep the input."),
@@ -204,6 +230,7 @@ OUTPUT_OPTIONS = [
     click.option("--rm", "remove", is_flag=True, help="Delete the input file after success."),
 ]
 RUN_OPTIONS = [
+    click.option("-r", "--recursive", is_flag=True, help="Code the files below each folder named (the .nc files when decoding)."),
     click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary."),
     click.option("-v", "--verbose", is_flag=True, help="Print a summary line per file."),
     click.option("--model", metavar="PATH|NAME", envvar="NACRITH_MODEL",
@@ -286,7 +313,7 @@ def main_group():
 @click.option("--no-bias", is_flag=True, help="Ensemble without the adaptive bias head.")
 @click.option("--no-mixer", is_flag=True, help="Fixed mixing weights instead of learned ones.")
 @click.option("--no-skip", is_flag=True, help="Always use the model's logits (no confidence skip).")
-def compress_command(files, output, to_stdout, force, keep, remove, quiet, verbose, model, threads, workers, gpus, streams, ctx, slide, block_size, llm_only, no_ngram, no_match, no_bias, no_mixer, no_skip):
+def compress_command(files, output, to_stdout, force, keep, remove, recursive, quiet, verbose, model, threads, workers, gpus, streams, ctx, slide, block_size, llm_only, no_ngram, no_match, no_bias, no_mixer, no_skip):
     """Compress FILES (or standard input) to FILE.nc.
 
     Decompression needs no options: the file records how it was made.
@@ -298,7 +325,7 @@ def compress_command(files, output, to_stdout, force, keep, remove, quiet, verbo
         settings.validate()
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
-    run_each(files, output, lambda name: compress_one(name, settings, workers, output, to_stdout, force, quiet, verbose, remove))
+    run_each(files, output, lambda name: compress_one(name, settings, workers, output, to_stdout, force, quiet, verbose, remove), recursive)
 
 
 def ensemble_config(no_ngram: bool, no_match: bool, no_bias: bool, no_mixer: bool, no_skip: bool):
@@ -319,23 +346,23 @@ def ensemble_config(no_ngram: bool, no_match: bool, no_bias: bool, no_mixer: boo
 @click.argument("files", nargs=-1)
 @with_common
 @ANY_GPU_MODEL
-def decompress_command(files, output, to_stdout, force, keep, remove, quiet, verbose, model, threads, workers, gpus, any_gpu_model):
+def decompress_command(files, output, to_stdout, force, keep, remove, recursive, quiet, verbose, model, threads, workers, gpus, any_gpu_model):
     """Restore FILES.nc (or standard input) to FILE."""
     run_each(files, output, lambda name: decompress_one(name, model, threads, workers, gpus or None, output, to_stdout, force, quiet, verbose, remove,
-                                                        any_gpu_model))
+                                                        any_gpu_model), recursive, compressed=True)
 
 
 @main_group.command("test")
 @click.argument("files", nargs=-1)
 @with_options(RUN_OPTIONS)
 @ANY_GPU_MODEL
-def test_command(files, quiet, verbose, model, threads, workers, gpus, any_gpu_model):
+def test_command(files, recursive, quiet, verbose, model, threads, workers, gpus, any_gpu_model):
     """Check that FILES.nc (or standard input) decode exactly, writing nothing.
 
     A full decode (as slow as decompressing), checked against the original's checksum.
     Silent on success unless -v; a failure is one line per file and exit status 1.
     """
-    run_each(files, None, lambda name: test_one(name, model, threads, workers, gpus or None, quiet, verbose, any_gpu_model))
+    run_each(files, None, lambda name: test_one(name, model, threads, workers, gpus or None, quiet, verbose, any_gpu_model), recursive, compressed=True)
 
 
 def predictor_parts(settings: dict) -> list[str] | None:

@@ -136,6 +136,30 @@ def test_compressed_input_is_left_unless_forced(text_file: Path):
     assert run("-f", packed).returncode == 0 and Path(str(packed) + ".nc").exists()
 
 
+def test_recursive_codes_the_files_below_a_folder(tmp_path: Path):
+    tree = tmp_path / "tree"
+    (tree / "sub" / "deeper").mkdir(parents=True)
+    files = {Path("a.bin"): os.urandom(2000), Path("sub/b.bin"): os.urandom(3000), Path("sub/deeper/c.bin"): os.urandom(100)}
+    for relative, data in files.items():
+        (tree / relative).write_bytes(data)
+    (tree / "link.bin").symlink_to(tree / "a.bin")  # links are skipped, as gzip -r and zstd -r do
+    (tree / "folder-link").symlink_to(tree / "sub")
+
+    def regular_files() -> list[Path]:
+        return sorted(path.relative_to(tree) for path in tree.rglob("*") if path.is_file() and not path.is_symlink())
+
+    assert run("-r", "--rm", tree).returncode == 0
+    assert regular_files() == sorted(Path(f"{relative}.nc") for relative in files)
+    tested = run("-tvr", tree)
+    assert tested.returncode == 0 and tested.stderr.count(b": OK (") == 3
+    assert run("-r", tree).returncode == 0 and regular_files() == sorted(Path(f"{relative}.nc") for relative in files)  # .nc skipped
+    assert run("-d", "-r", "--rm", tree).returncode == 0
+    assert regular_files() == sorted(files) and all((tree / relative).read_bytes() == data for relative, data in files.items())
+    assert (tree / "link.bin").is_symlink() and (tree / "folder-link").is_symlink()
+    assert_one_line_error(run("-r", "-o", tmp_path / "one.nc", tree), "-o/--output takes one input file")
+    assert_one_line_error(run(tree), "is a directory")  # no -r: refused as before
+
+
 def test_gzip_style_flag_clusters(packed_noise):
     """`nacrith -dc FILE.nc`, README's own example, was "no such option '-d'"."""
     packed, data = packed_noise
