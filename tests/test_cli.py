@@ -160,6 +160,20 @@ def test_recursive_codes_the_files_below_a_folder(tmp_path: Path):
     assert_one_line_error(run(tree), "is a directory")  # no -r: refused as before
 
 
+def test_an_unreadable_folder_is_reported(tmp_path: Path, monkeypatch, capsys):
+    from nacrith import cli
+
+    def walk(top, onerror):  # what os.walk does with a folder it may not list (not as root)
+        onerror(PermissionError(13, "Permission denied", str(tmp_path / "locked")))
+        return iter(())
+
+    monkeypatch.setattr(cli.os, "walk", walk)
+    with pytest.raises(SystemExit) as exit:
+        cli.run_each((str(tmp_path),), None, lambda name: None, recursive=True)
+    assert exit.value.code == 1
+    assert capsys.readouterr().err.strip() == f"nacrith: {tmp_path / 'locked'}: cannot read the folder (Permission denied)"
+
+
 def test_gzip_style_flag_clusters(packed_noise):
     """`nacrith -dc FILE.nc`, README's own example, was "no such option '-d'"."""
     packed, data = packed_noise
