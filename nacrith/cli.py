@@ -284,7 +284,7 @@ ANY_GPU_MODEL = click.option("--any-gpu-model", is_flag=True, help="Decode a GPU
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="nacrith")
+@click.version_option(None, "-V", "--version", package_name="nacrith")
 def main_group():
     """Lossless compression with a language model (llama.cpp) and a range coder.
 
@@ -460,7 +460,7 @@ def normalise_argv(argv: list[str]) -> list[str]:
     FILE.nc``, ``nacrith -t FILE.nc``, ``nacrith -l FILE.nc`` (info): the mode flag becomes
     the command, found also inside a cluster of short flags, but never in an option's value
     (``-o -d``) or after ``--``. With several, -l wins, then -t, as in gzip."""
-    if not argv or argv[0] in main_group.commands or argv[0] in ("-h", "--help", "--version"):
+    if not argv or argv[0] in main_group.commands or argv[0] in ("-h", "--help", "-V", "--version"):
         return argv
     valued = options_taking_values()
     modes, kept, rest = set(), [], iter(argv)

@@ -214,6 +214,10 @@ def test_mode_flags_are_found_where_they_are_flags():
     assert normalise_argv(["--", "-d"]) == ["compress", "--", "-d"]  # a file named -d
     assert normalise_argv(["-c", "-o"]) == ["compress", "-c", "-o"]  # click then says -o lacks its value
     assert normalise_argv(["info", "-d"]) == ["info", "-d"]
+    for version in ("-V", "--version"):
+        assert normalise_argv([version]) == [version]
+        shown = run(version)
+        assert shown.returncode == 0 and shown.stdout.startswith(b"nacrith, version ")
     assert normalise_argv(["-l", "--json", "x.nc"]) == normalise_argv(["-dl", "--json", "x.nc"]) == ["info", "--json", "x.nc"]
 
 
