@@ -115,7 +115,17 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-class LlamaModel:
+class _ClosedWhenCollected:
+    """Frees its llama.cpp objects with ``close()`` when collected, if nobody did before."""
+
+    def __del__(self):  # pragma: no cover - interpreter shutdown order varies
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class LlamaModel(_ClosedWhenCollected):
     """A GGUF model loaded through llama.cpp.
 
     ``gpu=True`` offloads every layer to the GPU numbered ``main_gpu`` (no layer splitting
@@ -159,12 +169,6 @@ class LlamaModel:
             L.llama_model_free(self.handle)
             self.handle = None
 
-    def __del__(self):  # pragma: no cover - interpreter shutdown order varies
-        try:
-            self.close()
-        except Exception:
-            pass
-
 
 ATTENTION_MODES = ("auto", "off", "on", "stable")
 _FLASH_ATTN_TYPE = {"auto": -1, "off": 0, "on": 1}  # llama.cpp's llama_flash_attn_type
@@ -192,7 +196,7 @@ def default_attention(backend: str) -> str:
     return "stable" if backend == "cpu" else "auto"
 
 
-class LockstepContext:
+class LockstepContext(_ClosedWhenCollected):
     """A llama.cpp context running up to ``n_streams`` sequences of at most ``ctx`` tokens.
 
     Each sequence has its own KV cells (``kv_unified`` off), ``ctx`` of them. ``attention``
@@ -310,9 +314,3 @@ class LockstepContext:
             L.llama_batch_free(self.batch)
             L.llama_free(self.handle)
             self.handle = None
-
-    def __del__(self):  # pragma: no cover - interpreter shutdown order varies
-        try:
-            self.close()
-        except Exception:
-            pass
