@@ -294,7 +294,8 @@ def main_group():
     nacrith -t FILE.nc        check that it decodes exactly (same as `nacrith test FILE.nc`)
     nacrith info FILE.nc      describe a compressed file (same as `nacrith -l FILE.nc`)
 
-    Input files are kept unless --rm is given. '-' means standard input.
+    Input files are kept unless --rm is given. '-' means standard input. Short flags
+    combine as in gzip (nacrith -dc FILE.nc); -r takes the files below a folder.
     """
 
 
