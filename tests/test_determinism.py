@@ -1,12 +1,14 @@
 """Identical calls give identical containers: thread count, fresh processes, block order."""
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from nacrith import pipeline
 from nacrith.engine import LockstepContext
 from nacrith.session import Session
 
@@ -109,6 +111,11 @@ def test_worker_processes_make_the_same_container(tmp_path):
     two = nacrith.compress(data, workers=2, **options)
     assert one == two
     assert nacrith.decompress(two, workers=2) == data
+    packed = tmp_path / "two.nc"  # from a file, block payloads are read from disk as the workers take them
+    packed.write_bytes(two + two)  # two containers, one after another
+    out = io.BytesIO()
+    with open(packed, "rb") as source:
+        assert pipeline.decompress_stream(source, out, workers=2) == 2 * len(data) and out.getvalue() == data + data
 
 
 def test_lanes_make_the_same_container():
