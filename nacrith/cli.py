@@ -418,7 +418,7 @@ def describe_member(parsed: fmt.Container) -> dict:
 
 @main_group.command("info")
 @click.argument("files", nargs=-1, required=True)
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per file (stable keys, for scripts).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per container: one per file, unless containers were concatenated (stable keys, for scripts).")
 def info_command(files, as_json):
     """Describe compressed FILES without decoding them (each container of a file that
     holds several concatenated ones)."""
