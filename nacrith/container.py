@@ -1,8 +1,12 @@
-"""The nacrith container, format version 4, byte by byte.
+"""The nacrith container, format version 5, byte by byte.
 
 Integers marked *varint* are unsigned LEB128 (7 bits per byte, low group first, high bit
 set on every byte but the last, at most 10 bytes). *str* is a varint byte length followed
-by that many UTF-8 bytes. *u32* is 4 bytes little-endian. CRC-32 is zlib's.
+by that many UTF-8 bytes. *u32* is 4 bytes little-endian. CRC-32 is zlib's. *tstr*
+(version 5) is a varint ``n``: 0 is followed by a *str*; ``n`` >= 1 stands for entry ``n``
+of the field's table in :data:`TABLES` (append-only: an entry is never changed or removed,
+and a reader that does not know ``n`` refuses the file), so that the strings every file of
+the default settings repeats take a byte each.
 
 ::
 
@@ -13,15 +17,18 @@ by that many UTF-8 bytes. *u32* is 4 bytes little-endian. CRC-32 is zlib's.
                                             gzip's, xz's and zstd's members and frames do
 
     header   := magic "NCRT" (4 bytes)
-                version                 u8      = 4 (1 to 3 are read too, see below)
+                version                 u8      = 5 (1 to 4 are read too, see below)
                 body_length             varint
                 body                    body_length bytes:
                     flags               varint  bit 0: a model section follows
                     [model section, when flag bit 0 is set]
-                    model_sha256        32 bytes  SHA-256 of the GGUF file
-                    model_name          str     file name, for messages only
-                    engine              str     e.g. "llama.cpp (llama-cpp-python 0.3.36)"
-                    backend             str     "cpu", or "cuda:" and the GPU's name as ggml
+                    model_sha256        32 bytes  SHA-256 of the GGUF file (version 5: a
+                                                varint n, 0 followed by the 32 bytes, or
+                                                entry n of the table, as a tstr is)
+                    model_name          tstr    file name, for messages only (str before
+                                                version 5, as all tstr fields)
+                    engine              tstr    e.g. "llama.cpp (llama-cpp-python 0.3.36)"
+                    backend             tstr    "cpu", or "cuda:" and the GPU's name as ggml
                                                 describes it ("cuda" alone in files made
                                                 before the name was recorded): logits
                                                 differ between backends and GPU models
@@ -30,8 +37,10 @@ by that many UTF-8 bytes. *u32* is 4 bytes little-endian. CRC-32 is zlib's.
                                                 3 "stable"
                     ctx                 varint  tokens in a stream's window
                     slide               varint  tokens dropped when the window is full
-                    predictor           str     JSON object: the predictor's settings
-                    coder               str     (version 4) the range coder (nacrith.coder):
+                    predictor           tstr    JSON object: the predictor's settings (keys
+                                                sorted, no spaces: the table's entries are
+                                                compared as written)
+                    coder               tstr    (version 4) the range coder (nacrith.coder):
                                                 "int24" or "constriction"
                 crc32                   u32     of everything from the magic to the body's end
 
@@ -67,7 +76,9 @@ by that many UTF-8 bytes. *u32* is 4 bytes little-endian. CRC-32 is zlib's.
 CRCs) made with liblzma's preset 9e, whose only filter property, the dictionary size, is
 fixed at 64 MiB; decode it with ``lzma.LZMADecompressor(FORMAT_RAW, filters=XZ_FILTERS)``.
 Version 2 added the xz codec; version 3 added the attention field; version 4 added the coder
-field (versions 1-3 were coded with "constriction"). Version 1 and 2 files are
+field (versions 1-3 were coded with "constriction"); version 5 made the model section's
+strings and the model's SHA-256 table entries where they can be (the header of a file made
+with the default settings went from 162 bytes to 22). Version 1 and 2 files are
 read unchanged, with attention "auto" (what they were made with: llama.cpp's default, which
 on the CPU gives logits that depend on the thread count past 256 tokens of a stream, so such
 files decode exactly only with the thread count that made them).
@@ -88,8 +99,8 @@ from dataclasses import dataclass, field, replace
 from .errors import CorruptError, InputChangedError, NotNacrithError, TruncatedError, UnsupportedVersionError
 
 MAGIC = b"NCRT"
-VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 LEGACY_ATTENTION = "auto"  # versions 1 and 2 have no attention field
 LEGACY_CODER = "constriction"  # versions 1 to 3 have no coder field
 ATTENTION_CODES = ("auto", "off", "on", "stable")  # the attention byte's values
@@ -102,6 +113,17 @@ BLOCK_KINDS = {STORED: "stored", ZSTD: "zstd", MODEL: "model", XZ: "xz"}
 BINARY_STORED, BINARY_ZSTD, BINARY_XZ = 0, 1, 2
 BINARY_CODECS = {BINARY_STORED: "stored", BINARY_ZSTD: "zstd", BINARY_XZ: "xz"}
 XZ_FILTERS = ({"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME},)  # dict_size 64 MiB
+
+# The tstr tables of version 5, per field. APPEND ONLY: files name entries by position.
+TABLES = {
+    "model_sha256": ("b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",  # nacrith.model.ZOO's, in hex
+                     "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+    "model_name": ("SmolLM2-135M-Instruct.Q4_1.gguf", "gemma-3-270m-q4_k_m.gguf"),
+    "engine": ("llama.cpp (llama-cpp-python 0.3.36)",),
+    "backend": ("cpu", "cuda"),
+    "predictor": ('{"ensemble":"v4","llm":"exp2-q64"}', '{"llm":"exp2-q64"}'),
+    "coder": ("int24", "constriction"),
+}
 
 
 def checksum(data) -> bytes:
@@ -129,6 +151,31 @@ def put_str(out: bytearray, text: str) -> None:
 
 def put_u32(out: bytearray, value: int) -> None:
     out += struct.pack("<I", value)
+
+
+def put_tstr(out: bytearray, field: str, text: str) -> None:
+    """``text`` as a *tstr* of ``field``: its position in the field's table, else 0 and the string."""
+    table = TABLES[field]
+    if text in table:
+        put_varint(out, table.index(text) + 1)
+    else:
+        put_varint(out, 0)
+        put_str(out, text)
+
+
+def put_sha256(out: bytearray, digest: bytes) -> None:
+    """A model's SHA-256 as version 5 writes it: its table position, else 0 and the 32 bytes."""
+    table = TABLES["model_sha256"]
+    if digest.hex() in table:
+        put_varint(out, table.index(digest.hex()) + 1)
+    else:
+        put_varint(out, 0)
+        out += digest
+
+
+def predictor_json(settings: dict) -> str:
+    """The predictor settings as the header writes them (and as :data:`TABLES` lists them)."""
+    return json.dumps(settings, sort_keys=True, separators=(",", ":"))
 
 
 class Reader:
@@ -175,12 +222,30 @@ class Reader:
             shift += 7
         raise CorruptError(f"corrupt {self.what}: varint too long at offset {self.offset}")
 
+    def tstr(self, field: str) -> str:
+        """A *tstr* of ``field`` (see :data:`TABLES`)."""
+        entry = self.varint()
+        return self.str() if entry == 0 else table_entry(field, entry)
+
+    def sha256(self) -> bytes:
+        """A model's SHA-256 as version 5 writes it (see :func:`put_sha256`)."""
+        entry = self.varint()
+        return self.take(32) if entry == 0 else bytes.fromhex(table_entry("model_sha256", entry))
+
     def str(self) -> str:
         raw = self.take(self.varint())
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
             raise CorruptError(f"corrupt {self.what}: invalid text field") from None
+
+
+def table_entry(field: str, entry: int) -> str:
+    """Entry ``entry`` (1-based) of ``field``'s table; one this nacrith does not know is refused."""
+    table = TABLES[field]
+    if entry > len(table):
+        raise UnsupportedVersionError(f"this file names {field} entry {entry}, which this nacrith does not know (a newer nacrith made it)")
+    return table[entry - 1]
 
 
 class FileData:
@@ -295,17 +360,17 @@ def write_header(header: Header) -> bytes:
         model = header.model
         if len(model.sha256) != 32:
             raise ValueError("model_sha256 must be 32 bytes")
-        body += model.sha256
-        put_str(body, model.name)
-        put_str(body, model.engine)
-        put_str(body, model.backend)
+        put_sha256(body, model.sha256)
+        put_tstr(body, "model_name", model.name)
+        put_tstr(body, "engine", model.engine)
+        put_tstr(body, "backend", model.backend)
         if model.attention not in ATTENTION_CODES:
             raise ValueError(f"unknown attention mode {model.attention!r}")
         body.append(ATTENTION_CODES.index(model.attention))
         put_varint(body, model.ctx)
         put_varint(body, model.slide)
-        put_str(body, json.dumps(model.predictor, sort_keys=True, separators=(",", ":")))
-        put_str(body, model.coder)
+        put_tstr(body, "predictor", predictor_json(model.predictor))
+        put_tstr(body, "coder", model.coder)
     out = bytearray(MAGIC)
     out.append(VERSION)
     put_varint(out, len(body))
@@ -332,17 +397,18 @@ def read_header(data, offset: int = 0) -> tuple[Header, int]:
     flags = body.varint()
     model = None
     if flags & 1:
-        sha = body.take(32)
-        name, engine, backend = body.str(), body.str(), body.str()
+        text = body.tstr if version >= 5 else (lambda field: body.str())
+        sha = body.sha256() if version >= 5 else body.take(32)
+        name, engine, backend = text("model_name"), text("engine"), text("backend")
         attention = _attention_name(body.u8()) if version >= 3 else LEGACY_ATTENTION
         ctx, slide = body.varint(), body.varint()
         try:
-            predictor = json.loads(body.str())
+            predictor = json.loads(text("predictor"))
         except json.JSONDecodeError:
             raise CorruptError("corrupt container: predictor settings are not JSON") from None
         if not isinstance(predictor, dict):
             raise CorruptError("corrupt container: predictor settings are not a JSON object")
-        coder = body.str() if version >= 4 else LEGACY_CODER
+        coder = text("coder") if version >= 4 else LEGACY_CODER
         model = ModelSection(sha, name, engine, backend, ctx, slide, predictor, attention, coder)
     if flags & ~1:
         raise UnsupportedVersionError(f"container uses unknown header flags 0x{flags:x}")

@@ -99,8 +99,8 @@ def test_unknown_version(session, model_blob):
 
 
 def as_legacy(blob: bytes, version: int) -> bytes:
-    """``blob`` with its header rewritten in the version 1, 2 (no attention field) or 3 layout (no coder field)."""
-    import json
+    """``blob`` with its header rewritten in the version 1, 2 (no attention field), 3 (no
+    coder field) or 4 layout (plain strings and SHA-256, no tables)."""
     import zlib
 
     header, header_end = fmt.read_header(blob)
@@ -108,16 +108,18 @@ def as_legacy(blob: bytes, version: int) -> bytes:
     fmt.put_varint(body, 1 if header.model else 0)
     if header.model:
         model = header.model
-        assert version == 3 or model.attention == fmt.LEGACY_ATTENTION, "versions 1 and 2 were made with attention auto"
-        assert model.coder == fmt.LEGACY_CODER, "versions 1 to 3 were coded by constriction"
+        assert version >= 3 or model.attention == fmt.LEGACY_ATTENTION, "versions 1 and 2 were made with attention auto"
+        assert version >= 4 or model.coder == fmt.LEGACY_CODER, "versions 1 to 3 were coded by constriction"
         body += model.sha256
         for text in (model.name, model.engine, model.backend):
             fmt.put_str(body, text)
-        if version == 3:
+        if version >= 3:
             body.append(fmt.ATTENTION_CODES.index(model.attention))
         fmt.put_varint(body, model.ctx)
         fmt.put_varint(body, model.slide)
-        fmt.put_str(body, json.dumps(model.predictor, sort_keys=True, separators=(",", ":")))
+        fmt.put_str(body, fmt.predictor_json(model.predictor))
+        if version >= 4:
+            fmt.put_str(body, model.coder)
     out = bytearray(fmt.MAGIC) + bytes([version])
     fmt.put_varint(out, len(body))
     out += body
@@ -137,10 +139,62 @@ def test_old_versions_still_decode(session, version):
     assert unpack(session, old) == TEXT
 
 
+def test_version_4_files_still_decode(session, model_blob):
+    """Version 5 only changed how the model section is written: a version 4 header of the
+    same section (162 bytes with the default model, where version 5 takes 22) reads the same."""
+    old = as_legacy(model_blob, 4)
+    assert fmt.parse(old).header == replace(fmt.parse(model_blob).header, version=4)
+    assert len(old) - len(model_blob) == fmt.read_header(old)[1] - fmt.read_header(model_blob)[1] > 100
+    assert unpack(session, old) == MIXED
+
+
+def test_header_tables_are_append_only_and_cover_the_defaults():
+    """Files name table entries by position: the entries written so far never change."""
+    from nacrith.model import ZOO
+    from nacrith.predictors import predictor_settings
+    from nacrith.session import engine_name
+
+    written = {  # entries as files of version 5 use them: only appending is allowed
+        "model_sha256": ("b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+                         "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+        "model_name": ("SmolLM2-135M-Instruct.Q4_1.gguf", "gemma-3-270m-q4_k_m.gguf"),
+        "engine": ("llama.cpp (llama-cpp-python 0.3.36)",),
+        "backend": ("cpu", "cuda"),
+        "predictor": ('{"ensemble":"v4","llm":"exp2-q64"}', '{"llm":"exp2-q64"}'),
+        "coder": ("int24", "constriction"),
+    }
+    assert set(fmt.TABLES) == set(written)
+    for field, entries in written.items():
+        assert fmt.TABLES[field][: len(entries)] == entries, field
+    # what a default file writes is in the tables (else it is written out: larger, still right)
+    assert {model.sha256 for model in ZOO.values()} <= set(fmt.TABLES["model_sha256"])
+    assert {model.file for model in ZOO.values()} <= set(fmt.TABLES["model_name"])
+    assert engine_name() in fmt.TABLES["engine"]
+    assert fmt.predictor_json(pipeline.Settings().predictor) in fmt.TABLES["predictor"]
+    assert fmt.predictor_json(predictor_settings(None)) in fmt.TABLES["predictor"]
+
+
+def test_strings_outside_the_tables_are_written_out(session):
+    section = fmt.ModelSection(b"\x07" * 32, "mine.gguf", "llama.cpp (llama-cpp-python 9.9)", "cuda:NVIDIA H100 80GB HBM3", 512, 128,
+                               {"ensemble": "v4", "llm": "exp2-q64", "set": {"match": False}}, "on", "constriction")
+    blob = fmt.write_header(fmt.Header(section))
+    assert fmt.read_header(blob)[0] == fmt.Header(section)
+    damaged = bytearray(fmt.write_header(fmt.Header(replace(section, engine=fmt.TABLES["engine"][0]))))
+    engine_at = damaged.index(b"mine.gguf") + len(b"mine.gguf")
+    assert damaged[engine_at] == 1  # entry 1 of the engine table
+    damaged[engine_at] = 99
+    import struct
+    import zlib
+
+    damaged[-4:] = struct.pack("<I", zlib.crc32(bytes(damaged[:-4])))
+    with pytest.raises(UnsupportedVersionError, match="engine entry 99, which this nacrith does not know"):
+        fmt.read_header(bytes(damaged))
+
+
 def test_coder_is_recorded_and_both_decode(session):
     """New files use the int24 coder; constriction-coded files (the older coder) still decode."""
     made = pack(session, TEXT, fallback=False, **SMALL)
-    assert fmt.parse(made).header.version == 4 and fmt.parse(made).header.model.coder == "int24"
+    assert fmt.parse(made).header.version == 5 and fmt.parse(made).header.model.coder == "int24"
     other = pack(session, TEXT, fallback=False, coder="constriction", **SMALL)
     assert fmt.parse(other).header.model.coder == "constriction"
     assert unpack(session, made) == TEXT and unpack(session, other) == TEXT
@@ -167,12 +221,13 @@ def test_attention_mode_is_recorded_and_a_wrong_one_is_caught(session):
 def test_unknown_attention_mode_is_refused(session, model_blob):
     import zlib
 
-    header, end = fmt.read_header(model_blob)
-    body = bytearray(model_blob[: end - 4])
+    legacy = as_legacy(model_blob, 4)  # its strings written out, to find the byte after them
+    header, end = fmt.read_header(legacy)
+    body = bytearray(legacy[: end - 4])
     at = body.index(header.model.backend.encode()) + len(header.model.backend)  # the attention byte follows
     assert body[at] == fmt.ATTENTION_CODES.index("stable")
     body[at] = 9
-    forged = bytes(body) + zlib.crc32(body).to_bytes(4, "little") + model_blob[end:]
+    forged = bytes(body) + zlib.crc32(body).to_bytes(4, "little") + legacy[end:]
     with pytest.raises(UnsupportedVersionError, match="attention"):
         unpack(session, forged)
 

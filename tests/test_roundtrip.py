@@ -108,10 +108,12 @@ def test_model_beats_zstd_on_prose(roundtrip):
 
 
 def test_never_much_larger_than_zstd(roundtrip):
-    """Repetitive text where zstd wins: the file falls back to a model-free container."""
+    """Repetitive text where zstd wins: the file falls back to a model-free container. (Prose
+    repeated, the case here until format 5, is now the model's: 117 bytes against zstd's 194,
+    once the header no longer spends 162 bytes on the model section.)"""
     import zstandard
 
-    data = CASES["ascii"] * 2 + CASES["crlf"]
+    data = b"0123456789" * 300
     blob = roundtrip(data)
     assert len(blob) <= len(zstandard.ZstdCompressor(level=19).compress(data)) + 64
     assert fmt.parse(blob).header.model is None
