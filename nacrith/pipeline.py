@@ -57,7 +57,7 @@ DEFAULT_GPU_STREAMS = 256
 DEFAULT_CTX = 1024
 DEFAULT_SLIDE = 256
 DEFAULT_BLOCK_SIZE = 1 << 20
-MIN_STREAM_TOKENS = 512  # fewer tokens per stream than this and a block uses fewer streams
+MIN_STREAM_TOKENS = 1024  # fewer tokens per stream than this and a block uses fewer streams (bench/stream_floor.py)
 DEFAULT_ENSEMBLE = EnsembleConfig()
 SPOOL_IN_MEMORY = 64 << 20  # bytes held in memory, more going to a temporary file: blocks being written, piped input
 
