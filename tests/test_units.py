@@ -738,6 +738,21 @@ def test_default_streams_follow_the_backend(monkeypatch, tmp_path, args, streams
     assert [settings.streams for settings in seen] == [streams]
     gpu = "--gpus" in args
     assert pipeline.Settings(gpu=gpu).streams == (256 if gpu else 16)  # the Python API's default too
+    # the fewest tokens per stream: longer streams for small inputs on the CPU, a wide batch on a GPU
+    assert [settings.min_stream_tokens for settings in seen] == [512 if gpu else 1024]
+    assert pipeline.Settings(gpu=gpu, min_stream_tokens=7).min_stream_tokens == 7
+
+
+def test_stream_floor_sets_how_many_streams_a_small_input_gets():
+    import numpy as np
+
+    from nacrith import pipeline
+
+    tokens = np.arange(40_000)  # about 144 KB of text
+    assert len(pipeline.lockstep_streams(tokens, pipeline.Settings())) == 16
+    assert len(pipeline.lockstep_streams(tokens[:5_000], pipeline.Settings())) == 4  # 5000 // 1024
+    assert len(pipeline.lockstep_streams(tokens[:5_000], pipeline.Settings(gpu=True))) == 9  # 5000 // 512
+    assert len(pipeline.lockstep_streams(tokens[:500], pipeline.Settings())) == 1
 
 
 def test_worker_pool_terminate_prefers_the_public_api():
