@@ -102,8 +102,6 @@ def compress_one(name: str, settings: pipeline.Settings, workers, output: str | 
         raise UsageError("compressed data not written to a terminal; use -o FILE or -f")
     check_target(target, force)
     source = open_input(name, force)
-    if name == "-" and sys.stdin.isatty():
-        raise UsageError("no input: name a file or pipe data to standard input")
     with source:
         with progress_bar(pipeline.remaining_size(source), quiet, "compress") as progress:
             with atomic_output(target, force, None if name == "-" else Path(name)) as out:
@@ -120,8 +118,6 @@ def parsed_input(name: str, force: bool | None = None):
     """(the parsed containers, their size in bytes) of the compressed input ``name``, held open
     while the blocks are used (their payloads are read from it as they are decoded)."""
     source = open_input(name, force)
-    if name == "-" and sys.stdin.isatty():
-        raise UsageError("no input: name a file or pipe data to standard input")
     with source, pipeline.parsed_stream(source, name) as parsed:
         yield parsed
 

@@ -167,13 +167,16 @@ class NamedOutput:
 
 
 def open_input(name: str, force: bool | None = False):
-    """A readable binary file for ``name`` ('-' is standard input), with clear errors.
+    """A readable binary file for ``name`` ('-' is standard input, refused when it is a
+    terminal), with clear errors.
 
     A regular file or a named pipe (``<(command)``) is read; a device or a socket is
     refused, as zstd does (``nacrith /dev/zero`` would read for ever), unless ``force``
     (-f; None where the command has no -f to offer).
     """
     if name == "-":
+        if sys.stdin.isatty():
+            raise UsageError("no input: name a file or pipe data to standard input")
         return sys.stdin.buffer
     mode = file_mode(Path(name)) if name else None  # (Path("") is the current folder)
     if mode is None:
