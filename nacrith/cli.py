@@ -496,6 +496,9 @@ def options_taking_values() -> set[str]:
             if isinstance(param, click.Option) and not param.is_flag for name in param.opts + param.secondary_opts}
 
 
+NO_ARGS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click 8.2 and later: the group run without arguments
+
+
 def usage_line(exc: click.ClickException) -> str:
     """One line for a bad command line, where click prints a four-line usage block:
     "invalid value for '--streams': 'x' is not a valid integer range (see 'nacrith compress --help')"."""
@@ -511,6 +514,9 @@ def main(argv: list[str] | None = None) -> None:
         catch_termination()
         main_group.main(args=argv, prog_name="nacrith", standalone_mode=False)
     except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except NO_ARGS_HELP as exc:  # bare `nacrith`: the help itself, as before, not folded into one line
+        exc.show()
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
         fail(usage_line(exc))

@@ -477,6 +477,8 @@ def test_bad_command_line_is_one_line_with_a_help_hint(text_file: Path):
         result = run(*args)
         assert_one_line_error(result, fragment)
         assert result.returncode == 2 and result.stderr.startswith(b"nacrith: ") and b"--help')" in result.stderr
+    bare = run()  # no arguments at all: the help, as it was, not folded into one line
+    assert bare.returncode == 2 and bare.stderr.startswith(b"Usage: nacrith") and b"\n  nacrith -d FILE.nc" in bare.stderr
 
 
 def test_info_text_and_json(text_file: Path):
