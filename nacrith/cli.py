@@ -298,11 +298,16 @@ def main_group():
 @main_group.command("compress")
 @click.argument("files", nargs=-1)
 @with_common
+@click.option("--level", type=click.IntRange(min(pipeline.LEVELS), max(pipeline.LEVELS)), default=pipeline.DEFAULT_LEVEL, show_default=True,
+              help="Compression level, 1 (fastest) to 9 (smallest); also -1 ... -9, --fast (1) and --best (9), as in gzip. "
+                   "It sets the streams, the window and the stream floor that --streams, --ctx and --slide override "
+                   "(with --gpus, the window only).")
 @click.option("--streams", type=click.IntRange(min=1), default=None,
-              help=f"Lockstep streams per block (one llama_decode feeds them all).  [default: {pipeline.DEFAULT_STREAMS}; "
-                   f"{pipeline.DEFAULT_GPU_STREAMS} with --gpus]")
-@click.option("--ctx", type=click.IntRange(min=8), default=pipeline.DEFAULT_CTX, show_default=True, help="Tokens in each stream's context window.")
-@click.option("--slide", type=click.IntRange(min=1), default=pipeline.DEFAULT_SLIDE, show_default=True, help="Tokens dropped from a full window.")
+              help=f"Lockstep streams per block (one llama_decode feeds them all).  [default: the level's, {pipeline.DEFAULT_STREAMS} at "
+                   f"{pipeline.DEFAULT_LEVEL}; {pipeline.DEFAULT_GPU_STREAMS} with --gpus]")
+@click.option("--ctx", type=click.IntRange(min=8), default=None,
+              help=f"Tokens in each stream's context window.  [default: the level's, {pipeline.DEFAULT_CTX} at {pipeline.DEFAULT_LEVEL}]")
+@click.option("--slide", type=click.IntRange(min=1), default=None, help="Tokens dropped from a full window.  [default: a quarter of --ctx]")
 @click.option("--block-size", type=click.IntRange(min=1), default=pipeline.DEFAULT_BLOCK_SIZE, show_default=True, help="Bytes per independently coded block.")
 @click.option("--llm-only", is_flag=True, help="The language model alone, no ensemble.")
 @click.option("--no-ngram", is_flag=True, help="Ensemble without the token n-gram model.")
@@ -310,13 +315,14 @@ def main_group():
 @click.option("--no-bias", is_flag=True, help="Ensemble without the adaptive bias head.")
 @click.option("--no-mixer", is_flag=True, help="Fixed mixing weights instead of learned ones.")
 @click.option("--no-skip", is_flag=True, help="Always use the model's logits (no confidence skip).")
-def compress_command(files, output, to_stdout, force, keep, remove, recursive, quiet, verbose, model, threads, workers, gpus, streams, ctx, slide, block_size, llm_only, no_ngram, no_match, no_bias, no_mixer, no_skip):
+def compress_command(files, output, to_stdout, force, keep, remove, recursive, quiet, verbose, model, threads, workers, gpus, level, streams, ctx, slide, block_size, llm_only,
+                     no_ngram, no_match, no_bias, no_mixer, no_skip):
     """Compress FILES (or standard input) to FILE.nc.
 
     Decompression needs no options: the file records how it was made.
     """
     ensemble = None if llm_only else ensemble_config(no_ngram, no_match, no_bias, no_mixer, no_skip)
-    settings = pipeline.Settings(model=model, streams=streams, ctx=ctx, slide=slide, block_size=block_size, threads=threads, ensemble=ensemble,
+    settings = pipeline.Settings(model=model, level=level, streams=streams, ctx=ctx, slide=slide, block_size=block_size, threads=threads, ensemble=ensemble,
                                  gpu=gpus is not None, gpu_ids=gpus or None)
     try:
         settings.validate()
@@ -450,15 +456,19 @@ def info_command(files, as_json):
 
 
 MODE_FLAGS = {"-d": "decompress", "--decompress": "decompress", "-t": "test", "--test": "test", "-l": "info", "--list": "info"}
+LEVEL_FLAGS = {"--fast": min(pipeline.LEVELS), "--best": max(pipeline.LEVELS)}  # gzip's names for -1 and -9
 
 
 def normalise_argv(argv: list[str]) -> list[str]:
     """Accept gzip-style command lines: ``nacrith FILE``, ``nacrith -d FILE``, ``nacrith -dc
     FILE.nc``, ``nacrith -t FILE.nc``, ``nacrith -l FILE.nc`` (info): the mode flag becomes
     the command, found also inside a cluster of short flags, but never in an option's value
-    (``-o -d``) or after ``--``. With several, -l wins, then -t, as in gzip."""
-    if not argv or argv[0] in main_group.commands or argv[0] in ("-h", "--help", "-V", "--version"):
+    (``-o -d``) or after ``--``. With several, -l wins, then -t, as in gzip. Then the level
+    flags become ``--level N`` (:func:`levels_as_option`)."""
+    if not argv or argv[0] in ("-h", "--help", "-V", "--version"):
         return argv
+    if argv[0] in main_group.commands:
+        return levels_as_option(argv)
     valued = options_taking_values()
     modes, kept, rest = set(), [], iter(argv)
     for arg in rest:
@@ -472,7 +482,7 @@ def normalise_argv(argv: list[str]) -> list[str]:
             cluster, value_follows = short_cluster(arg, modes)
             kept += ([cluster] if cluster else []) + list(itertools.islice(rest, 1 if value_follows else 0))
     mode = next((mode for mode in ("info", "test", "decompress") if mode in modes), "compress")
-    return [mode] + kept
+    return levels_as_option([mode] + kept)
 
 
 def short_cluster(arg: str, modes: set) -> tuple[str, bool]:
@@ -488,6 +498,45 @@ def short_cluster(arg: str, modes: set) -> tuple[str, bool]:
         else:
             kept += letter
     return ("-" + kept if kept else ""), False
+
+
+def levels_as_option(argv: list[str]) -> list[str]:
+    """``argv`` (a command first) with gzip's and zstd's level flags, ``-1`` ... ``-9`` (alone
+    or in a cluster: ``-9c``), ``--fast`` and ``--best``, turned into one ``--level N`` for
+    compress (the last one given wins); decompress, test and info drop them, as gzip -d does."""
+    valued = options_taking_values()
+    level, kept, rest = None, [], iter(argv[1:])
+    for arg in rest:
+        if arg == "--":
+            kept += [arg, *rest]
+        elif arg in LEVEL_FLAGS:
+            level = LEVEL_FLAGS[arg]
+        elif arg.startswith("--") or not arg.startswith("-") or arg == "-" or arg in valued:
+            kept += [arg, *itertools.islice(rest, 1)] if arg in valued else [arg]
+        else:
+            cluster, digits, value_follows = level_cluster(arg)
+            level = level if digits is None else int(digits)
+            kept += ([cluster] if cluster else []) + list(itertools.islice(rest, 1 if value_follows else 0))
+    if level is not None and argv[0] == "compress":
+        kept = ["--level", str(level)] + kept
+    return [argv[0]] + kept
+
+
+def level_cluster(arg: str) -> tuple[str, str | None, bool]:
+    """A short-flag cluster ``arg`` (like -9c or -19) split into the cluster without its
+    digits, the last run of digits (None if none) and whether the next argument is -o's
+    value. Digits after an ``o`` are its value (``-oout9``), not a level."""
+    kept, runs = "", []
+    for at, letter in enumerate(arg[1:], 1):
+        if letter == "o":
+            return "-" + kept + arg[at:], (runs[-1] if runs else None), at == len(arg) - 1
+        if not letter.isdigit():
+            kept += letter
+        elif at > 1 and arg[at - 1].isdigit():
+            runs[-1] += letter
+        else:
+            runs.append(letter)
+    return ("-" + kept if kept else ""), (runs[-1] if runs else None), False
 
 
 def options_taking_values() -> set[str]:

@@ -49,15 +49,42 @@ BINARY_CODEC_OF_KIND = {kind: codec for codec, kind in PLAIN_KINDS.items()}
 
 # Defaults, chosen from bench/tradeoff.py and bench/ablation.py on the 2-core development
 # machine (see README).
-DEFAULT_STREAMS = 16
+
+
+@dataclass(frozen=True)
+class Level:
+    """What a compression level (``nacrith -1`` ... ``-9``) sets on the CPU: the most lockstep
+    streams per block, each stream's context window, and the fewest tokens a stream gets
+    (fewer tokens and a block uses fewer streams). Each level up has fewer streams or a longer
+    window than the one below: a narrower batch is slower per token on the CPU, a stream
+    that starts cold fewer times and sees more context predicts better (bench/levels.py)."""
+
+    streams: int
+    ctx: int
+    min_stream_tokens: int
+
+
+LEVELS = {
+    1: Level(streams=64, ctx=512, min_stream_tokens=512),
+    2: Level(streams=32, ctx=512, min_stream_tokens=512),
+    3: Level(streams=16, ctx=512, min_stream_tokens=1024),
+    4: Level(streams=16, ctx=768, min_stream_tokens=1024),
+    5: Level(streams=16, ctx=1024, min_stream_tokens=1024),
+    6: Level(streams=8, ctx=1024, min_stream_tokens=1024),
+    7: Level(streams=8, ctx=2048, min_stream_tokens=2048),
+    8: Level(streams=4, ctx=2048, min_stream_tokens=2048),
+    9: Level(streams=1, ctx=2048, min_stream_tokens=2048),
+}
+DEFAULT_LEVEL = 5
+DEFAULT_STREAMS = LEVELS[DEFAULT_LEVEL].streams
 # On a GPU a llama_decode of 256 streams (llama.cpp's most sequences per context) yields
 # 4.3 times the tokens of one of 16: 15.7k against 3.6k tokens/s on an H100 (README, "GPU");
-# fewer streams would leave the GPU idle, for fewer bits.
+# fewer streams would leave the GPU idle, for fewer bits. So there a level sets the window only.
 DEFAULT_GPU_STREAMS = 256
-DEFAULT_CTX = 1024
-DEFAULT_SLIDE = 256
+DEFAULT_CTX = LEVELS[DEFAULT_LEVEL].ctx
+DEFAULT_SLIDE = DEFAULT_CTX // 4
 DEFAULT_BLOCK_SIZE = 1 << 20
-MIN_STREAM_TOKENS = 1024  # fewer tokens per stream than this and a block uses fewer streams (bench/stream_floor.py)
+MIN_STREAM_TOKENS = LEVELS[DEFAULT_LEVEL].min_stream_tokens  # (bench/stream_floor.py)
 MIN_GPU_STREAM_TOKENS = 512  # on a GPU, where the batch's width is the speed: a 300 KB input keeps ~160 streams
 DEFAULT_ENSEMBLE = EnsembleConfig()
 SPOOL_IN_MEMORY = 64 << 20  # bytes held in memory, more going to a temporary file: blocks being written, piped input
@@ -65,27 +92,47 @@ SPOOL_IN_MEMORY = 64 << 20  # bytes held in memory, more going to a temporary fi
 Progress = Callable[[float], None]
 
 
-def default_streams(gpu: bool) -> int:
-    """Lockstep streams per block when none are asked for: many more on a GPU."""
-    return DEFAULT_GPU_STREAMS if gpu else DEFAULT_STREAMS
+def level_of(number: int | None) -> Level:
+    """The :class:`Level` numbered ``number`` (None: :data:`DEFAULT_LEVEL`)."""
+    level = LEVELS.get(DEFAULT_LEVEL if number is None else number)
+    if level is None:
+        raise ValueError(f"level must be between {min(LEVELS)} and {max(LEVELS)}")
+    return level
 
 
-def default_min_stream_tokens(gpu: bool) -> int:
+def default_streams(gpu: bool, level: int | None = None) -> int:
+    """Lockstep streams per block when none are asked for: the level's on the CPU, many
+    more on a GPU."""
+    return DEFAULT_GPU_STREAMS if gpu else level_of(level).streams
+
+
+def default_min_stream_tokens(gpu: bool, level: int | None = None) -> int:
     """The fewest tokens a stream gets when no floor is asked for: on the CPU, small inputs
     get fewer, longer streams (better bits); a GPU keeps its batch wide."""
-    return MIN_GPU_STREAM_TOKENS if gpu else MIN_STREAM_TOKENS
+    return MIN_GPU_STREAM_TOKENS if gpu else level_of(level).min_stream_tokens
+
+
+def default_slide(ctx: int) -> int:
+    """Tokens dropped from a full window of ``ctx`` when no slide is asked for: a quarter."""
+    return max(1, ctx // 4)
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything that shapes a container. ``model`` None means $NACRITH_MODEL or the default."""
+    """Everything that shapes a container. ``model`` None means $NACRITH_MODEL or the default.
+
+    ``level`` (1 to 9, None for :data:`DEFAULT_LEVEL`) fills in ``streams``, ``ctx``,
+    ``slide`` and ``min_stream_tokens`` where they are None (:data:`LEVELS`; with ``gpu``,
+    only the window); after construction every one of them is a number. The level itself is
+    not recorded: the container records what it chose.
+    """
 
     model: str | None = None
-    streams: int | None = None  # None: DEFAULT_GPU_STREAMS with gpu, else DEFAULT_STREAMS
-    ctx: int = DEFAULT_CTX
-    slide: int = DEFAULT_SLIDE
+    streams: int | None = None  # None: DEFAULT_GPU_STREAMS with gpu, else the level's
+    ctx: int | None = None  # None: the level's
+    slide: int | None = None  # None: a quarter of ctx
     block_size: int = DEFAULT_BLOCK_SIZE
-    min_stream_tokens: int | None = None  # None: MIN_GPU_STREAM_TOKENS with gpu, else MIN_STREAM_TOKENS
+    min_stream_tokens: int | None = None  # None: MIN_GPU_STREAM_TOKENS with gpu, else the level's
     threads: int | None = None
     gpu: bool = False
     use_model: bool = True  # False: zstd/stored blocks only
@@ -94,12 +141,20 @@ class Settings:
     gpu_ids: tuple | None = None  # with gpu: which GPUs the workers may use (None: all); not recorded
     attention: str | None = None  # one of engine.ATTENTION_MODES; None: the backend's default ("stable" on the CPU)
     coder: str = DEFAULT_CODER  # the range coder, one of coder.CODERS
+    level: int | None = None  # None: DEFAULT_LEVEL
 
     def __post_init__(self):
-        if self.streams is None:  # resolved here, so that every reader of .streams sees a number
-            object.__setattr__(self, "streams", default_streams(self.gpu))
+        # resolved here, so that every reader of .streams, .ctx, ... sees a number
+        level = level_of(self.level)
+        object.__setattr__(self, "level", DEFAULT_LEVEL if self.level is None else self.level)
+        if self.streams is None:
+            object.__setattr__(self, "streams", default_streams(self.gpu, self.level))
+        if self.ctx is None:
+            object.__setattr__(self, "ctx", level.ctx)
+        if self.slide is None:
+            object.__setattr__(self, "slide", default_slide(self.ctx))
         if self.min_stream_tokens is None:
-            object.__setattr__(self, "min_stream_tokens", default_min_stream_tokens(self.gpu))
+            object.__setattr__(self, "min_stream_tokens", default_min_stream_tokens(self.gpu, self.level))
 
     def validate(self) -> "Settings":
         if self.streams < 1:
@@ -147,7 +202,7 @@ class Settings:
 
     def describe(self) -> dict:
         """The settings as a JSON-ready dict."""
-        values = {name: getattr(self, name) for name in ("streams", "ctx", "slide", "block_size", "min_stream_tokens", "threads", "gpu")}
+        values = {name: getattr(self, name) for name in ("level", "streams", "ctx", "slide", "block_size", "min_stream_tokens", "threads", "gpu")}
         return {**values, "attention": self.attention_mode, "predictor": self.predictor}
 
 

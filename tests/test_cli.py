@@ -221,6 +221,34 @@ def test_mode_flags_are_found_where_they_are_flags():
     assert normalise_argv(["-l", "--json", "x.nc"]) == normalise_argv(["-dl", "--json", "x.nc"]) == ["info", "--json", "x.nc"]
 
 
+def test_level_flags_as_in_gzip(monkeypatch, text_file: Path):
+    """-1 ... -9 (alone or in a cluster), --fast and --best: the last one wins; decompress
+    and test drop them, as gzip -d does; a level out of range is a one-line usage error."""
+    from click.testing import CliRunner
+
+    from nacrith import cli, pipeline
+    from nacrith.cli import normalise_argv
+
+    assert normalise_argv(["-9", "x"]) == ["compress", "--level", "9", "x"]
+    assert normalise_argv(["-9c", "x"]) == normalise_argv(["-c9", "x"]) == ["compress", "--level", "9", "-c", "x"]
+    assert normalise_argv(["--best", "-1", "x"]) == normalise_argv(["--fast", "x"]) == ["compress", "--level", "1", "x"]
+    assert normalise_argv(["compress", "-3", "-", "--", "-4"]) == ["compress", "--level", "3", "-", "--", "-4"]  # a file named -4
+    assert normalise_argv(["-o", "-9", "x"]) == ["compress", "-o", "-9", "x"]  # -o's value
+    assert normalise_argv(["-9o", "out", "x"]) == ["compress", "--level", "9", "-o", "out", "x"]
+    assert normalise_argv(["-oout9", "x"]) == ["compress", "-oout9", "x"]
+    assert normalise_argv(["-d9c", "x.nc"]) == ["decompress", "-c", "x.nc"]
+    assert normalise_argv(["test", "--best", "x.nc"]) == ["test", "x.nc"]
+    assert normalise_argv(["-19", "x"]) == ["compress", "--level", "19", "x"]  # zstd's many digits: click refuses 19
+    seen = []
+    monkeypatch.setattr(cli, "compress_one", lambda name, settings, *rest: seen.append(settings))
+    result = CliRunner().invoke(cli.main_group, normalise_argv(["-9", "--ctx", "512", str(text_file)]))
+    assert result.exit_code == 0, result.output
+    assert [(s.level, s.streams, s.ctx, s.slide) for s in seen] == [(9, pipeline.LEVELS[9].streams, 512, 128)]  # --ctx overrides the level's
+    refused = run("-0", text_file)
+    assert refused.returncode == 2
+    assert_one_line_error(refused, "'--level': 0 is not in the range 1<=x<=9")
+
+
 def test_closed_reader_of_stdout_stops_quietly(tmp_path: Path):
     """`nacrith -dc FILE.nc | head`: SIGPIPE's status and no message, as gzip and zstd."""
     data = os.urandom(400_000)  # stored blocks: no model work

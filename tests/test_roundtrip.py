@@ -6,6 +6,7 @@ import random
 import pytest
 
 from nacrith import container as fmt
+from nacrith import pipeline
 
 from .conftest import SMALL, sparse_binary
 
@@ -64,6 +65,18 @@ def test_window_slides(roundtrip):
     """Streams much longer than the window: positions wrap through several slides."""
     blob = roundtrip(CASES["ascii"] * 2, fallback=False, streams=1, ctx=16, slide=4, min_stream_tokens=1)
     assert fmt.parse(blob).blocks[0].stream_tokens[0] > 4 * 16
+
+
+@pytest.mark.parametrize("level", [1, 9])
+def test_levels_decode_without_being_named(roundtrip, level):
+    """The fastest and the smallest level: the container records the layout the level chose
+    (level 1's 512-token window slides here), so decoding needs no flag."""
+    blob = roundtrip(PROSE * 8, fallback=False, level=level)
+    chosen = pipeline.Settings(level=level)
+    parsed = fmt.parse(blob)
+    assert (parsed.header.model.ctx, parsed.header.model.slide) == (chosen.ctx, chosen.slide)
+    assert parsed.blocks[0].stream_tokens == [parsed.blocks[0].n_tokens]  # one stream: under two floors of tokens
+    assert parsed.blocks[0].n_tokens > pipeline.LEVELS[1].ctx
 
 
 def test_binary_only_needs_no_model(roundtrip):

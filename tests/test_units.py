@@ -723,6 +723,33 @@ def test_cpu_worker_memory_grows_with_the_model(monkeypatch):
     assert 1.2 * (1 << 30) < workers.cpu_worker_bytes(16, 1024) - kv < 1.3 * (1 << 30)  # beside the KV cache: 1.25 GiB for gemma3-270m
 
 
+def test_each_level_up_has_fewer_streams_or_a_longer_window():
+    from nacrith import pipeline
+
+    assert sorted(pipeline.LEVELS) == list(range(1, 10))
+    levels = [pipeline.LEVELS[number] for number in sorted(pipeline.LEVELS)]
+    for lower, higher in zip(levels, levels[1:]):
+        assert higher.streams <= lower.streams and higher.ctx >= lower.ctx and higher.min_stream_tokens >= lower.min_stream_tokens
+        assert (higher.streams, higher.ctx) != (lower.streams, lower.ctx)
+    default = pipeline.Settings()
+    # the default level is the layout every earlier file and figure used
+    assert (default.level, default.streams, default.ctx, default.slide, default.min_stream_tokens) == (5, 16, 1024, 256, 1024)
+
+
+def test_a_level_fills_in_only_what_is_not_given():
+    from nacrith import pipeline
+
+    best = pipeline.Settings(level=9)
+    assert (best.streams, best.ctx, best.slide, best.min_stream_tokens) == (1, 2048, 512, 2048)
+    mixed = pipeline.Settings(level=9, streams=4, ctx=256)
+    assert (mixed.streams, mixed.ctx, mixed.slide, mixed.min_stream_tokens) == (4, 256, 64, 2048)
+    on_gpu = pipeline.Settings(level=1, gpu=True)  # the window only: a GPU's batch stays wide
+    assert (on_gpu.streams, on_gpu.ctx, on_gpu.slide, on_gpu.min_stream_tokens) == (256, 512, 128, 512)
+    for bad in (0, 10):
+        with pytest.raises(ValueError, match="level must be between 1 and 9"):
+            pipeline.Settings(level=bad)
+
+
 @pytest.mark.parametrize("args, streams", [([], 16), (["--gpus", "all"], 256), (["--gpus", "0", "--streams", "8"], 8), (["--streams", "4"], 4)])
 def test_default_streams_follow_the_backend(monkeypatch, tmp_path, args, streams):
     from click.testing import CliRunner
