@@ -578,7 +578,7 @@ def compress_stream(source: BinaryIO, destination: BinaryIO, settings: Settings,
 def compress(data: bytes, progress: Progress | None = None, workers: int | str = 1, **options) -> bytes:
     """Compress ``data`` into a nacrith container.
 
-    Options are the fields of :class:`Settings` (``streams``, ``ctx``, ``slide``,
+    Options are the fields of :class:`Settings` (``level``, ``streams``, ``ctx``, ``slide``,
     ``block_size``, ``model``, ``threads``, ``gpu``, ``ensemble``, ...).
     """
     out = io.BytesIO()
@@ -660,7 +660,12 @@ def decode_parsed(parsed: fmt.Container, destination: BinaryIO, progress: Progre
     (:class:`BackendMismatchError`), unless ``any_gpu_model``: then on the first GPU's
     model, the checksum alone telling whether its logits were the same.
     """
-    model_path = check_decodable(parsed, model)
+    return _decode_checked(parsed, check_decodable(parsed, model), destination, progress, threads, session, workers, gpu_ids, any_gpu_model)
+
+
+def _decode_checked(parsed: fmt.Container, model_path, destination: BinaryIO, progress: Progress | None, threads: int | None, session,
+                    workers: int | str, gpu_ids, any_gpu_model: bool) -> int:
+    """:func:`decode_parsed` once :func:`check_decodable` has passed and given ``model_path``."""
     section = parsed.header.model
     gpu = section is not None and section.backend_kind == "cuda"
     if session is not None and parsed.uses_model and session.backend != section.backend_kind:
@@ -695,9 +700,9 @@ def decode_members(members: list[fmt.Container], destination: BinaryIO, progress
     """Decode the containers :func:`nacrith.container.parse_members` found, one after another,
     into ``destination`` (the concatenation of their originals); returns the total size.
     Each is checked with :func:`check_decodable` before the first is decoded."""
-    for member in members:
-        check_decodable(member, model)
-    return sum(decode_parsed(member, destination, progress, model, threads, session, workers, gpu_ids, any_gpu_model) for member in members)
+    model_paths = [check_decodable(member, model) for member in members]
+    return sum(_decode_checked(member, model_path, destination, progress, threads, session, workers, gpu_ids, any_gpu_model)
+               for member, model_path in zip(members, model_paths))
 
 
 @contextmanager
