@@ -75,7 +75,7 @@ def test_levels_decode_without_being_named(roundtrip, level):
     chosen = pipeline.Settings(level=level)
     parsed = fmt.parse(blob)
     assert (parsed.header.model.ctx, parsed.header.model.slide) == (chosen.ctx, chosen.slide)
-    assert parsed.blocks[0].stream_tokens == [parsed.blocks[0].n_tokens]  # one stream: under two floors of tokens
+    assert tuple(parsed.blocks[0].stream_tokens) == (parsed.blocks[0].n_tokens,)  # one stream: under two floors of tokens
     assert parsed.blocks[0].n_tokens > pipeline.LEVELS[1].ctx
 
 
