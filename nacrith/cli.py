@@ -291,7 +291,8 @@ def main_group():
     nacrith info FILE.nc      describe a compressed file (same as `nacrith -l FILE.nc`)
 
     Input files are kept unless --rm is given. '-' means standard input. Short flags
-    combine as in gzip (nacrith -dc FILE.nc); -r takes the files below a folder.
+    combine as in gzip (nacrith -dc FILE.nc); -r takes the files below a folder; -1
+    (fastest) ... -9 (smallest) pick a compression level, 5 by default.
     """
 
 
