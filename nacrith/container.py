@@ -153,23 +153,23 @@ def put_u32(out: bytearray, value: int) -> None:
     out += struct.pack("<I", value)
 
 
+def put_entry(out: bytearray, field: str, key: str) -> bool:
+    """``key``'s position in ``field``'s table (1-based), and True; else 0, and False: the
+    caller then writes the value itself."""
+    table = TABLES[field]
+    put_varint(out, table.index(key) + 1 if key in table else 0)
+    return key in table
+
+
 def put_tstr(out: bytearray, field: str, text: str) -> None:
     """``text`` as a *tstr* of ``field``: its position in the field's table, else 0 and the string."""
-    table = TABLES[field]
-    if text in table:
-        put_varint(out, table.index(text) + 1)
-    else:
-        put_varint(out, 0)
+    if not put_entry(out, field, text):
         put_str(out, text)
 
 
 def put_sha256(out: bytearray, digest: bytes) -> None:
     """A model's SHA-256 as version 5 writes it: its table position, else 0 and the 32 bytes."""
-    table = TABLES["model_sha256"]
-    if digest.hex() in table:
-        put_varint(out, table.index(digest.hex()) + 1)
-    else:
-        put_varint(out, 0)
+    if not put_entry(out, "model_sha256", digest.hex()):
         out += digest
 
 
