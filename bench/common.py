@@ -72,19 +72,44 @@ class RoundTrip:
         return self.tokens / self.decompress_s
 
 
-def round_trip(data: bytes, settings: pipeline.Settings, workers=1) -> RoundTrip:
-    """Compress ``data`` and decompress the result through the pipeline (model loading included)."""
+@dataclass(frozen=True)
+class Compressed:
+    """One timed compression: the container, its parse, and the seconds it took."""
+
+    blob: bytes
+    parsed: fmt.Container
+    seconds: float
+
+    @property
+    def tokens(self) -> int:
+        """Tokens coded by the model."""
+        return sum(block.n_tokens for block in self.parsed.blocks)
+
+    @property
+    def streams(self) -> list[int]:
+        """Lockstep streams of each block."""
+        return [len(block.stream_tokens) for block in self.parsed.blocks]
+
+
+def timed_compress(data: bytes, settings: pipeline.Settings, session=None, workers=1) -> Compressed:
+    """Compress ``data`` through the pipeline (in ``session`` where given, else loading the
+    model, which the time then includes)."""
     packed = io.BytesIO()
     began = time.perf_counter()
-    pipeline.compress_stream(io.BytesIO(data), packed, settings, workers=workers)
-    compress_s = time.perf_counter() - began
+    pipeline.compress_stream(io.BytesIO(data), packed, settings, session=session, workers=workers)
+    seconds = time.perf_counter() - began
     blob = packed.getvalue()
+    return Compressed(blob, fmt.parse(blob), seconds)
+
+
+def round_trip(data: bytes, settings: pipeline.Settings, workers=1) -> RoundTrip:
+    """Compress ``data`` and decompress the result through the pipeline (model loading included)."""
+    compressed = timed_compress(data, settings, workers=workers)
     restored = io.BytesIO()
     began = time.perf_counter()
-    pipeline.decompress_to(blob, restored, threads=settings.threads, workers=workers)
+    pipeline.decompress_to(compressed.blob, restored, threads=settings.threads, workers=workers)
     decompress_s = time.perf_counter() - began
-    tokens = sum(block.n_tokens for block in fmt.parse(blob).blocks)
-    return RoundTrip(blob, restored.getvalue() == data, compress_s, decompress_s, tokens)
+    return RoundTrip(compressed.blob, restored.getvalue() == data, compressed.seconds, decompress_s, compressed.tokens)
 
 
 def append_results(name: str, rows: list) -> Path:

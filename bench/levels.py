@@ -11,17 +11,14 @@ Usage: python bench/levels.py [FILE] [--levels 1,2,...,9] [--tag cpu] [--gpu]
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, ROOT, machine  # noqa: E402
+from common import RESULTS, ROOT, machine, timed_compress  # noqa: E402
 
-from nacrith import container as fmt  # noqa: E402
 from nacrith import pipeline  # noqa: E402
 from nacrith.session import Session  # noqa: E402
 
@@ -29,16 +26,11 @@ from nacrith.session import Session  # noqa: E402
 def measure(data: bytes, level: int, session, gpu: bool) -> dict:
     """One level's compression of ``data``: its layout, size and speed."""
     settings = pipeline.Settings(level=level, fallback=False, gpu=gpu, block_size=max(len(data), 1))
-    packed = io.BytesIO()
-    began = time.perf_counter()
-    pipeline.compress_stream(io.BytesIO(data), packed, settings, session=session)
-    seconds = time.perf_counter() - began
-    blob = packed.getvalue()
-    parsed = fmt.parse(blob)
-    tokens = sum(block.n_tokens for block in parsed.blocks)
-    return {"level": level, "streams": settings.streams, "streams_used": sum(len(block.stream_tokens) for block in parsed.blocks),
+    run = timed_compress(data, settings, session)
+    return {"level": level, "streams": settings.streams, "streams_used": sum(run.streams),
             "ctx": settings.ctx, "slide": settings.slide, "min_stream_tokens": settings.min_stream_tokens,
-            "bytes": len(blob), "bpb": 8 * len(blob) / len(data), "seconds": seconds, "tok_s": tokens / seconds, "kb_s": len(data) / seconds / 1000}
+            "bytes": len(run.blob), "bpb": 8 * len(run.blob) / len(data), "seconds": run.seconds, "tok_s": run.tokens / run.seconds,
+            "kb_s": len(data) / run.seconds / 1000}
 
 
 def table(name: str, rows: list[dict], default: dict | None) -> list[str]:

@@ -12,17 +12,14 @@ Usage: python bench/stream_floor.py FILE [FILE ...] [--floors 512,1024,2048] [--
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, machine  # noqa: E402
+from common import RESULTS, machine, timed_compress  # noqa: E402
 
-from nacrith import container as fmt  # noqa: E402
 from nacrith import pipeline  # noqa: E402
 from nacrith.session import Session  # noqa: E402
 
@@ -39,12 +36,8 @@ def main() -> int:
     for path in args.files:
         data = path.read_bytes()
         for floor in floors:
-            started = time.perf_counter()
-            packed = io.BytesIO()
-            pipeline.compress_stream(io.BytesIO(data), packed, pipeline.Settings(min_stream_tokens=floor), session=session)
-            blob = packed.getvalue()
-            seconds = time.perf_counter() - started
-            streams = [len(block.stream_tokens) for block in fmt.parse(blob).blocks]
+            run = timed_compress(data, pipeline.Settings(min_stream_tokens=floor), session)
+            blob, seconds, streams = run.blob, run.seconds, run.streams
             rows.append(dict(file=path.name, bytes=len(data), min_stream_tokens=floor, streams=streams, compressed=len(blob),
                              bpb=8 * len(blob) / len(data), compress_s=seconds))
             print(f"{path.name:14s} floor {floor:5d} streams {streams} -> {len(blob):6d} bytes {rows[-1]['bpb']:.3f} bpb {seconds:.1f} s", flush=True)

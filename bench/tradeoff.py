@@ -10,17 +10,14 @@ Usage: python bench/tradeoff.py [FILE] [--pairs 4x1024,16x512,...] [--tag cpu] [
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, ROOT, machine  # noqa: E402
+from common import RESULTS, ROOT, machine, timed_compress  # noqa: E402
 
-from nacrith import container as fmt  # noqa: E402
 from nacrith import pipeline  # noqa: E402
 from nacrith.session import Session  # noqa: E402
 
@@ -38,14 +35,9 @@ def main() -> int:
     for pair in args.pairs.split(","):
         streams, ctx = (int(x) for x in pair.split("x"))
         settings = pipeline.Settings(streams=streams, ctx=ctx, slide=ctx // 4, fallback=False, gpu=args.gpu, block_size=max(len(data), 1))
-        packed = io.BytesIO()
-        began = time.perf_counter()
-        pipeline.compress_stream(io.BytesIO(data), packed, settings, session=session)
-        seconds = time.perf_counter() - began
-        parsed = fmt.parse(packed.getvalue())
-        tokens = sum(block.n_tokens for block in parsed.blocks)
-        row = {"streams": streams, "streams_used": len(parsed.blocks[0].stream_tokens), "ctx": ctx, "slide": ctx // 4,
-               "bytes": len(packed.getvalue()), "bpb": 8 * len(packed.getvalue()) / len(data), "seconds": seconds, "tok_s": tokens / seconds}
+        run = timed_compress(data, settings, session)
+        row = {"streams": streams, "streams_used": run.streams[0], "ctx": ctx, "slide": ctx // 4,
+               "bytes": len(run.blob), "bpb": 8 * len(run.blob) / len(data), "seconds": run.seconds, "tok_s": run.tokens / run.seconds}
         rows.append(row)
         print(json.dumps(row), flush=True)
     RESULTS.mkdir(exist_ok=True)
