@@ -464,79 +464,55 @@ def normalise_argv(argv: list[str]) -> list[str]:
     """Accept gzip-style command lines: ``nacrith FILE``, ``nacrith -d FILE``, ``nacrith -dc
     FILE.nc``, ``nacrith -t FILE.nc``, ``nacrith -l FILE.nc`` (info): the mode flag becomes
     the command, found also inside a cluster of short flags, but never in an option's value
-    (``-o -d``) or after ``--``. With several, -l wins, then -t, as in gzip. Then the level
-    flags become ``--level N`` (:func:`levels_as_option`)."""
+    (``-o -d``) or after ``--``. With several, -l wins, then -t, as in gzip. Where the command
+    is named, its flags stay as they are.
+
+    The level flags of gzip and zstd, ``-1`` ... ``-9`` (alone or in a cluster: ``-9c``),
+    ``--fast`` and ``--best``, become one ``--level N`` for compress (the last one given wins);
+    decompress, test and info drop them, as gzip -d does."""
     if not argv or argv[0] in ("-h", "--help", "-V", "--version"):
         return argv
-    if argv[0] in main_group.commands:
-        return levels_as_option(argv)
+    command = argv[0] if argv[0] in main_group.commands else None
     valued = options_taking_values()
-    modes, kept, rest = set(), [], iter(argv)
+    modes, level, kept = set(), None, []
+    rest = iter(argv[1:] if command else argv)
     for arg in rest:
         if arg == "--":
             kept += [arg, *rest]
-        elif arg in MODE_FLAGS:
+        elif arg in MODE_FLAGS and command is None:
             modes.add(MODE_FLAGS[arg])
-        elif arg.startswith("--") or not arg.startswith("-") or len(arg) < 3:
-            kept += [arg, *itertools.islice(rest, 1)] if arg in valued else [arg]
-        else:  # a cluster like -dc, -dvo FILE or -doFILE
-            cluster, value_follows = short_cluster(arg, modes)
-            kept += ([cluster] if cluster else []) + list(itertools.islice(rest, 1 if value_follows else 0))
-    mode = next((mode for mode in ("info", "test", "decompress") if mode in modes), "compress")
-    return levels_as_option([mode] + kept)
-
-
-def short_cluster(arg: str, modes: set) -> tuple[str, bool]:
-    """``arg`` (like -dvo) without its mode letters, which go into ``modes``; and whether
-    the next argument is -o's value (no value attached in the cluster)."""
-    kept = ""
-    for at, letter in enumerate(arg[1:], 1):
-        if letter == "o":  # takes the rest of the cluster as its value, or the next argument
-            kept += arg[at:]
-            return "-" + kept, at == len(arg) - 1
-        if "-" + letter in MODE_FLAGS:
-            modes.add(MODE_FLAGS["-" + letter])
-        else:
-            kept += letter
-    return ("-" + kept if kept else ""), False
-
-
-def levels_as_option(argv: list[str]) -> list[str]:
-    """``argv`` (a command first) with gzip's and zstd's level flags, ``-1`` ... ``-9`` (alone
-    or in a cluster: ``-9c``), ``--fast`` and ``--best``, turned into one ``--level N`` for
-    compress (the last one given wins); decompress, test and info drop them, as gzip -d does."""
-    valued = options_taking_values()
-    level, kept, rest = None, [], iter(argv[1:])
-    for arg in rest:
-        if arg == "--":
-            kept += [arg, *rest]
         elif arg in LEVEL_FLAGS:
             level = LEVEL_FLAGS[arg]
         elif arg.startswith("--") or not arg.startswith("-") or arg == "-" or arg in valued:
             kept += [arg, *itertools.islice(rest, 1)] if arg in valued else [arg]
-        else:
-            cluster, digits, value_follows = level_cluster(arg)
+        else:  # a cluster like -dc, -9c, -dvo FILE or -doFILE
+            cluster, digits, value_follows = short_cluster(arg, None if command else modes)
             level = level if digits is None else int(digits)
             kept += ([cluster] if cluster else []) + list(itertools.islice(rest, 1 if value_follows else 0))
-    if level is not None and argv[0] == "compress":
+    mode = command or next((mode for mode in ("info", "test", "decompress") if mode in modes), "compress")
+    if level is not None and mode == "compress":
         kept = ["--level", str(level)] + kept
-    return [argv[0]] + kept
+    return [mode] + kept
 
 
-def level_cluster(arg: str) -> tuple[str, str | None, bool]:
-    """A short-flag cluster ``arg`` (like -9c or -19) split into the cluster without its
-    digits, the last run of digits (None if none) and whether the next argument is -o's
-    value. Digits after an ``o`` are its value (``-oout9``), not a level."""
+def short_cluster(arg: str, modes: set | None) -> tuple[str, str | None, bool]:
+    """A short-flag cluster ``arg`` (like -dvo, -9c or -19) split into: the cluster without
+    its digits and mode letters (these go into ``modes``; with None they are kept), the last
+    run of digits (None if none), and whether the next argument is -o's value. -o takes the
+    rest of the cluster as its value (``-oout9``: no level), or the next argument."""
     kept, runs = "", []
     for at, letter in enumerate(arg[1:], 1):
         if letter == "o":
             return "-" + kept + arg[at:], (runs[-1] if runs else None), at == len(arg) - 1
-        if not letter.isdigit():
-            kept += letter
-        elif at > 1 and arg[at - 1].isdigit():
-            runs[-1] += letter
+        if letter.isdigit():
+            if at > 1 and arg[at - 1].isdigit():
+                runs[-1] += letter
+            else:
+                runs.append(letter)
+        elif modes is not None and "-" + letter in MODE_FLAGS:
+            modes.add(MODE_FLAGS["-" + letter])
         else:
-            runs.append(letter)
+            kept += letter
     return ("-" + kept if kept else ""), (runs[-1] if runs else None), False
 
 
