@@ -184,21 +184,27 @@ def run_each(names: tuple[str, ...], output: str | None, action, recursive: bool
     names = list(inputs(names or ("-",), recursive, compressed, unreadable))
     if output is not None and len(names) > 1:
         raise click.UsageError("-o/--output takes one input file")
-    for name in names:
-        try:
-            action(name)
-        except NacrithError as exc:
-            fail(str(exc) if str(exc).startswith(name) else f"{name}: {exc}")
-            failed = True
-        except ValueError as exc:  # bad option values found by the pipeline
-            fail(str(exc))
-            failed = True
-        except OSError as exc:  # unforeseen: say which file, where it is not the input
-            other = f"{exc.filename}: " if exc.filename is not None and str(exc.filename) != name else ""
-            fail(f"{name}: {other}{exc.strerror or exc}")
-            failed = True
+    with pipeline.reuse_sessions():  # one model load for all the files
+        for name in names:
+            failed = not _done(name, action) or failed  # (every file is tried)
     if failed:
         sys.exit(EXIT_ERROR)
+
+
+def _done(name: str, action) -> bool:
+    """Apply ``action`` to ``name``; False after reporting its failure in one line."""
+    try:
+        action(name)
+    except NacrithError as exc:
+        fail(str(exc) if str(exc).startswith(name) else f"{name}: {exc}")
+    except ValueError as exc:  # bad option values found by the pipeline
+        fail(str(exc))
+    except OSError as exc:  # unforeseen: say which file, where it is not the input
+        other = f"{exc.filename}: " if exc.filename is not None and str(exc.filename) != name else ""
+        fail(f"{name}: {other}{exc.strerror or exc}")
+    else:
+        return True
+    return False
 
 
 def inputs(names, recursive: bool, compressed: bool, unreadable) -> Iterator[str]:

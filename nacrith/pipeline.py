@@ -519,7 +519,8 @@ class ContainerWriter:
 
 
 class LocalSession:
-    """A session created on first use in this process (for work without worker processes)."""
+    """A session created on first use in this process (for work without worker processes);
+    inside :func:`reuse_sessions`, the one already loaded for the same model and device."""
 
     def __init__(self, model: str | None, gpu: bool, threads: int | None, session=None, main_gpu: int | None = None):
         self.model, self.gpu, self.threads, self.main_gpu = model, gpu, threads, main_gpu or 0
@@ -527,10 +528,52 @@ class LocalSession:
 
     def __call__(self):
         if self.session is None:
+            from . import model as model_files
             from .session import Session  # loads llama.cpp only when a block needs it
 
-            self.session = Session(self.model, gpu=self.gpu, threads=self.threads, main_gpu=self.main_gpu)
+            if _reused is None:
+                self.session = Session(self.model, gpu=self.gpu, threads=self.threads, main_gpu=self.main_gpu)
+            else:
+                info = model_files.locate(self.model)
+                key = (info.path, info.sha256, self.gpu, self.threads, self.main_gpu)
+                if key not in _reused:
+                    _close_reused()  # one at a time: each holds a model and its contexts
+                    _reused[key] = Session(info.path, gpu=self.gpu, threads=self.threads, main_gpu=self.main_gpu)
+                self.session = _reused[key]
         return self.session
+
+
+_reused: dict[tuple, object] | None = None  # (model file, SHA-256, GPU?, threads, GPU index) -> Session, in reuse_sessions()
+
+
+@contextmanager
+def reuse_sessions():
+    """Within the block, a :class:`LocalSession` takes the session already loaded for the
+    same model file (path and SHA-256), backend, GPU and thread count instead of loading
+    the model again.
+
+    Files coded one after another in one process (several FILES, ``-r DIR``, concatenated
+    containers) then skip loading the model, building its piece table and creating
+    contexts (about 0.3 s each with SmolLM2-135M). Only the last key's session is kept;
+    the outermost block closes it. Blocks have always reused a session's contexts, each
+    starting from a cleared KV cache, so reuse changes no file.
+    """
+    global _reused
+    if _reused is not None:  # nested: the outer block owns the sessions
+        yield
+        return
+    _reused = {}
+    try:
+        yield
+    finally:
+        _close_reused()
+        _reused = None
+
+
+def _close_reused() -> None:
+    for session in _reused.values():
+        session.close()
+    _reused.clear()
 
 
 def remaining_size(source: BinaryIO) -> int | None:
@@ -701,8 +744,9 @@ def decode_members(members: list[fmt.Container], destination: BinaryIO, progress
     into ``destination`` (the concatenation of their originals); returns the total size.
     Each is checked with :func:`check_decodable` before the first is decoded."""
     model_paths = [check_decodable(member, model) for member in members]
-    return sum(_decode_checked(member, model_path, destination, progress, threads, session, workers, gpu_ids, any_gpu_model)
-               for member, model_path in zip(members, model_paths))
+    with reuse_sessions():  # one model load for all the containers, not one each
+        return sum(_decode_checked(member, model_path, destination, progress, threads, session, workers, gpu_ids, any_gpu_model)
+                   for member, model_path in zip(members, model_paths))
 
 
 @contextmanager

@@ -160,6 +160,39 @@ def test_recursive_codes_the_files_below_a_folder(tmp_path: Path):
     assert_one_line_error(run(tree), "is a directory")  # no -r: refused as before
 
 
+def test_one_command_loads_the_model_once(monkeypatch, tmp_path: Path):
+    """Several files in one command, and concatenated containers, share one loaded model
+    (it was loaded again for each); every file is the same as when coded alone."""
+    from click.testing import CliRunner
+
+    from nacrith import cli, pipeline
+    from nacrith import container as fmt
+    from nacrith import session as sessions
+
+    loads = []
+    load = sessions.Session.__init__
+    monkeypatch.setattr(sessions.Session, "__init__", lambda self, *args, **kwargs: loads.append(args) or load(self, *args, **kwargs))
+    texts = [b"The quick brown fox jumps over the lazy dog, and the dog does not mind at all.\n" * 2,
+             b"Alice was beginning to get very tired of sitting by her sister on the bank.\n" * 2, b"print('hello, world')\n" * 4]
+    names = []
+    for index, text in enumerate(texts):
+        names.append(tmp_path / f"t{index}.txt")
+        names[-1].write_bytes(text)
+    result = CliRunner().invoke(cli.main_group, ["compress", "-q", *map(str, names)])
+    assert result.exit_code == 0, result.output
+    assert len(loads) == 1
+    blobs = [Path(f"{name}.nc").read_bytes() for name in names]
+    assert all(fmt.parse(blob).uses_model for blob in blobs)
+    assert blobs == [pipeline.compress(text) for text in texts]  # each alone, in a fresh session
+    loads.clear()
+    assert pipeline.decompress(b"".join(blobs)) == b"".join(texts)
+    assert len(loads) == 1
+    loads.clear()
+    result = CliRunner().invoke(cli.main_group, ["decompress", "-c", *(f"{name}.nc" for name in names)])
+    assert result.exit_code == 0 and result.stdout_bytes == b"".join(texts)
+    assert len(loads) == 1
+
+
 def test_an_unreadable_folder_is_reported(tmp_path: Path, monkeypatch, capsys):
     from nacrith import cli
 
