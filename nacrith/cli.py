@@ -123,14 +123,14 @@ def parsed_input(name: str, force: bool | None = None):
 
 
 def decompress_one(name: str, model: str | None, threads: int | None, workers, gpu_ids, output: str | None, to_stdout: bool, force: bool, quiet: bool, verbose: bool, remove: bool,
-                   any_gpu_model: bool = False) -> None:
+                   **overrides) -> None:
+    """``overrides``: any_gpu_model, any_cpu_build (see :func:`nacrith.pipeline.decode_parsed`)."""
     target = output_for(name, True, output, to_stdout)
     check_target(target, force)
     with parsed_input(name, force) as (members, packed_size):
         with progress_bar(original_size(members), quiet, "decompress") as progress:
             with atomic_output(target, force, None if name == "-" else Path(name)) as out:
-                size = pipeline.decode_members(members, out, progress, model=model, threads=threads, workers=workers, gpu_ids=gpu_ids,
-                                               any_gpu_model=any_gpu_model)
+                size = pipeline.decode_members(members, out, progress, model=model, threads=threads, workers=workers, gpu_ids=gpu_ids, **overrides)
     if verbose:
         click.echo(f"{name}: {packed_size} -> {size} bytes", err=True)
     if remove:
@@ -161,11 +161,10 @@ def remove_input(name: str, target: Path | None, quiet: bool) -> None:
     Path(name).unlink()
 
 
-def test_one(name: str, model: str | None, threads: int | None, workers, gpu_ids, quiet: bool, verbose: bool, any_gpu_model: bool) -> None:
+def test_one(name: str, model: str | None, threads: int | None, workers, gpu_ids, quiet: bool, verbose: bool, **overrides) -> None:
     with parsed_input(name) as (members, _):
         with progress_bar(original_size(members), quiet, "test") as progress:
-            size = pipeline.decode_members(members, _Discard(), progress, model=model, threads=threads, workers=workers, gpu_ids=gpu_ids,
-                                           any_gpu_model=any_gpu_model)
+            size = pipeline.decode_members(members, _Discard(), progress, model=model, threads=threads, workers=workers, gpu_ids=gpu_ids, **overrides)
     if verbose:
         click.echo(f"{name}: OK ({size} bytes)", err=True)
 
@@ -282,7 +281,10 @@ def with_options(*groups):
 
 
 with_common = with_options(OUTPUT_OPTIONS, RUN_OPTIONS)
-ANY_GPU_MODEL = click.option("--any-gpu-model", is_flag=True, help="Decode a GPU-made file on this machine's GPUs even if they are another model than the file records (refused otherwise: logits differ between GPU models); the checksum tells whether it worked.")
+DEVICE_OVERRIDES = with_options([
+    click.option("--any-gpu-model", is_flag=True, help="Decode a GPU-made file on this machine's GPUs even if they are another model than the file records (refused otherwise: logits differ between GPU models); the checksum tells whether it worked."),
+    click.option("--any-cpu-build", is_flag=True, help="Decode a CPU-made file with this llama.cpp build even if it was compiled with other CPU features than the file records (refused otherwise: logits differ between them); the checksum tells whether it worked."),
+])
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -355,24 +357,24 @@ def ensemble_config(no_ngram: bool, no_match: bool, no_bias: bool, no_mixer: boo
 @main_group.command("decompress")
 @click.argument("files", nargs=-1)
 @with_common
-@ANY_GPU_MODEL
-def decompress_command(files, output, to_stdout, force, keep, remove, recursive, quiet, verbose, model, threads, workers, gpus, any_gpu_model):
+@DEVICE_OVERRIDES
+def decompress_command(files, output, to_stdout, force, keep, remove, recursive, quiet, verbose, model, threads, workers, gpus, **overrides):
     """Restore FILES.nc (or standard input) to FILE."""
     run_each(files, output, lambda name: decompress_one(name, model, threads, workers, gpus or None, output, to_stdout, force, quiet, verbose, remove,
-                                                        any_gpu_model), recursive, compressed=True)
+                                                        **overrides), recursive, compressed=True)
 
 
 @main_group.command("test")
 @click.argument("files", nargs=-1)
 @with_options(RUN_OPTIONS)
-@ANY_GPU_MODEL
-def test_command(files, recursive, quiet, verbose, model, threads, workers, gpus, any_gpu_model):
+@DEVICE_OVERRIDES
+def test_command(files, recursive, quiet, verbose, model, threads, workers, gpus, **overrides):
     """Check that FILES.nc (or standard input) decode exactly, writing nothing.
 
     A full decode (as slow as decompressing), checked against the original's checksum.
     Silent on success unless -v; a failure is one line per file and exit status 1.
     """
-    run_each(files, None, lambda name: test_one(name, model, threads, workers, gpus or None, quiet, verbose, any_gpu_model), recursive, compressed=True)
+    run_each(files, None, lambda name: test_one(name, model, threads, workers, gpus or None, quiet, verbose, **overrides), recursive, compressed=True)
 
 
 def predictor_parts(settings: dict) -> list[str] | None:

@@ -28,10 +28,13 @@ the default settings repeats take a byte each.
                     model_name          tstr    file name, for messages only (str before
                                                 version 5, as all tstr fields)
                     engine              tstr    e.g. "llama.cpp (llama-cpp-python 0.3.36)"
-                    backend             tstr    "cpu", or "cuda:" and the GPU's name as ggml
-                                                describes it ("cuda" alone in files made
-                                                before the name was recorded): logits
-                                                differ between backends and GPU models
+                    backend             tstr    "cpu:" and the llama.cpp CPU build's
+                                                architecture and compiled features
+                                                (nacrith.engine.cpu_build), or "cuda:"
+                                                and the GPU's name as ggml describes it
+                                                ("cpu" or "cuda" alone in files made before
+                                                these were recorded): logits differ
+                                                between backends, CPU builds and GPU models
                     attention           u8      (version 3) how the engine runs attention
                                                 (nacrith.engine): 0 "auto", 1 "off", 2 "on",
                                                 3 "stable"
@@ -120,7 +123,7 @@ TABLES = {
                      "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
     "model_name": ("SmolLM2-135M-Instruct.Q4_1.gguf", "gemma-3-270m-q4_k_m.gguf"),
     "engine": ("llama.cpp (llama-cpp-python 0.3.36)",),
-    "backend": ("cpu", "cuda"),
+    "backend": ("cpu", "cuda", "cpu:x86_64 SSE3 SSSE3 AVX AVX2 F16C FMA BMI2 LLAMAFILE OPENMP REPACK"),  # the last: `make install`'s build
     "predictor": ('{"ensemble":"v4","llm":"exp2-q64"}', '{"llm":"exp2-q64"}'),
     "coder": ("int24", "constriction"),
 }
@@ -343,6 +346,13 @@ class ModelSection:
         """The name of the GPU model the file was made on, where the file records it."""
         kind, _, name = self.backend.partition(":")
         return name if kind == "cuda" and name else None
+
+    @property
+    def cpu_build(self) -> str | None:
+        """The llama.cpp CPU build a CPU file was made with (architecture and compiled
+        features, :func:`nacrith.engine.cpu_build`), where the file records it."""
+        kind, _, build = self.backend.partition(":")
+        return build if kind == "cpu" and build else None
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,38 @@ def llama_cpp_version() -> str:
     return getattr(L, "__version__", "unknown")
 
 
+def cpu_build() -> str:
+    """This llama.cpp build's CPU arithmetic, as CPU-made files record it: the machine's
+    architecture and the features its CPU backend was compiled with, in llama.cpp's order
+    (``x86_64 SSE3 SSSE3 AVX AVX2 F16C FMA BMI2 LLAMAFILE OPENMP REPACK`` for ``make
+    install``'s portable build).
+
+    Logits depend on them: an AVX2 build and an AVX-512 build of the same llama.cpp differ
+    by up to 1.37 in a logit within 40 steps on this model, and each refuses the other's
+    files as corrupt only after decoding them (README, "Compatibility").
+    """
+    import platform
+
+    return " ".join([platform.machine() or "unknown", *_compiled_features("CPU")])
+
+
+def _compiled_features(backend: str) -> list[str]:
+    """The features ``llama_print_system_info`` reports as on (``= 1``) for ``backend``.
+
+    It reads ``CUDA : ARCHS = 900 | ... | CPU : SSE3 = 1 | SSSE3 = 1 | ...``: a segment
+    with ``NAME :`` starts a backend's list.
+    """
+    current, features = None, []
+    for segment in L.llama_print_system_info().decode(errors="replace").split("|"):
+        name, colon, rest = segment.partition(" : ")
+        if colon:
+            current, segment = name.strip(), rest
+        key, _, value = segment.partition("=")
+        if current == backend and value.strip() == "1":
+            features.append(key.strip())
+    return features
+
+
 def gpu_available() -> bool:
     """True when this llama.cpp build can offload layers and sees at least one GPU."""
     _init_backend()

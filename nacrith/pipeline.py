@@ -277,13 +277,37 @@ def model_section(settings: Settings, gpu_model: str | None = None) -> fmt.Model
         sha256=info.sha256,
         name=info.name,
         engine=engine_name(),
-        backend=f"cuda:{gpu_model}" if settings.gpu and gpu_model else settings.backend,
+        backend=recorded_backend(settings, gpu_model),
         ctx=settings.ctx,
         slide=settings.slide,
         predictor=settings.predictor,
         attention=settings.attention_mode,
         coder=settings.coder,
     )
+
+
+def recorded_backend(settings: Settings, gpu_model: str | None = None) -> str:
+    """What a container made with ``settings`` records as its backend: "cpu:" and this
+    llama.cpp build's CPU arithmetic (:func:`nacrith.engine.cpu_build`), or "cuda:" and the
+    GPUs' name."""
+    if settings.gpu:
+        return f"cuda:{gpu_model}" if gpu_model else settings.backend
+    from .engine import cpu_build
+
+    return f"cpu:{cpu_build()}"
+
+
+def cpu_build_mismatch(recorded: str, here: str) -> str:
+    """Why a file made by the llama.cpp CPU build ``recorded`` is refused by the build
+    ``here`` (both as :func:`nacrith.engine.cpu_build` gives them), in one line."""
+    (made_on, *made), (this_on, *this) = recorded.split(), here.split()
+    if made_on != this_on:
+        return f"this file was made by llama.cpp on {made_on} CPUs; this is {this_on}, whose logits differ"
+    lacking, extra = [f for f in made if f not in this], [f for f in this if f not in made]
+    differences = "; ".join(part for part in (f"this one lacks {' '.join(lacking)}" if lacking else "",
+                                              f"it lacked {' '.join(extra)}" if extra else "") if part)
+    return (f"this file was made by a llama.cpp CPU build with other features ({differences}), whose logits differ;"
+            " decode it with a build like the one that made it (README: Compatibility), or try --any-cpu-build")
 
 
 # --- one block ----------------------------------------------------------------------
@@ -632,10 +656,12 @@ def compress(data: bytes, progress: Progress | None = None, workers: int | str =
 # --- decompression ------------------------------------------------------------------
 
 
-def check_decodable(parsed: fmt.Container, model: str | None = None):
+def check_decodable(parsed: fmt.Container, model: str | None = None, any_cpu_build: bool = False):
     """Refuse up front what cannot be decoded exactly; returns the model file to use (or None).
 
-    Checks the model's SHA-256, the engine, the predictor settings and the backend.
+    Checks the model's SHA-256, the engine, the predictor settings and the backend: a CPU
+    file that records its llama.cpp CPU build is refused by a build of other features
+    unless ``any_cpu_build`` (then the checksum tells whether the logits were the same).
     """
     section = parsed.header.model
     if not parsed.uses_model:
@@ -658,6 +684,11 @@ def check_decodable(parsed: fmt.Container, model: str | None = None):
         raise UnsupportedVersionError(f"this file uses a range coder this nacrith does not know ({section.coder!r})")
     if section.backend_kind == "cuda" and not gpu_available():
         raise BackendMismatchError(f"this file was made on a CUDA GPU; {gpu_missing()}, and CPU logits differ")
+    if section.cpu_build is not None and not any_cpu_build:
+        from .engine import cpu_build
+
+        if section.cpu_build != cpu_build():
+            raise BackendMismatchError(cpu_build_mismatch(section.cpu_build, cpu_build()))
     return model_path
 
 
@@ -694,16 +725,18 @@ def _decoding_model(section: fmt.ModelSection, model: str | None):
 
 
 def decode_parsed(parsed: fmt.Container, destination: BinaryIO, progress: Progress | None = None, model: str | None = None,
-                  threads: int | None = None, session=None, workers: int | str = 1, gpu_ids=None, any_gpu_model: bool = False) -> int:
+                  threads: int | None = None, session=None, workers: int | str = 1, gpu_ids=None, any_gpu_model: bool = False,
+                  any_cpu_build: bool = False) -> int:
     """Decode a container parsed with :func:`nacrith.container.parse` into ``destination``.
 
     Everything is validated before the first byte is written except the final checksum:
     on :class:`CorruptError` the caller must discard what was written. Returns the size.
     A file made on a GPU decodes on GPUs of the model it records, else is refused
     (:class:`BackendMismatchError`), unless ``any_gpu_model``: then on the first GPU's
-    model, the checksum alone telling whether its logits were the same.
+    model, the checksum alone telling whether its logits were the same. ``any_cpu_build``
+    does the same for a CPU file of another llama.cpp CPU build (:func:`check_decodable`).
     """
-    return _decode_checked(parsed, check_decodable(parsed, model), destination, progress, threads, session, workers, gpu_ids, any_gpu_model)
+    return _decode_checked(parsed, check_decodable(parsed, model, any_cpu_build), destination, progress, threads, session, workers, gpu_ids, any_gpu_model)
 
 
 def _decode_checked(parsed: fmt.Container, model_path, destination: BinaryIO, progress: Progress | None, threads: int | None, session,
@@ -739,11 +772,12 @@ def _decode_checked(parsed: fmt.Container, model_path, destination: BinaryIO, pr
 
 
 def decode_members(members: list[fmt.Container], destination: BinaryIO, progress: Progress | None = None, model: str | None = None,
-                   threads: int | None = None, session=None, workers: int | str = 1, gpu_ids=None, any_gpu_model: bool = False) -> int:
+                   threads: int | None = None, session=None, workers: int | str = 1, gpu_ids=None, any_gpu_model: bool = False,
+                   any_cpu_build: bool = False) -> int:
     """Decode the containers :func:`nacrith.container.parse_members` found, one after another,
     into ``destination`` (the concatenation of their originals); returns the total size.
     Each is checked with :func:`check_decodable` before the first is decoded."""
-    model_paths = [check_decodable(member, model) for member in members]
+    model_paths = [check_decodable(member, model, any_cpu_build) for member in members]
     with reuse_sessions():  # one model load for all the containers, not one each
         return sum(_decode_checked(member, model_path, destination, progress, threads, session, workers, gpu_ids, any_gpu_model)
                    for member, model_path in zip(members, model_paths))
@@ -803,27 +837,30 @@ def temporary_file_errors():
 
 
 def decompress_stream(source: BinaryIO, destination: BinaryIO, progress: Progress | None = None, model: str | None = None,
-                      threads: int | None = None, session=None, workers: int | str = 1, gpu_ids=None, any_gpu_model: bool = False) -> int:
+                      threads: int | None = None, session=None, workers: int | str = 1, gpu_ids=None, any_gpu_model: bool = False,
+                      any_cpu_build: bool = False) -> int:
     """Decode the container (or concatenated containers) read from ``source`` into
     ``destination``, memory bounded as :func:`parsed_stream` says; returns the size."""
     with parsed_stream(source) as (members, _):
-        return decode_members(members, destination, progress, model, threads, session, workers, gpu_ids, any_gpu_model)
+        return decode_members(members, destination, progress, model, threads, session, workers, gpu_ids, any_gpu_model, any_cpu_build)
 
 
 def decompress_to(blob, destination: BinaryIO, progress: Progress | None = None, model: str | None = None,
-                  threads: int | None = None, session=None, workers: int | str = 1, gpu_ids=None) -> int:
+                  threads: int | None = None, session=None, workers: int | str = 1, gpu_ids=None, any_cpu_build: bool = False) -> int:
     """Decode the container (or concatenated containers) in the bytes-like ``blob`` into
     ``destination``; returns the size."""
-    return decode_members(fmt.parse_members(blob), destination, progress, model, threads, session, workers, gpu_ids)
+    return decode_members(fmt.parse_members(blob), destination, progress, model, threads, session, workers, gpu_ids, any_cpu_build=any_cpu_build)
 
 
-def decompress(blob: bytes, progress: Progress | None = None, model: str | None = None, threads: int | None = None, workers: int | str = 1) -> bytes:
+def decompress(blob: bytes, progress: Progress | None = None, model: str | None = None, threads: int | None = None, workers: int | str = 1,
+               any_cpu_build: bool = False) -> bytes:
     """Restore the original bytes from a nacrith container (several concatenated ones give
     the concatenation of their originals).
 
     ``model`` overrides the model file ($NACRITH_MODEL or the embedded default); it must be
-    the one the container names.
+    the one the container names. ``any_cpu_build``: decode a file of another llama.cpp CPU
+    build instead of refusing it (:func:`check_decodable`).
     """
     out = io.BytesIO()
-    decompress_to(blob, out, progress, model, threads, workers=workers)
+    decompress_to(blob, out, progress, model, threads, workers=workers, any_cpu_build=any_cpu_build)
     return out.getvalue()

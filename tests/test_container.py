@@ -159,7 +159,7 @@ def test_header_tables_are_append_only_and_cover_the_defaults():
                          "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
         "model_name": ("SmolLM2-135M-Instruct.Q4_1.gguf", "gemma-3-270m-q4_k_m.gguf"),
         "engine": ("llama.cpp (llama-cpp-python 0.3.36)",),
-        "backend": ("cpu", "cuda"),
+        "backend": ("cpu", "cuda", "cpu:x86_64 SSE3 SSSE3 AVX AVX2 F16C FMA BMI2 LLAMAFILE OPENMP REPACK"),
         "predictor": ('{"ensemble":"v4","llm":"exp2-q64"}', '{"llm":"exp2-q64"}'),
         "coder": ("int24", "constriction"),
     }
@@ -317,7 +317,7 @@ def test_file_of_another_gpu_model_is_refused_before_any_output(session, model_b
     from nacrith import devices, pipeline, workers
 
     gib = 1 << 30
-    monkeypatch.setattr(pipeline, "check_decodable", lambda parsed, model=None: None)  # as if this build had CUDA
+    monkeypatch.setattr(pipeline, "check_decodable", lambda parsed, *options: None)  # as if this build had CUDA
     monkeypatch.setattr(devices, "gpus", lambda: [devices.Device(0, "CUDA0", "GPU B", 80 * gib, 80 * gib)])
     other = reheader(model_blob, backend="cuda:GPU A")
     out = io.BytesIO()
@@ -335,6 +335,54 @@ def test_file_of_another_gpu_model_is_refused_before_any_output(session, model_b
     with pytest.raises(RuntimeError, match="planned"):
         pipeline.decode_parsed(fmt.parse(other), out)
     assert planned == [None, "GPU A"]
+
+
+def test_the_cpu_build_is_recorded_and_another_is_refused_up_front(session, model_blob, tmp_path):
+    """A CPU file records the llama.cpp CPU build that made it: a build of other features
+    (whose logits differ: an AVX2 and an AVX-512 build each failed the other's files, at the
+    end) refuses it before decoding, unless any_cpu_build; files that read "cpu" alone
+    decode as before."""
+    import subprocess
+    import sys
+
+    from nacrith.engine import cpu_build
+
+    assert fmt.parse(model_blob).header.model.backend == f"cpu:{cpu_build()}"
+    assert fmt.parse(model_blob).header.model.cpu_build == cpu_build()
+    here = cpu_build()
+    other = here.replace(" AVX2", "") + " AVX512 AVX512_VNNI"  # lacks AVX2, has AVX-512
+    relabelled = reheader(model_blob, backend=f"cpu:{other}")
+    out = io.BytesIO()
+    with pytest.raises(BackendMismatchError, match="this one lacks AVX512 AVX512_VNNI; it lacked AVX2.*--any-cpu-build"):
+        pipeline.decompress_to(relabelled, out)
+    assert out.getvalue() == b""
+    with pytest.raises(BackendMismatchError, match="made by llama.cpp on aarch64 CPUs"):
+        pipeline.decompress_to(reheader(model_blob, backend="cpu:aarch64 NEON ARM_FMA"), out)
+    pipeline.decompress_to(relabelled, out, any_cpu_build=True)  # truly this build: the checksum passes
+    assert out.getvalue() == MIXED
+    assert unpack(session, reheader(model_blob, backend="cpu")) == MIXED  # files of before, unchecked
+    path = tmp_path / "other.nc"
+    path.write_bytes(relabelled)
+    command = [sys.executable, "-m", "nacrith.cli", "-d", "-c", str(path)]
+    refused = subprocess.run(command, capture_output=True)
+    assert refused.returncode == 1 and refused.stdout == b"" and refused.stderr.count(b"\n") == 1
+    assert b"other features" in refused.stderr
+    forced = subprocess.run([*command, "--any-cpu-build"], capture_output=True)
+    assert forced.returncode == 0 and forced.stdout == MIXED
+
+
+def test_cpu_build_features_are_read_from_llamas_system_info(monkeypatch):
+    """Only the CPU backend's features that are on, in llama.cpp's order (a CUDA build lists
+    its own first)."""
+    from nacrith import engine
+
+    info = b"CUDA : ARCHS = 900 | USE_GRAPHS = 1 | PEER_MAX_BATCH_SIZE = 128 | CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX512 = 0 | FMA = 1 | REPACK = 1 | "
+    monkeypatch.setattr(engine.L, "llama_print_system_info", lambda: info)
+    assert engine._compiled_features("CPU") == ["SSE3", "SSSE3", "AVX", "FMA", "REPACK"]
+    assert engine._compiled_features("CUDA") == ["USE_GRAPHS"]
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    assert engine.cpu_build() == "x86_64 SSE3 SSSE3 AVX FMA REPACK"
+    assert pipeline.cpu_build_mismatch("x86_64 AVX AVX2", "x86_64 AVX").startswith("this file was made by a llama.cpp CPU build with other features (this one lacks AVX2)")
 
 
 def test_other_engine_is_refused(session, model_blob):
