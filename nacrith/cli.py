@@ -416,6 +416,7 @@ def describe_member(parsed: fmt.Container) -> dict:
             "zoo_name": getattr(zoo_model_of(section.sha256), "name", None),  # what --model calls it, if nacrith knows it
             "engine": section.engine,
             "backend": section.backend,
+            "cpu_build": section.cpu_build,  # the CPU build that made a CPU file, by feature names (None: not recorded)
             "attention": section.attention,
             "ctx": section.ctx,
             "slide": section.slide,
@@ -452,7 +453,8 @@ def info_command(files, as_json):
         click.echo(f"  streams     {facts['streams']} ({facts['tokens']} tokens, {facts['text_bytes']} text bytes)")
         if model:
             click.echo(f"  model       {model['name']} sha256 {model['sha256']}" + (f" (--model {model['zoo_name']})" if model["zoo_name"] else ""))
-            click.echo(f"  engine      {model['engine']} on {model['backend']}, attention {model['attention']}")
+            backend = f"cpu ({model['cpu_build']})" if model["cpu_build"] else model["backend"]
+            click.echo(f"  engine      {model['engine']} on {backend}, attention {model['attention']}")
             click.echo(f"  window      ctx {model['ctx']}, slide {model['slide']}")
             click.echo(f"  predictor   {json.dumps(model['predictor'], sort_keys=True)}")
             parts = model["parts"]

@@ -30,7 +30,7 @@ the default settings repeats take a byte each.
                     engine              tstr    e.g. "llama.cpp (llama-cpp-python 0.3.36)"
                     backend             tstr    "cpu:" and the llama.cpp CPU build's
                                                 architecture and compiled features
-                                                (nacrith.engine.cpu_build), or "cuda:"
+                                                (cpu_build_field: "x86_64/520000f7"), or "cuda:"
                                                 and the GPU's name as ggml describes it
                                                 ("cpu" or "cuda" alone in files made before
                                                 these were recorded): logits differ
@@ -123,10 +123,42 @@ TABLES = {
                      "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
     "model_name": ("SmolLM2-135M-Instruct.Q4_1.gguf", "gemma-3-270m-q4_k_m.gguf"),
     "engine": ("llama.cpp (llama-cpp-python 0.3.36)",),
-    "backend": ("cpu", "cuda", "cpu:x86_64 SSE3 SSSE3 AVX AVX2 F16C FMA BMI2 LLAMAFILE OPENMP REPACK"),  # the last: `make install`'s build
+    "backend": ("cpu", "cuda", "cpu:x86_64/520000f7"),  # the last: `make install`'s build (see CPU_FEATURES)
     "predictor": ('{"ensemble":"v4","llm":"exp2-q64"}', '{"llm":"exp2-q64"}'),
     "coder": ("int24", "constriction"),
 }
+
+
+# The CPU features that llama.cpp's system info may report, append-only: a CPU file records
+# the build that made it as "cpu:" ARCH "/" a hex mask of these (bit i: CPU_FEATURES[i]),
+# then "+" NAME for each feature not listed here. `make install`'s portable build,
+# "x86_64 SSE3 SSSE3 AVX AVX2 F16C FMA BMI2 LLAMAFILE OPENMP REPACK", is "x86_64/520000f7".
+CPU_FEATURES = ("SSE3", "SSSE3", "AVX", "AVX_VNNI", "AVX2", "F16C", "FMA", "BMI2", "AVX512", "AVX512_VBMI",
+                "AVX512_VNNI", "AVX512_BF16", "AMX_INT8", "NEON", "ARM_FMA", "FP16_VA", "MATMUL_INT8", "SVE",
+                "DOTPROD", "SME", "SME2", "RISCV_V", "VSX", "VXE", "WASM_SIMD", "LLAMAFILE", "ACCELERATE",
+                "CPU_HBM", "OPENMP", "KLEIDIAI", "REPACK")  # llama.cpp 0.3.36's on/off features, in its order
+
+
+def cpu_build_field(build: str) -> str:
+    """The compact form (``x86_64/520000f7``) of a CPU build as :func:`nacrith.engine.cpu_build`
+    gives it (``x86_64 SSE3 SSSE3 ...``); the same for the same features in any order."""
+    arch, *features = build.split()
+    mask = sum(1 << CPU_FEATURES.index(name) for name in set(features) if name in CPU_FEATURES)
+    return f"{arch}/{mask:x}" + "".join(f"+{name}" for name in sorted(set(features) - set(CPU_FEATURES)))
+
+
+def cpu_build_names(field: str) -> str:
+    """:func:`cpu_build_field`'s inverse (``x86_64 SSE3 SSSE3 ...``, CPU_FEATURES' order
+    first); a field not of that form (another nacrith's) as it is."""
+    arch, slash, rest = field.partition("/")
+    mask, *others = rest.split("+")
+    try:
+        bits = int(mask, 16)
+    except ValueError:
+        bits = -1
+    if not slash or bits < 0:
+        return field
+    return " ".join([arch, *(name for index, name in enumerate(CPU_FEATURES) if bits >> index & 1), *others])
 
 
 def checksum(data) -> bytes:
@@ -349,10 +381,11 @@ class ModelSection:
 
     @property
     def cpu_build(self) -> str | None:
-        """The llama.cpp CPU build a CPU file was made with (architecture and compiled
-        features, :func:`nacrith.engine.cpu_build`), where the file records it."""
+        """The llama.cpp CPU build a CPU file was made with, where the file records it: its
+        architecture and compiled features as :func:`nacrith.engine.cpu_build` names them
+        (the field holds :func:`cpu_build_field`'s compact form)."""
         kind, _, build = self.backend.partition(":")
-        return build if kind == "cpu" and build else None
+        return cpu_build_names(build) if kind == "cpu" and build else None
 
 
 @dataclass(frozen=True)

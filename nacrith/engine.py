@@ -105,7 +105,9 @@ def cpu_build() -> str:
 
 
 def _compiled_features(backend: str) -> list[str]:
-    """The features ``llama_print_system_info`` reports as on (``= 1``) for ``backend``.
+    """The features ``llama_print_system_info`` reports for ``backend``: the name of each
+    that is on (``= 1``), ``NAME=VALUE`` for each other value but 0 (``SVE_CNT = 32``, the
+    vector length, which changes the arithmetic as much as a feature does).
 
     It reads ``CUDA : ARCHS = 900 | ... | CPU : SSE3 = 1 | SSSE3 = 1 | ...``: a segment
     with ``NAME :`` starts a backend's list.
@@ -115,9 +117,9 @@ def _compiled_features(backend: str) -> list[str]:
         name, colon, rest = segment.partition(" : ")
         if colon:
             current, segment = name.strip(), rest
-        key, _, value = segment.partition("=")
-        if current == backend and value.strip() == "1":
-            features.append(key.strip())
+        key, _, value = (part.strip() for part in segment.partition("="))
+        if current == backend and key and value not in ("", "0"):
+            features.append(key if value == "1" else f"{key}={value}")
     return features
 
 

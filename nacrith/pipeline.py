@@ -294,7 +294,7 @@ def recorded_backend(settings: Settings, gpu_model: str | None = None) -> str:
         return f"cuda:{gpu_model}" if gpu_model else settings.backend
     from .engine import cpu_build
 
-    return f"cpu:{cpu_build()}"
+    return f"cpu:{fmt.cpu_build_field(cpu_build())}"
 
 
 def cpu_build_mismatch(recorded: str, here: str) -> str:
@@ -687,8 +687,9 @@ def check_decodable(parsed: fmt.Container, model: str | None = None, any_cpu_bui
     if section.cpu_build is not None and not any_cpu_build:
         from .engine import cpu_build
 
-        if section.cpu_build != cpu_build():
-            raise BackendMismatchError(cpu_build_mismatch(section.cpu_build, cpu_build()))
+        here = fmt.cpu_build_names(fmt.cpu_build_field(cpu_build()))  # the features in the file's order
+        if section.cpu_build != here:
+            raise BackendMismatchError(cpu_build_mismatch(section.cpu_build, here))
     return model_path
 
 

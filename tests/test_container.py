@@ -159,7 +159,7 @@ def test_header_tables_are_append_only_and_cover_the_defaults():
                          "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
         "model_name": ("SmolLM2-135M-Instruct.Q4_1.gguf", "gemma-3-270m-q4_k_m.gguf"),
         "engine": ("llama.cpp (llama-cpp-python 0.3.36)",),
-        "backend": ("cpu", "cuda", "cpu:x86_64 SSE3 SSSE3 AVX AVX2 F16C FMA BMI2 LLAMAFILE OPENMP REPACK"),
+        "backend": ("cpu", "cuda", "cpu:x86_64/520000f7"),
         "predictor": ('{"ensemble":"v4","llm":"exp2-q64"}', '{"llm":"exp2-q64"}'),
         "coder": ("int24", "constriction"),
     }
@@ -347,17 +347,17 @@ def test_the_cpu_build_is_recorded_and_another_is_refused_up_front(session, mode
 
     from nacrith.engine import cpu_build
 
-    assert fmt.parse(model_blob).header.model.backend == f"cpu:{cpu_build()}"
+    assert fmt.parse(model_blob).header.model.backend == f"cpu:{fmt.cpu_build_field(cpu_build())}"
     assert fmt.parse(model_blob).header.model.cpu_build == cpu_build()
     here = cpu_build()
     other = here.replace(" AVX2", "") + " AVX512 AVX512_VNNI"  # lacks AVX2, has AVX-512
-    relabelled = reheader(model_blob, backend=f"cpu:{other}")
+    relabelled = reheader(model_blob, backend=f"cpu:{fmt.cpu_build_field(other)}")
     out = io.BytesIO()
     with pytest.raises(BackendMismatchError, match="this one lacks AVX512 AVX512_VNNI; it lacked AVX2.*--any-cpu-build"):
         pipeline.decompress_to(relabelled, out)
     assert out.getvalue() == b""
     with pytest.raises(BackendMismatchError, match="made by llama.cpp on aarch64 CPUs"):
-        pipeline.decompress_to(reheader(model_blob, backend="cpu:aarch64 NEON ARM_FMA"), out)
+        pipeline.decompress_to(reheader(model_blob, backend=f"cpu:{fmt.cpu_build_field('aarch64 NEON ARM_FMA')}"), out)
     pipeline.decompress_to(relabelled, out, any_cpu_build=True)  # truly this build: the checksum passes
     assert out.getvalue() == MIXED
     assert unpack(session, reheader(model_blob, backend="cpu")) == MIXED  # files of before, unchecked
@@ -376,12 +376,19 @@ def test_cpu_build_features_are_read_from_llamas_system_info(monkeypatch):
     its own first)."""
     from nacrith import engine
 
-    info = b"CUDA : ARCHS = 900 | USE_GRAPHS = 1 | PEER_MAX_BATCH_SIZE = 128 | CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX512 = 0 | FMA = 1 | REPACK = 1 | "
+    info = b"CUDA : ARCHS = 900 | USE_GRAPHS = 1 | CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX512 = 0 | FMA = 1 | SVE_CNT = 32 | REPACK = 1 | "
     monkeypatch.setattr(engine.L, "llama_print_system_info", lambda: info)
-    assert engine._compiled_features("CPU") == ["SSE3", "SSSE3", "AVX", "FMA", "REPACK"]
-    assert engine._compiled_features("CUDA") == ["USE_GRAPHS"]
+    assert engine._compiled_features("CPU") == ["SSE3", "SSSE3", "AVX", "FMA", "SVE_CNT=32", "REPACK"]
+    assert engine._compiled_features("CUDA") == ["ARCHS=900", "USE_GRAPHS"]
     monkeypatch.setattr("platform.machine", lambda: "x86_64")
-    assert engine.cpu_build() == "x86_64 SSE3 SSSE3 AVX FMA REPACK"
+    assert engine.cpu_build() == "x86_64 SSE3 SSSE3 AVX FMA SVE_CNT=32 REPACK"
+    # recorded compactly: a mask of the features CPU_FEATURES lists, the others by name
+    assert fmt.cpu_build_field(engine.cpu_build()) == "x86_64/40000047+SVE_CNT=32"
+    assert fmt.cpu_build_field("x86_64 REPACK FMA AVX SSSE3 SSE3 SVE_CNT=32") == "x86_64/40000047+SVE_CNT=32"  # any order
+    assert fmt.cpu_build_names("x86_64/40000047+SVE_CNT=32") == "x86_64 SSE3 SSSE3 AVX FMA REPACK SVE_CNT=32"
+    portable = "x86_64 SSE3 SSSE3 AVX AVX2 F16C FMA BMI2 LLAMAFILE OPENMP REPACK"
+    assert "cpu:" + fmt.cpu_build_field(portable) == fmt.TABLES["backend"][2] and fmt.cpu_build_names("x86_64/520000f7") == portable
+    assert fmt.cpu_build_names("something newer") == "something newer"
     assert pipeline.cpu_build_mismatch("x86_64 AVX AVX2", "x86_64 AVX").startswith("this file was made by a llama.cpp CPU build with other features (this one lacks AVX2)")
 
 
