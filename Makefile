@@ -42,7 +42,7 @@ $(STAMP): pyproject.toml setup.py nacrith/_kernels.c Makefile
 	$(PY) -c "from nacrith.engine import cpu_build; print('llama.cpp CPU build:', cpu_build())"
 	touch $@
 
-# llama.cpp built for every feature of this CPU: faster (1.16-1.22x on this AVX-512 VM), but its CPU
+# llama.cpp built for every feature of this CPU: faster (1.16-1.5x on this AVX-512 VM), but its CPU
 # files decode only with a build of the same features (README, "Compatibility"). Until `make clean`.
 install-native: $(STAMP)
 	$(call install_llama,-DGGML_NATIVE=ON)

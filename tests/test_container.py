@@ -371,6 +371,22 @@ def test_the_cpu_build_is_recorded_and_another_is_refused_up_front(session, mode
     assert forced.returncode == 0 and forced.stdout == MIXED
 
 
+def test_a_reused_session_decodes_exactly_after_a_failed_decode(model_blob):
+    """Inside reuse_sessions (as the CLI runs several files), a file whose decoding fails
+    part way (here a header rewritten to name the model alone as the predictor: other
+    probabilities) leaves the shared session sound for the next file."""
+    from nacrith.predictors import predictor_settings
+
+    bad = reheader(model_blob, predictor=predictor_settings(None))
+    with pipeline.reuse_sessions():
+        with pytest.raises(CorruptError):
+            pipeline.decompress_to(bad, io.BytesIO())
+        assert pipeline._reused  # the failed file's session, kept for the next
+        out = io.BytesIO()
+        pipeline.decompress_to(model_blob, out)
+    assert out.getvalue() == MIXED and pipeline._reused is None
+
+
 def test_cpu_build_features_are_read_from_llamas_system_info(monkeypatch):
     """Only the CPU backend's features that are on, in llama.cpp's order (a CUDA build lists
     its own first)."""

@@ -43,7 +43,8 @@ def test_gpu_roundtrip_any_worker_count():
 def test_cpu_file_decodes_on_cpu_even_with_a_gpu():
     data = text(3_000)
     blob = nacrith.compress(data, fallback=False, streams=4, min_stream_tokens=32)
-    assert fmt.parse(blob).header.model.backend == "cpu"
+    section = fmt.parse(blob).header.model
+    assert section.backend_kind == "cpu" and section.cpu_build is not None  # the CUDA build's CPU side, recorded
     assert nacrith.decompress(blob) == data
 
 
