@@ -292,6 +292,12 @@ def recorded_backend(settings: Settings, gpu_model: str | None = None) -> str:
     GPUs' name."""
     if settings.gpu:
         return f"cuda:{gpu_model}" if gpu_model else settings.backend
+    return cpu_backend()
+
+
+def cpu_backend() -> str:
+    """The backend a CPU file made by this llama.cpp build records: "cpu:" and the build's
+    compact form (:func:`nacrith.container.cpu_build_field`, the same for the same features)."""
     from .engine import cpu_build
 
     return f"cpu:{fmt.cpu_build_field(cpu_build())}"
@@ -684,12 +690,10 @@ def check_decodable(parsed: fmt.Container, model: str | None = None, any_cpu_bui
         raise UnsupportedVersionError(f"this file uses a range coder this nacrith does not know ({section.coder!r})")
     if section.backend_kind == "cuda" and not gpu_available():
         raise BackendMismatchError(f"this file was made on a CUDA GPU; {gpu_missing()}, and CPU logits differ")
-    if section.cpu_build is not None and not any_cpu_build:
+    if section.cpu_build is not None and not any_cpu_build and section.backend != cpu_backend():
         from .engine import cpu_build
 
-        here = fmt.cpu_build_names(fmt.cpu_build_field(cpu_build()))  # the features in the file's order
-        if section.cpu_build != here:
-            raise BackendMismatchError(cpu_build_mismatch(section.cpu_build, here))
+        raise BackendMismatchError(cpu_build_mismatch(section.cpu_build, cpu_build()))
     return model_path
 
 
