@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -42,6 +44,21 @@ def settings_from_arguments(args: argparse.Namespace, **overrides) -> pipeline.S
     values = dict(streams=args.streams, ctx=args.ctx, slide=slide, block_size=args.block_size, threads=args.threads, gpu=args.gpu, ensemble=ensemble)
     values.update(overrides)
     return pipeline.Settings(**values)
+
+
+def run_process(python: str, args: list[str], checkout: Path = ROOT, cwd: Path | None = None) -> tuple[float, subprocess.CompletedProcess]:
+    """Run ``python ARGS`` as a whole process with ``checkout``'s nacrith first on PYTHONPATH:
+    (its wall seconds, its result, output captured)."""
+    began = time.perf_counter()
+    done = subprocess.run([python, *args], env={**os.environ, "PYTHONPATH": str(checkout)}, cwd=cwd, capture_output=True, check=False)
+    return time.perf_counter() - began, done
+
+
+def succeeded(done: subprocess.CompletedProcess) -> bytes:
+    """The standard output of a process that must succeed (else its error ends the script)."""
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(map(str, done.args))} failed ({done.returncode}): {done.stderr.decode(errors='replace').strip()}")
+    return done.stdout
 
 
 def machine() -> str:

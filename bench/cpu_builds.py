@@ -18,19 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from common import RESULTS, ROOT, run_process, succeeded
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-RESULTS = HERE / "results"
 STEPS, STREAMS, WINDOW = 40, 4, 256
 
 CHILD = """
@@ -50,29 +45,18 @@ print(cpu_build())
 """.format(streams=STREAMS, window=WINDOW, steps=STEPS)
 
 
-def run(python: str, args: list[str], **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([python, *args], env=env, capture_output=True, check=False, **kwargs)
-
-
 def logits(python: str, text: Path, out: Path) -> str:
-    done = run(python, ["-c", CHILD, str(text), str(out)])
-    if done.returncode != 0:
-        raise SystemExit(f"{python}: {done.stderr.decode(errors='replace').strip()}")
-    return done.stdout.decode().strip()
+    return succeeded(run_process(python, ["-c", CHILD, str(text), str(out)])[1]).decode().strip()
 
 
 def compress(python: str, source: Path, target: Path) -> float:
-    began = time.perf_counter()
-    done = run(python, ["-m", "nacrith.cli", "-q", "-f", "-o", str(target), str(source)])
-    seconds = time.perf_counter() - began
-    if done.returncode != 0:
-        raise SystemExit(f"{python}: {done.stderr.decode(errors='replace').strip()}")
+    seconds, done = run_process(python, ["-m", "nacrith.cli", "-q", "-f", "-o", str(target), str(source)])
+    succeeded(done)
     return seconds
 
 
 def decodes(python: str, packed: Path, original: bytes) -> str:
-    done = run(python, ["-m", "nacrith.cli", "-d", "-c", "--any-cpu-build", str(packed)])
+    _, done = run_process(python, ["-m", "nacrith.cli", "-d", "-c", "--any-cpu-build", str(packed)])
     if done.returncode == 0:
         return "exact" if done.stdout == original else "WRONG BYTES"
     return "refused: " + done.stderr.decode(errors="replace").strip().removeprefix("nacrith: ")

@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from common import RESULTS, ROOT
+from common import RESULTS, ROOT, run_process, succeeded
 
 
 def slices(source: Path, files: int, size: int) -> list[bytes]:
@@ -36,22 +33,17 @@ def slices(source: Path, files: int, size: int) -> list[bytes]:
     return [data[index * size : (index + 1) * size] for index in range(files)]
 
 
-def timed(command: list[str], env: dict, folder: Path) -> tuple[float, bytes]:
-    began = time.perf_counter()
-    done = subprocess.run(command, env=env, cwd=folder, capture_output=True, check=False)
-    seconds = time.perf_counter() - began
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed ({done.returncode}): {done.stderr.decode(errors='replace').strip()}")
-    return seconds, done.stdout
-
-
 def measure(pieces: list[bytes], checkout: Path, repeat: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(checkout)}
-    nacrith = [sys.executable, "-m", "nacrith.cli", "-q"]
     original = b"".join(pieces)
     seconds: dict[str, list[float]] = {"compress": [], "decompress": [], "members": []}
     with tempfile.TemporaryDirectory(prefix="nacrith-many-") as name:
         folder = Path(name)
+
+        def timed(args: list[str]) -> tuple[float, bytes]:
+            """One `nacrith -q ARGS` in the folder: (seconds, its standard output)."""
+            spent, done = run_process(sys.executable, ["-m", "nacrith.cli", "-q", *args], checkout, folder)
+            return spent, succeeded(done)
+
         names = [f"f{index:03d}.txt" for index in range(len(pieces))]
         for file, piece in zip(names, pieces):
             (folder / file).write_bytes(piece)
@@ -59,11 +51,11 @@ def measure(pieces: list[bytes], checkout: Path, repeat: int) -> dict:
         for _ in range(repeat):
             for file in packed:
                 (folder / file).unlink(missing_ok=True)
-            seconds["compress"].append(timed(nacrith + ["-k", *names], env, folder)[0])
+            seconds["compress"].append(timed(["-k", *names])[0])
             (folder / "all.nc").write_bytes(b"".join((folder / file).read_bytes() for file in packed))
-            spent, restored = timed(nacrith + ["-d", "-c", *packed], env, folder)
+            spent, restored = timed(["-d", "-c", *packed])
             seconds["decompress"].append(spent)
-            spent, joined = timed(nacrith + ["-d", "-c", "all.nc"], env, folder)
+            spent, joined = timed(["-d", "-c", "all.nc"])
             seconds["members"].append(spent)
             if restored != original or joined != original:
                 raise SystemExit("a decoding did not give the slices back")
