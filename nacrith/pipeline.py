@@ -851,21 +851,23 @@ def decompress_stream(source: BinaryIO, destination: BinaryIO, progress: Progres
 
 
 def decompress_to(blob, destination: BinaryIO, progress: Progress | None = None, model: str | None = None,
-                  threads: int | None = None, session=None, workers: int | str = 1, gpu_ids=None, any_cpu_build: bool = False) -> int:
+                  threads: int | None = None, session=None, workers: int | str = 1, gpu_ids=None, any_gpu_model: bool = False,
+                  any_cpu_build: bool = False) -> int:
     """Decode the container (or concatenated containers) in the bytes-like ``blob`` into
-    ``destination``; returns the size."""
-    return decode_members(fmt.parse_members(blob), destination, progress, model, threads, session, workers, gpu_ids, any_cpu_build=any_cpu_build)
+    ``destination``; returns the size. The options are :func:`decode_parsed`'s."""
+    return decode_members(fmt.parse_members(blob), destination, progress, model, threads, session, workers, gpu_ids, any_gpu_model, any_cpu_build)
 
 
 def decompress(blob: bytes, progress: Progress | None = None, model: str | None = None, threads: int | None = None, workers: int | str = 1,
-               any_cpu_build: bool = False) -> bytes:
+               any_gpu_model: bool = False, any_cpu_build: bool = False) -> bytes:
     """Restore the original bytes from a nacrith container (several concatenated ones give
     the concatenation of their originals).
 
     ``model`` overrides the model file ($NACRITH_MODEL or the embedded default); it must be
-    the one the container names. ``any_cpu_build``: decode a file of another llama.cpp CPU
-    build instead of refusing it (:func:`check_decodable`).
+    the one the container names. ``any_gpu_model`` and ``any_cpu_build``: decode a file made
+    on another GPU model, or by another llama.cpp CPU build, instead of refusing it up front
+    (:func:`decode_parsed`); the checksum then tells whether the logits were the same.
     """
     out = io.BytesIO()
-    decompress_to(blob, out, progress, model, threads, workers=workers, any_cpu_build=any_cpu_build)
+    decompress_to(blob, out, progress, model, threads, workers=workers, any_gpu_model=any_gpu_model, any_cpu_build=any_cpu_build)
     return out.getvalue()

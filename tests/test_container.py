@@ -334,7 +334,9 @@ def test_file_of_another_gpu_model_is_refused_before_any_output(session, model_b
         pipeline.decode_parsed(fmt.parse(other), out, any_gpu_model=True)
     with pytest.raises(RuntimeError, match="planned"):
         pipeline.decode_parsed(fmt.parse(other), out)
-    assert planned == [None, "GPU A"]
+    with pytest.raises(RuntimeError, match="planned"):
+        pipeline.decompress(other, any_gpu_model=True)  # the public API passes it on
+    assert planned == [None, "GPU A", None]
 
 
 def test_the_cpu_build_is_recorded_and_another_is_refused_up_front(session, model_blob, tmp_path):
