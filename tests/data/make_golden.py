@@ -1,0 +1,68 @@
+"""Write the golden containers of tests/test_golden.py for the current container format.
+
+Run it with the build that `make install` gives (the portable CPU build, which CI uses too):
+
+    .venv/bin/python tests/data/make_golden.py
+
+It writes tests/data/golden/mixed.bin, where missing (original.txt, a text of ours, with a fixed run of
+binary bytes inside) and, into tests/data/golden/v<format version>/, every container named
+in CASES and manifest.json, which says how each was made. When the format version changes,
+run it again: the folders of earlier versions stay, as the proof that their files still
+decode. It refuses to replace a version's folder that exists: those files must not change.
+"""
+from __future__ import annotations
+
+import io
+import json
+import sys
+from contextlib import closing
+from pathlib import Path
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+
+# container name -> (original file in GOLDEN, Settings options); options must be JSON values
+CASES = {
+    "default.nc": ("original.txt", {}),
+    "llm-only.nc": ("original.txt", {"ensemble": None}),
+    "small-window.nc": ("original.txt", {"ctx": 32, "slide": 8, "min_stream_tokens": 8}),
+    "mixed.nc": ("mixed.bin", {}),
+}
+
+
+def binary_run() -> bytes:
+    """160 bytes of which none is text (control bytes and UTF-8 continuation bytes with no
+    lead), so segmentation cuts them out whole."""
+    return bytes((i * 5) % 9 if i % 2 == 0 else 0x80 + (i * 37) % 64 for i in range(160))
+
+
+def mixed_original(text: bytes) -> bytes:
+    """The text with the binary run after its first paragraph."""
+    cut = text.index(b"\n\n", 100) + 2
+    return text[:cut] + binary_run() + text[cut:]
+
+
+def main() -> int:
+    from nacrith import container, pipeline
+    from nacrith.session import Session
+
+    folder = GOLDEN / f"v{container.VERSION}"
+    if folder.exists():
+        print(f"{folder} exists; its containers are the record of format {container.VERSION} and are kept", file=sys.stderr)
+        return 1
+    if not (GOLDEN / "mixed.bin").exists():  # earlier versions' mixed.nc hold this very file
+        (GOLDEN / "mixed.bin").write_bytes(mixed_original((GOLDEN / "original.txt").read_bytes()))
+    folder.mkdir()
+    manifest = {}
+    with closing(Session()) as session:
+        for name, (original, options) in CASES.items():
+            out = io.BytesIO()
+            pipeline.compress_stream(io.BytesIO((GOLDEN / original).read_bytes()), out, pipeline.Settings(**options), session=session)
+            (folder / name).write_bytes(out.getvalue())
+            manifest[name] = {"original": original, "options": options, "backend": pipeline.cpu_backend()}
+            print(f"{folder.name}/{name}: {len(out.getvalue())} bytes")
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

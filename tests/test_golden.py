@@ -1,0 +1,62 @@
+"""Containers made earlier, by another machine and another nacrith, still decode exactly.
+
+tests/data/golden/v<version>/ holds containers written by tests/data/make_golden.py with
+the portable CPU build of `make install`. Each must decode to its original here; a file of
+the current format must also be what this nacrith writes again, byte for byte, so that an
+unversioned change of the encoder (or of llama.cpp's arithmetic) fails here before it
+strands users' files. A build that records another backend (`make install-native`, CUDA)
+cannot decode them exactly by design and skips, saying why.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from nacrith import container as fmt
+from nacrith import pipeline
+
+from .conftest import pack, unpack
+
+GOLDEN = Path(__file__).resolve().parent / "data" / "golden"
+
+
+def golden_cases() -> list:
+    cases = []
+    for manifest in sorted(GOLDEN.glob("v*/manifest.json")):
+        for name, entry in json.loads(manifest.read_text()).items():
+            cases.append(pytest.param(manifest.parent / name, entry, id=f"{manifest.parent.name}/{name}"))
+    return cases
+
+
+def test_there_are_golden_containers_of_the_current_format():
+    names = {case.id for case in golden_cases()}
+    assert {f"v{fmt.VERSION}/{name}" for name in ("default.nc", "llm-only.nc", "small-window.nc", "mixed.nc")} <= names
+
+
+def skip_unless_this_build_made_it(blob: bytes):
+    recorded = fmt.parse(blob).header.model.backend
+    if recorded != pipeline.cpu_backend():
+        pytest.skip(f"made by the llama.cpp build {recorded}; this one records {pipeline.cpu_backend()}")
+
+
+@pytest.mark.parametrize(("path", "entry"), golden_cases())
+def test_golden_container_decodes_to_its_original(session, path, entry):
+    blob = path.read_bytes()
+    skip_unless_this_build_made_it(blob)
+    assert unpack(session, blob) == (GOLDEN / entry["original"]).read_bytes()
+
+
+@pytest.mark.parametrize(("path", "entry"), [case for case in golden_cases() if case.id.startswith(f"v{fmt.VERSION}/")])
+def test_golden_container_of_the_current_format_is_what_nacrith_writes(session, path, entry):
+    blob = path.read_bytes()
+    skip_unless_this_build_made_it(blob)
+    assert pack(session, (GOLDEN / entry["original"]).read_bytes(), **entry["options"]) == blob
+
+
+def test_mixed_golden_container_holds_text_and_binary_segments():
+    for manifest in GOLDEN.glob("v*/manifest.json"):
+        (block,) = fmt.parse((manifest.parent / "mixed.nc").read_bytes()).blocks
+        assert [length for is_text, length in block.segments if not is_text] == [160]  # the binary run, whole
+        assert all(is_text for is_text, _ in block.segments[::2])
