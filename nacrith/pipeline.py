@@ -573,7 +573,40 @@ class LocalSession:
         return self.session
 
 
-_reused: dict[tuple, object] | None = None  # (model file, SHA-256, GPU?, threads, GPU index) -> Session, in reuse_sessions()
+# in reuse_sessions(): (model file, SHA-256, GPU?, threads, GPU index) -> Session, and
+# ("pool", WorkerPlan, model file, SHA-256) -> WorkerPool; one entry at a time
+_reused: dict[tuple, object] | None = None
+
+
+@contextmanager
+def worker_pool(plan, model: str | None, progress: Progress | None):
+    """A :class:`nacrith.workers.WorkerPool` for ``plan``, shut down at the end of the block;
+    inside :func:`reuse_sessions`, the pool already running for the same plan and model
+    file, kept for the next file (its processes have their models loaded and contexts
+    created). A pool whose file fails is stopped and dropped: blocks of that file may still
+    be running in it.
+    """
+    from .workers import WorkerPool
+
+    if _reused is None:
+        with WorkerPool(plan, model, progress) as pool:
+            yield pool
+        return
+    from . import model as model_files
+
+    info = model_files.locate(model)
+    key = ("pool", plan, info.path, info.sha256)
+    if key not in _reused:
+        _close_reused()  # one at a time: each holds models and their contexts
+        _reused[key] = WorkerPool(plan, info.path, progress, reusable=True)
+    pool = _reused[key]
+    pool.progress = progress
+    try:
+        yield pool
+    except BaseException:
+        del _reused[key]
+        with pool:  # stops its processes now
+            raise
 
 
 @contextmanager
@@ -584,9 +617,11 @@ def reuse_sessions():
 
     Files coded one after another in one process (several FILES, ``-r DIR``, concatenated
     containers) then skip loading the model, building its piece table and creating
-    contexts (about 0.3 s each with SmolLM2-135M). Only the last key's session is kept;
-    the outermost block closes it. Blocks have always reused a session's contexts, each
-    starting from a cleared KV cache, so reuse changes no file.
+    contexts (about 0.3 s each with SmolLM2-135M). Files coded in worker processes do the
+    same with :func:`worker_pool`: the next file of the same plan takes the same processes.
+    Only the last key's session or pool is kept; the outermost block closes it. Blocks have
+    always reused a session's contexts, each starting from a cleared KV cache, so reuse
+    changes no file.
     """
     global _reused
     if _reused is not None:  # nested: the outer block owns the sessions
@@ -601,8 +636,8 @@ def reuse_sessions():
 
 
 def _close_reused() -> None:
-    for session in _reused.values():
-        session.close()
+    for session_or_pool in _reused.values():
+        session_or_pool.close()
     _reused.clear()
 
 
@@ -639,9 +674,7 @@ def compress_stream(source: BinaryIO, destination: BinaryIO, settings: Settings,
         for block in blocks:
             writer.add(block, compress_block(block, settings, factory, progress))
     else:
-        from .workers import WorkerPool
-
-        with WorkerPool(plan, settings.model, progress) as pool:
+        with worker_pool(plan, settings.model, progress) as pool:
             for block, encoded in pool.compress(blocks, settings):
                 writer.add(block, encoded)
     size = writer.finish(destination, lambda: model_section(settings, plan.gpu_model))
@@ -765,9 +798,7 @@ def _decode_checked(parsed: fmt.Container, model_path, destination: BinaryIO, pr
             digest.update(data)
             destination.write(data)
     else:
-        from .workers import WorkerPool
-
-        with WorkerPool(plan, model_path, progress) as pool:
+        with worker_pool(plan, model_path, progress) as pool:
             for data in pool.decode(parsed.blocks, section):
                 digest.update(data)
                 destination.write(data)

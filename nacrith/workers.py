@@ -272,11 +272,14 @@ def _decode_job(blocks: list, section) -> list:
 class WorkerPool:
     """A pool of worker processes that returns results in submission order."""
 
-    def __init__(self, plan: WorkerPlan, model_path, progress: Callable[[float], None] | None = None):
+    def __init__(self, plan: WorkerPlan, model_path, progress: Callable[[float], None] | None = None, reusable: bool = False):
+        """``reusable``: the pool may code several files (:func:`nacrith.pipeline.worker_pool`),
+        each with its own ``progress`` (set :attr:`progress` between them), so its workers
+        report progress even when this first file shows none."""
         context = multiprocessing.get_context("spawn")  # llama.cpp's threads do not survive fork
         self.plan = plan
         self.progress = progress
-        self.progress_queue = context.Queue() if progress else None
+        self.progress_queue = context.Queue() if progress or reusable else None
         devices = context.Queue()
         for device in plan.devices:
             devices.put(device)
@@ -289,6 +292,10 @@ class WorkerPool:
     def __exit__(self, exc_type, *rest):
         if exc_type is not None:  # an error or an interrupt: the blocks still running are lost anyway
             self.terminate()
+        self.close()
+
+    def close(self) -> None:
+        """Wait for the running blocks, then stop the worker processes."""
         self.executor.shutdown(wait=True, cancel_futures=True)
 
     def terminate(self) -> None:
@@ -352,4 +359,5 @@ class WorkerPool:
                 amount = self.progress_queue.get_nowait()
             except Exception:  # queue.Empty
                 return
-            self.progress(amount)
+            if self.progress is not None:
+                self.progress(amount)

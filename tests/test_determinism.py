@@ -118,6 +118,42 @@ def test_worker_processes_make_the_same_container(tmp_path):
         assert pipeline.decompress_stream(source, out, workers=2) == 2 * len(data) and out.getvalue() == data + data
 
 
+def test_files_coded_one_after_another_share_one_worker_pool(monkeypatch):
+    """Inside reuse_sessions (the CLI's several FILES), files of the same worker plan are
+    coded by the same processes, with the containers of fresh ones, each file's progress
+    reported to its own callback; a failed file's pool is stopped and not reused."""
+    import nacrith
+    from nacrith import workers
+
+    options = dict(fallback=False, block_size=len(TEXT), streams=2, **SMALL)
+    first, second = TEXT * 2, TEXT[::-1] * 2
+    expected = [nacrith.compress(first, workers=2, **options), nacrith.compress(second, workers=2, **options)]
+    started = []
+
+    class CountedPool(workers.WorkerPool):
+        def __init__(self, *args, **kwargs):
+            started.append(self)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(workers, "WorkerPool", CountedPool)
+    progress = []
+    with pipeline.reuse_sessions():
+        blobs = []
+        for data, report in ((first, None), (second, progress.append)):
+            out = io.BytesIO()
+            pipeline.compress_stream(io.BytesIO(data), out, pipeline.Settings(**options), report, workers=2)
+            blobs.append(out.getvalue())
+        assert blobs == expected and len(started) == 1 and progress
+        (key,) = pipeline._reused
+        with pytest.raises(RuntimeError, match="fails"):
+            with pipeline.worker_pool(key[1], None, None) as pool:
+                assert pool is pipeline._reused[key]
+                raise RuntimeError("a file fails while its blocks are in the pool")
+        assert not pipeline._reused  # that pool is stopped and gone
+        assert pipeline.decompress(expected[1], workers=2) == second
+    assert len(started) == 2 and pipeline._reused is None
+
+
 def test_lanes_make_the_same_container():
     """Blocks coded side by side in the lanes (threads) of one or two processes: the same bytes."""
     import nacrith
