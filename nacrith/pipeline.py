@@ -303,10 +303,24 @@ def cpu_backend() -> str:
     return f"cpu:{fmt.cpu_build_field(cpu_build())}"
 
 
+# Features of a llama.cpp CPU build that choose how the work is shared among threads, not
+# the arithmetic: a clang build without OpenMP gave logits bit-identical to the gcc build
+# with it, and each decoded the other's file exactly (README, "Compatibility: CPU builds").
+THREADING_FEATURES = frozenset({"OPENMP"})
+
+
+def arithmetic_of(build: str) -> tuple[str, frozenset]:
+    """(architecture, features) of a CPU build as :func:`nacrith.engine.cpu_build` gives it,
+    without :data:`THREADING_FEATURES`: builds whose logits may differ differ here."""
+    arch, *features = build.split()
+    return arch, frozenset(features) - THREADING_FEATURES
+
+
 def cpu_build_mismatch(recorded: str, here: str) -> str:
     """Why a file made by the llama.cpp CPU build ``recorded`` is refused by the build
     ``here`` (both as :func:`nacrith.engine.cpu_build` gives them), in one line."""
     (made_on, *made), (this_on, *this) = recorded.split(), here.split()
+    made, this = [f for f in made if f not in THREADING_FEATURES], [f for f in this if f not in THREADING_FEATURES]
     if made_on != this_on:
         return f"this file was made by llama.cpp on {made_on} CPUs; this is {this_on}, whose logits differ"
     lacking, extra = [f for f in made if f not in this], [f for f in this if f not in made]
@@ -700,7 +714,8 @@ def check_decodable(parsed: fmt.Container, model: str | None = None, any_cpu_bui
 
     Checks the model's SHA-256, the engine, the predictor settings and the backend: a CPU
     file that records its llama.cpp CPU build is refused by a build of other features
-    unless ``any_cpu_build`` (then the checksum tells whether the logits were the same).
+    (:data:`THREADING_FEATURES` aside) unless ``any_cpu_build`` (then the checksum tells
+    whether the logits were the same).
     """
     section = parsed.header.model
     if not parsed.uses_model:
@@ -723,10 +738,11 @@ def check_decodable(parsed: fmt.Container, model: str | None = None, any_cpu_bui
         raise UnsupportedVersionError(f"this file uses a range coder this nacrith does not know ({section.coder!r})")
     if section.backend_kind == "cuda" and not gpu_available():
         raise BackendMismatchError(f"this file was made on a CUDA GPU; {gpu_missing()}, and CPU logits differ")
-    if section.cpu_build is not None and not any_cpu_build and section.backend != cpu_backend():
+    if section.cpu_build is not None and not any_cpu_build:
         from .engine import cpu_build
 
-        raise BackendMismatchError(cpu_build_mismatch(section.cpu_build, cpu_build()))
+        if arithmetic_of(section.cpu_build) != arithmetic_of(cpu_build()):
+            raise BackendMismatchError(cpu_build_mismatch(section.cpu_build, cpu_build()))
     return model_path
 
 

@@ -362,6 +362,8 @@ def test_the_cpu_build_is_recorded_and_another_is_refused_up_front(session, mode
         pipeline.decompress_to(reheader(model_blob, backend=f"cpu:{fmt.cpu_build_field('aarch64 NEON ARM_FMA')}"), out)
     pipeline.decompress_to(relabelled, out, any_cpu_build=True)  # truly this build: the checksum passes
     assert out.getvalue() == MIXED
+    threading = here.replace(" OPENMP", "") if " OPENMP" in here else here + " OPENMP"  # the same arithmetic
+    assert unpack(session, reheader(model_blob, backend=f"cpu:{fmt.cpu_build_field(threading)}")) == MIXED
     assert unpack(session, reheader(model_blob, backend="cpu")) == MIXED  # files of before, unchecked
     path = tmp_path / "other.nc"
     path.write_bytes(relabelled)
@@ -408,6 +410,8 @@ def test_cpu_build_features_are_read_from_llamas_system_info(monkeypatch):
     assert "cpu:" + fmt.cpu_build_field(portable) == fmt.TABLES["backend"][2] and fmt.cpu_build_names("x86_64/520000f7") == portable
     assert fmt.cpu_build_names("something newer") == "something newer"
     assert pipeline.cpu_build_mismatch("x86_64 AVX AVX2", "x86_64 AVX").startswith("this file was made by a llama.cpp CPU build with other features (this one lacks AVX2)")
+    assert pipeline.cpu_build_mismatch("x86_64 AVX AVX2 OPENMP", "x86_64 AVX").startswith("this file was made by a llama.cpp CPU build with other features (this one lacks AVX2),")
+    assert pipeline.arithmetic_of("x86_64 AVX OPENMP REPACK") == pipeline.arithmetic_of("x86_64 REPACK AVX") != pipeline.arithmetic_of("x86_64 AVX")
 
 
 def test_other_engine_is_refused(session, model_blob):
