@@ -44,7 +44,8 @@ mkdir -p corpora/data && for f in "$G"/corpora/*; do ln -sf "$f" corpora/data/; 
 
 left() { echo $(( ${1} - ($(date +%s) - BEGAN) )); }
 step() { echo "== [$(( $(date +%s) - BEGAN )) s] $*" | tee -a "$OUT/run.log"; "$@" 2>&1 | grep -v -e '^ggml_cuda_init' -e '^  Device 0' | tee -a "$OUT/run.log"; }
-step timeout 150 python3 -m pytest -q -s tests/test_gpu.py
+# tests/test_golden.py: do the portable CPU build's files decode on this CUDA build's CPU side? (-rs says why not)
+step timeout 180 python3 -m pytest -q -s -rs tests/test_gpu.py tests/test_golden.py
 # the card's short name (h100, h200, ...) tags the results that a later run would overwrite
 CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | awk '{print tolower($2)}')
 CARD=${CARD:-gpu}
