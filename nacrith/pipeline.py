@@ -592,13 +592,32 @@ class LocalSession:
 _reused: dict[tuple, object] | None = None
 
 
+def planned_workers(*request):
+    """:func:`nacrith.workers.plan_workers` for ``request`` (its arguments, in order).
+
+    Inside :func:`reuse_sessions`, the plan of the pool kept from an earlier file when that
+    file asked the same; else, for ``auto``, the plan once kept pools are stopped: they hold
+    the memory (and GPU memory) that ``auto`` counts, and would otherwise shrink the next
+    file's plan.
+    """
+    from . import workers
+
+    kept_pools = [kept for kept in (_reused or {}).values() if isinstance(kept, workers.WorkerPool)]
+    for pool in kept_pools:
+        if pool.request == request:
+            return pool.plan
+    if kept_pools and workers.parse_workers(request[0])[0] == "auto":
+        _close_reused()
+    return workers.plan_workers(*request)
+
+
 @contextmanager
-def worker_pool(plan, model: str | None, progress: Progress | None):
+def worker_pool(plan, model: str | None, progress: Progress | None, request: tuple = ()):
     """A :class:`nacrith.workers.WorkerPool` for ``plan``, shut down at the end of the block;
     inside :func:`reuse_sessions`, the pool already running for the same plan and model
     file, kept for the next file (its processes have their models loaded and contexts
     created). A pool whose file fails is stopped and dropped: blocks of that file may still
-    be running in it.
+    be running in it. ``request``: what :func:`planned_workers` was asked for ``plan``.
     """
     from .workers import WorkerPool
 
@@ -614,7 +633,7 @@ def worker_pool(plan, model: str | None, progress: Progress | None):
         _close_reused()  # one at a time: each holds models and their contexts
         _reused[key] = WorkerPool(plan, info.path, progress, reusable=True)
     pool = _reused[key]
-    pool.progress = progress
+    pool.progress, pool.request = progress, request
     try:
         yield pool
     except BaseException:
@@ -677,18 +696,16 @@ def compress_stream(source: BinaryIO, destination: BinaryIO, settings: Settings,
     settings.validate()
     writer = ContainerWriter()
     blocks = read_blocks(source, settings.block_size)
-    from .workers import plan_workers
-
     size = remaining_size(source)
     n_blocks = None if size is None else max(1, -(-size // settings.block_size))
-    plan = plan_workers(workers, settings.gpu, settings.streams, settings.ctx, settings.threads, settings.gpu_ids, n_blocks,
-                        model_only=settings.model_only, model_path=settings.model)
+    request = (workers, settings.gpu, settings.streams, settings.ctx, settings.threads, settings.gpu_ids, n_blocks, settings.model_only, settings.model)
+    plan = planned_workers(*request)
     if plan.contexts <= 1 or session is not None:
         factory = LocalSession(settings.model, settings.gpu, plan.threads if settings.threads is None else settings.threads, session, plan.devices[0])
         for block in blocks:
             writer.add(block, compress_block(block, settings, factory, progress))
     else:
-        with worker_pool(plan, settings.model, progress) as pool:
+        with worker_pool(plan, settings.model, progress, request) as pool:
             for block, encoded in pool.compress(blocks, settings):
                 writer.add(block, encoded)
     size = writer.finish(destination, lambda: model_section(settings, plan.gpu_model))
@@ -801,12 +818,11 @@ def _decode_checked(parsed: fmt.Container, model_path, destination: BinaryIO, pr
     if session is not None and parsed.uses_model and session.backend != section.backend_kind:
         raise BackendMismatchError(f"this file was made on {section.backend}, the session runs on {session.backend}")
     digest = hashlib.sha256()
-    from .workers import plan_workers
-
     model_blocks = sum(block.kind == fmt.MODEL for block in parsed.blocks)
     model_only = section is not None and model_alone(section.predictor)
-    plan = plan_workers(workers, gpu, max((len(b.stream_tokens) for b in parsed.blocks), default=1), section.ctx if section else 0, threads, gpu_ids,
-                        max(1, model_blocks), model_only, model_path, section.gpu_model if gpu and not any_gpu_model else None)
+    request = (workers, gpu, max((len(b.stream_tokens) for b in parsed.blocks), default=1), section.ctx if section else 0, threads, gpu_ids,
+               max(1, model_blocks), model_only, model_path, section.gpu_model if gpu and not any_gpu_model else None)
+    plan = planned_workers(*request)
     if plan.contexts <= 1 or model_blocks <= 1 or session is not None:
         factory = LocalSession(model_path, gpu, plan.threads if threads is None else threads, session, plan.devices[0])
         decoded = (decode_block(block, section, factory, progress) for block in parsed.blocks)
@@ -814,7 +830,7 @@ def _decode_checked(parsed: fmt.Container, model_path, destination: BinaryIO, pr
             digest.update(data)
             destination.write(data)
     else:
-        with worker_pool(plan, model_path, progress) as pool:
+        with worker_pool(plan, model_path, progress, request) as pool:
             for data in pool.decode(parsed.blocks, section):
                 digest.update(data)
                 destination.write(data)

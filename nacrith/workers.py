@@ -279,6 +279,7 @@ class WorkerPool:
         context = multiprocessing.get_context("spawn")  # llama.cpp's threads do not survive fork
         self.plan = plan
         self.progress = progress
+        self.request: tuple = ()  # what plan_workers was asked for plan (see nacrith.pipeline.planned_workers)
         self.progress_queue = context.Queue() if progress or reusable else None
         devices = context.Queue()
         for device in plan.devices:

@@ -208,6 +208,29 @@ def test_cpu_worker_plan(monkeypatch):
         workers.plan_workers(0, False, 16, 1024)
 
 
+def test_a_kept_pool_gives_its_plan_or_is_stopped_before_auto_plans(monkeypatch):
+    """Between files (reuse_sessions), the same request takes the kept pool's plan; `auto`
+    asked anything else plans only once kept pools are stopped (they hold the memory it
+    counts); a fixed count plans with them kept."""
+    from nacrith import pipeline, workers
+
+    closed, asked = [], []
+
+    def kept(plan, request):
+        pool = object.__new__(workers.WorkerPool)  # no processes: only the bookkeeping is under test
+        pool.plan, pool.request, pool.close = plan, request, lambda: closed.append(plan)
+        return pool
+
+    monkeypatch.setattr(workers, "plan_workers", lambda *request: asked.append(request) or workers.WorkerPlan(2, 1, (None, None)))
+    same = ("auto", False, 16, 1024, None, None, 3, False, None)
+    with pipeline.reuse_sessions():
+        pipeline._reused["a pool"] = kept(workers.WorkerPlan(3, 1, (None,) * 3), same)
+        assert pipeline.planned_workers(*same).processes == 3 and not asked and not closed
+        assert pipeline.planned_workers(2, *same[1:]).processes == 2 and not closed and len(asked) == 1
+        assert pipeline.planned_workers(*same[:6], 4, *same[7:]).processes == 2 and closed and not pipeline._reused
+    assert len(asked) == 2
+
+
 def test_worker_plan_with_lanes(monkeypatch):
     from nacrith import workers
 
