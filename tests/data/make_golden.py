@@ -4,9 +4,9 @@ Run it with the build that `make install` gives (the portable CPU build, which C
 
     .venv/bin/python tests/data/make_golden.py
 
-It writes tests/data/golden/mixed.bin, where missing (original.txt, a text of ours, with a fixed run of
-binary bytes inside) and, into tests/data/golden/v<format version>/, every container named
-in CASES and manifest.json, which says how each was made. When the format version changes,
+It writes tests/data/golden/mixed.bin, where missing (original.txt, a text of ours, with a
+fixed run of binary bytes inside) and, into tests/data/golden/v<format version>/, every
+container named in CASES and manifest.json, which says how each was made. When the format version changes,
 run it again: the folders of earlier versions stay, as the proof that their files still
 decode. It refuses to replace a version's folder that exists: those files must not change.
 """
@@ -58,7 +58,7 @@ def main() -> int:
             out = io.BytesIO()
             pipeline.compress_stream(io.BytesIO((GOLDEN / original).read_bytes()), out, pipeline.Settings(**options), session=session)
             (folder / name).write_bytes(out.getvalue())
-            manifest[name] = {"original": original, "options": options, "backend": pipeline.cpu_backend()}
+            manifest[name] = {"original": original, "options": options}  # the container's header names the build
             print(f"{folder.name}/{name}: {len(out.getvalue())} bytes")
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return 0
