@@ -20,11 +20,12 @@ from nacrith import container as fmt  # noqa: E402
 from nacrith import pipeline  # noqa: E402
 from nacrith.predictors import EnsembleConfig  # noqa: E402
 from nacrith.predictors.ensemble import PARTS  # noqa: E402
+from nacrith.settings import DEFAULT_GPU_STREAMS  # noqa: E402
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = pipeline.Settings()
-    parser.add_argument("--streams", type=int, default=None, help=f"default: {defaults.streams}, {pipeline.DEFAULT_GPU_STREAMS} with --gpu")
+    parser.add_argument("--streams", type=int, default=None, help=f"default: {defaults.streams}, {DEFAULT_GPU_STREAMS} with --gpu")
     parser.add_argument("--ctx", type=int, default=defaults.ctx)
     parser.add_argument("--slide", type=int, default=None, help="default: the pipeline's, or ctx/4 when --ctx is given")
     parser.add_argument("--block-size", type=int, default=defaults.block_size)

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, add_settings_arguments, machine, settings_from_arguments  # noqa: E402
 
 from nacrith import pipeline  # noqa: E402
+from nacrith.settings import DEFAULT_GPU_STREAMS  # noqa: E402
 
 
 def main() -> int:
@@ -29,7 +30,7 @@ def main() -> int:
     args = parser.parse_args()
     data = args.file.read_bytes()[: args.bytes]
     rows = []
-    streams = args.streams or pipeline.DEFAULT_GPU_STREAMS  # the same on both backends, not each one's default
+    streams = args.streams or DEFAULT_GPU_STREAMS  # the same on both backends, not each one's default
     for gpu in (False, True):
         settings = settings_from_arguments(args, gpu=gpu, streams=streams, fallback=False, block_size=len(data))
         packed = io.BytesIO()

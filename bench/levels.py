@@ -21,6 +21,7 @@ from common import RESULTS, ROOT, machine, timed_compress  # noqa: E402
 
 from nacrith import pipeline  # noqa: E402
 from nacrith.session import Session  # noqa: E402
+from nacrith.settings import DEFAULT_LEVEL, LEVELS  # noqa: E402
 
 
 def measure(data: bytes, level: int, session, gpu: bool) -> dict:
@@ -39,7 +40,7 @@ def table(name: str, rows: list[dict], default: dict | None) -> list[str]:
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         change = "" if default is None or row is default else f"{100 * (row['bytes'] / default['bytes'] - 1):+.1f}%, {row['seconds'] / default['seconds']:.2f}x time"
-        mark = " (default)" if row["level"] == pipeline.DEFAULT_LEVEL else ""
+        mark = " (default)" if row["level"] == DEFAULT_LEVEL else ""
         lines.append(f"| {row['level']}{mark} | {row['streams']} ({row['streams_used']}) | {row['ctx']} | {row['bytes']} | {row['bpb']:.4f} | {change} | "
                      f"{row['seconds']:.1f} | {row['tok_s']:.0f} | {row['kb_s']:.2f} |")
     return lines
@@ -48,7 +49,7 @@ def table(name: str, rows: list[dict], default: dict | None) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("file", nargs="?", type=Path, default=ROOT / "corpora" / "data" / "alice29.txt")
-    parser.add_argument("--levels", default=",".join(str(level) for level in sorted(pipeline.LEVELS)))
+    parser.add_argument("--levels", default=",".join(str(level) for level in sorted(LEVELS)))
     parser.add_argument("--tag", default="cpu")
     parser.add_argument("--gpu", action="store_true")
     args = parser.parse_args()
@@ -60,7 +61,7 @@ def main() -> int:
         print(json.dumps(rows[-1]), flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"levels-{args.tag}.json").write_text(json.dumps({"file": args.file.name, "size": len(data), "machine": machine(), "rows": rows}, indent=1))
-    default = next((row for row in rows if row["level"] == pipeline.DEFAULT_LEVEL), None)
+    default = next((row for row in rows if row["level"] == DEFAULT_LEVEL), None)
     (RESULTS / f"levels-{args.tag}.md").write_text("\n".join(table(args.file.name, rows, default)) + "\n")
     print(f"wrote {RESULTS}/levels-{args.tag}.md")
     return 0

@@ -22,12 +22,13 @@ from typing import Iterator
 import click
 
 from . import container as fmt
-from . import pipeline
+from . import pipeline, reuse
 from .predictors import EnsembleConfig
 from .predictors import ensemble_config as recorded_ensemble
 from .errors import NacrithError, UsageError
 from .files import ReaderGone, atomic_output, check_target, is_terminal, open_input, writes_in_place
 from .model import zoo_model_of
+from .settings import DEFAULT_BLOCK_SIZE, DEFAULT_CTX, DEFAULT_GPU_STREAMS, DEFAULT_LEVEL, DEFAULT_STREAMS, LEVELS
 
 SUFFIX = ".nc"
 EXIT_ERROR = 1
@@ -183,7 +184,7 @@ def run_each(names: tuple[str, ...], output: str | None, action, recursive: bool
     names = list(inputs(names or ("-",), recursive, compressed, unreadable))
     if output is not None and len(names) > 1:
         raise click.UsageError("-o/--output takes one input file")
-    with pipeline.reuse_sessions():  # one model load for all the files
+    with reuse.reuse_sessions():  # one model load for all the files
         for name in names:
             failed = not _done(name, action) or failed  # (every file is tried)
     if failed:
@@ -307,17 +308,17 @@ def main_group():
 @main_group.command("compress")
 @click.argument("files", nargs=-1)
 @with_common
-@click.option("--level", type=click.IntRange(min(pipeline.LEVELS), max(pipeline.LEVELS)), default=pipeline.DEFAULT_LEVEL, show_default=True,
+@click.option("--level", type=click.IntRange(min(LEVELS), max(LEVELS)), default=DEFAULT_LEVEL, show_default=True,
               help="Compression level, 1 (fastest) to 9 (smallest); also -1 ... -9, --fast (1) and --best (9), as in gzip. "
                    "It sets the streams, the window and the stream floor that --streams, --ctx and --slide override "
                    "(with --gpus, the window only).")
 @click.option("--streams", type=click.IntRange(min=1), default=None,
-              help=f"Lockstep streams per block (one llama_decode feeds them all).  [default: the level's, {pipeline.DEFAULT_STREAMS} at "
-                   f"{pipeline.DEFAULT_LEVEL}; {pipeline.DEFAULT_GPU_STREAMS} with --gpus]")
+              help=f"Lockstep streams per block (one llama_decode feeds them all).  [default: the level's, {DEFAULT_STREAMS} at "
+                   f"{DEFAULT_LEVEL}; {DEFAULT_GPU_STREAMS} with --gpus]")
 @click.option("--ctx", type=click.IntRange(min=8), default=None,
-              help=f"Tokens in each stream's context window.  [default: the level's, {pipeline.DEFAULT_CTX} at {pipeline.DEFAULT_LEVEL}]")
+              help=f"Tokens in each stream's context window.  [default: the level's, {DEFAULT_CTX} at {DEFAULT_LEVEL}]")
 @click.option("--slide", type=click.IntRange(min=1), default=None, help="Tokens dropped from a full window.  [default: a quarter of --ctx]")
-@click.option("--block-size", type=click.IntRange(min=1), default=pipeline.DEFAULT_BLOCK_SIZE, show_default=True, help="Bytes per independently coded block.")
+@click.option("--block-size", type=click.IntRange(min=1), default=DEFAULT_BLOCK_SIZE, show_default=True, help="Bytes per independently coded block.")
 @click.option("--llm-only", is_flag=True, help="The language model alone, no ensemble.")
 @click.option("--no-ngram", is_flag=True, help="Ensemble without the token n-gram model.")
 @click.option("--no-match", is_flag=True, help="Ensemble without the long-range match model.")
@@ -467,7 +468,7 @@ def info_command(files, as_json):
 
 
 MODE_FLAGS = {"-d": "decompress", "--decompress": "decompress", "-t": "test", "--test": "test", "-l": "info", "--list": "info"}
-LEVEL_FLAGS = {"--fast": min(pipeline.LEVELS), "--best": max(pipeline.LEVELS)}  # gzip's names for -1 and -9
+LEVEL_FLAGS = {"--fast": min(LEVELS), "--best": max(LEVELS)}  # gzip's names for -1 and -9
 
 
 def normalise_argv(argv: list[str]) -> list[str]:

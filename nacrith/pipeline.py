@@ -6,19 +6,20 @@ The input is cut into blocks of ``block_size`` bytes, each coded on its own:
   lockstep streams and range-coded with the predictor's distributions
   (:mod:`nacrith.lockstep`);
 * its binary segments are joined and compressed with zstd -19 or xz -9e (or stored), whichever
-  is smallest;
+  is smallest (:mod:`nacrith.binary`);
 * the block is then stored as whichever of "model", "zstd", "xz" or "stored" is smallest.
 
 Blocks are independent, so worker processes (:mod:`nacrith.workers`) can code several at
-once; the container (:mod:`nacrith.container`) records everything decoding needs. Decoding
-checks the structure, the model and the backend before any model work, and the checksum
-of the result after.
+once (:mod:`nacrith.reuse` keeps them, or one loaded model, from file to file); the
+container (:mod:`nacrith.container`) records everything decoding needs. Decoding checks the
+structure, then the model and the backend (:mod:`nacrith.compat`) before any model work,
+and the checksum of the result after. :mod:`nacrith.settings` holds the levels and
+:class:`Settings`.
 """
 from __future__ import annotations
 
 import hashlib
 import io
-import lzma
 import os
 import shutil
 import stat
@@ -28,306 +29,18 @@ from dataclasses import dataclass
 from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
-import zstandard
 
 from . import container as fmt
-from .coder import CODERS, DEFAULT_CODER
-from .engine import ATTENTION_MODES, default_attention
-from .errors import BackendMismatchError, CorruptError, ModelMismatchError, ModelNotFoundError, NotNacrithError, SpoolError, UnsupportedVersionError
-from .lockstep import Lockstep, check_window, split_streams
-from .predictors import EnsembleConfig, make_predictor, model_alone, predictor_settings
+from .binary import BINARY_CODEC_OF_KIND, PLAIN_KINDS, pack_binary, unpack_binary
+from .compat import check_decodable, model_section
+from .errors import BackendMismatchError, CorruptError, NotNacrithError, SpoolError
+from .lockstep import Lockstep, split_streams
+from .predictors import make_predictor, model_alone
+from .reuse import LocalSession, planned_workers, reuse_sessions, worker_pool
 from .segment import split_segments
+from .settings import Progress, Settings
 
-ZSTD_LEVEL = 19
-XZ_WORTH_TRYING = 0.97  # try xz only where zstd saved at least 3%: on noise it only costs time
-# zstd -19 runs at ~2 MB/s even on noise; a level-1 probe (hundreds of MB/s) that saves under
-# 1% marks data (compressed media, archives, ciphertext) as not worth the slow codecs
-PROBE_LEVEL = 1
-PROBE_WORTH_TRYING = 0.99
-PLAIN_KINDS = {fmt.BINARY_STORED: fmt.STORED, fmt.BINARY_ZSTD: fmt.ZSTD, fmt.BINARY_XZ: fmt.XZ}  # whole-block kinds
-BINARY_CODEC_OF_KIND = {kind: codec for codec, kind in PLAIN_KINDS.items()}
-
-# Defaults, chosen from bench/tradeoff.py and bench/ablation.py on the 2-core development
-# machine (see README).
-
-
-@dataclass(frozen=True)
-class Level:
-    """What a compression level (``nacrith -1`` ... ``-9``) sets on the CPU: the most lockstep
-    streams per block, each stream's context window, and the fewest tokens a stream gets
-    (fewer tokens and a block uses fewer streams). Each level up has fewer streams or a longer
-    window than the one below: a narrower batch is slower per token on the CPU, a stream
-    that starts cold fewer times and sees more context predicts better (bench/levels.py)."""
-
-    streams: int
-    ctx: int
-    min_stream_tokens: int
-
-
-LEVELS = {
-    1: Level(streams=64, ctx=512, min_stream_tokens=512),
-    2: Level(streams=32, ctx=512, min_stream_tokens=512),
-    3: Level(streams=16, ctx=512, min_stream_tokens=1024),
-    4: Level(streams=16, ctx=768, min_stream_tokens=1024),
-    5: Level(streams=16, ctx=1024, min_stream_tokens=1024),
-    6: Level(streams=8, ctx=1024, min_stream_tokens=1024),
-    7: Level(streams=8, ctx=2048, min_stream_tokens=2048),
-    8: Level(streams=4, ctx=2048, min_stream_tokens=2048),
-    9: Level(streams=1, ctx=2048, min_stream_tokens=2048),
-}
-DEFAULT_LEVEL = 5
-DEFAULT_STREAMS = LEVELS[DEFAULT_LEVEL].streams
-# On a GPU a llama_decode of 256 streams (llama.cpp's most sequences per context) yields
-# 4.3 times the tokens of one of 16: 15.7k against 3.6k tokens/s on an H100 (README, "GPU");
-# fewer streams would leave the GPU idle, for fewer bits. So there a level sets the window only.
-DEFAULT_GPU_STREAMS = 256
-DEFAULT_CTX = LEVELS[DEFAULT_LEVEL].ctx
-DEFAULT_SLIDE = DEFAULT_CTX // 4
-DEFAULT_BLOCK_SIZE = 1 << 20
-MIN_STREAM_TOKENS = LEVELS[DEFAULT_LEVEL].min_stream_tokens  # (bench/stream_floor.py)
-MIN_GPU_STREAM_TOKENS = 512  # on a GPU, where the batch's width is the speed: a 300 KB input keeps ~160 streams
-DEFAULT_ENSEMBLE = EnsembleConfig()
 SPOOL_IN_MEMORY = 64 << 20  # bytes held in memory, more going to a temporary file: blocks being written, piped input
-
-Progress = Callable[[float], None]
-
-
-def level_of(number: int | None) -> Level:
-    """The :class:`Level` numbered ``number`` (None: :data:`DEFAULT_LEVEL`)."""
-    level = LEVELS.get(DEFAULT_LEVEL if number is None else number)
-    if level is None:
-        raise ValueError(f"level must be between {min(LEVELS)} and {max(LEVELS)}")
-    return level
-
-
-def default_streams(gpu: bool, level: int | None = None) -> int:
-    """Lockstep streams per block when none are asked for: the level's on the CPU, many
-    more on a GPU."""
-    return DEFAULT_GPU_STREAMS if gpu else level_of(level).streams
-
-
-def default_min_stream_tokens(gpu: bool, level: int | None = None) -> int:
-    """The fewest tokens a stream gets when no floor is asked for: on the CPU, small inputs
-    get fewer, longer streams (better bits); a GPU keeps its batch wide."""
-    return MIN_GPU_STREAM_TOKENS if gpu else level_of(level).min_stream_tokens
-
-
-def default_slide(ctx: int) -> int:
-    """Tokens dropped from a full window of ``ctx`` when no slide is asked for: a quarter."""
-    return max(1, ctx // 4)
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything that shapes a container. ``model`` None means $NACRITH_MODEL or the default.
-
-    ``level`` (1 to 9, None for :data:`DEFAULT_LEVEL`) fills in ``streams``, ``ctx``,
-    ``slide`` and ``min_stream_tokens`` where they are None (:data:`LEVELS`; with ``gpu``,
-    only the window); after construction every one of them is a number. The level itself is
-    not recorded: the container records what it chose.
-    """
-
-    model: str | None = None
-    streams: int | None = None  # None: DEFAULT_GPU_STREAMS with gpu, else the level's
-    ctx: int | None = None  # None: the level's
-    slide: int | None = None  # None: a quarter of ctx
-    block_size: int = DEFAULT_BLOCK_SIZE
-    min_stream_tokens: int | None = None  # None: MIN_GPU_STREAM_TOKENS with gpu, else the level's
-    threads: int | None = None
-    gpu: bool = False
-    use_model: bool = True  # False: zstd/stored blocks only
-    fallback: bool = True  # False: text blocks always use the model (for tests and measurements)
-    ensemble: EnsembleConfig | None = DEFAULT_ENSEMBLE  # None: the language model alone
-    gpu_ids: tuple | None = None  # with gpu: which GPUs the workers may use (None: all); not recorded
-    attention: str | None = None  # one of engine.ATTENTION_MODES; None: the backend's default ("stable" on the CPU)
-    coder: str = DEFAULT_CODER  # the range coder, one of coder.CODERS
-    level: int | None = None  # None: DEFAULT_LEVEL
-
-    def __post_init__(self):
-        # resolved here, so that every reader of .streams, .ctx, ... sees a number
-        level = level_of(self.level)
-        object.__setattr__(self, "level", DEFAULT_LEVEL if self.level is None else self.level)
-        if self.streams is None:
-            object.__setattr__(self, "streams", default_streams(self.gpu, self.level))
-        if self.ctx is None:
-            object.__setattr__(self, "ctx", level.ctx)
-        if self.slide is None:
-            object.__setattr__(self, "slide", default_slide(self.ctx))
-        if self.min_stream_tokens is None:
-            object.__setattr__(self, "min_stream_tokens", default_min_stream_tokens(self.gpu, self.level))
-
-    def validate(self) -> "Settings":
-        if self.streams < 1:
-            raise ValueError("streams must be at least 1")
-        if self.block_size < 1:
-            raise ValueError("block size must be at least 1 byte")
-        if self.min_stream_tokens < 1:
-            raise ValueError("min_stream_tokens must be at least 1")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError("threads must be at least 1")
-        check_window(self.ctx, self.slide)
-        if self.attention is not None and self.attention not in ATTENTION_MODES:
-            raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}")
-        if self.coder not in CODERS:
-            raise ValueError(f"coder must be one of {', '.join(CODERS)}")
-        return self
-
-    @property
-    def backend(self) -> str:
-        return "cuda" if self.gpu else "cpu"
-
-    @property
-    def attention_mode(self) -> str:
-        """The flash-attention mode recorded in the container and used by the engine."""
-        return self.attention or default_attention(self.backend)
-
-    @property
-    def predictor(self) -> dict:
-        """The predictor settings recorded in the container."""
-        return predictor_settings(self.ensemble)
-
-    @property
-    def model_only(self) -> bool:
-        """Whether the model's distribution is coded alone, as the container will record it
-        (an ensemble with every part off is recorded as the model alone)."""
-        return model_alone(self.predictor)
-
-    @property
-    def predictor_name(self) -> str:
-        """A short description of the predictor, for reports."""
-        if self.model_only:
-            return "llm-only"
-        config = self.ensemble
-        return "llm+" + "+".join(config.parts) + ("" if config.mix == "geometric" else f" ({config.mix})")
-
-    def describe(self) -> dict:
-        """The settings as a JSON-ready dict."""
-        values = {name: getattr(self, name) for name in ("level", "streams", "ctx", "slide", "block_size", "min_stream_tokens", "threads", "gpu")}
-        return {**values, "attention": self.attention_mode, "predictor": self.predictor}
-
-
-def zstd_compress(data: bytes) -> bytes:
-    return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True, write_checksum=False).compress(data)
-
-
-def xz_compress(data: bytes) -> bytes:
-    """A raw LZMA2 stream of ``data`` (the container's xz codec)."""
-    return lzma.compress(data, format=lzma.FORMAT_RAW, filters=fmt.XZ_FILTERS)
-
-
-def xz_decompress(stream, expected: int) -> bytes:
-    decompressor = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=fmt.XZ_FILTERS)
-    try:
-        data = decompressor.decompress(bytes(stream), max_length=expected + 1)
-    except lzma.LZMAError as exc:
-        raise CorruptError(f"corrupt container: xz data does not decode ({exc})") from None
-    if len(data) != expected:
-        raise CorruptError("corrupt container: xz data has the wrong length")
-    return data
-
-
-def pack_binary(data: bytes) -> tuple[int, bytes]:
-    """The smallest of stored, zstd and xz for ``data``: (binary codec, payload).
-
-    Data that a fast zstd probe cannot shrink by 1% is stored without trying the slow
-    levels, and xz is only tried where zstd found something to squeeze (both are slow on
-    noise).
-    """
-    best = (fmt.BINARY_STORED, data)
-    probe = zstandard.ZstdCompressor(level=PROBE_LEVEL).compress(data)
-    if len(probe) >= PROBE_WORTH_TRYING * len(data):
-        return best
-    packed = zstd_compress(data)
-    if len(packed) < len(data):
-        best = (fmt.BINARY_ZSTD, packed)
-        if len(packed) < XZ_WORTH_TRYING * len(data):
-            packed = xz_compress(data)
-            if len(packed) < len(best[1]):
-                best = (fmt.BINARY_XZ, packed)
-    return best
-
-
-def unpack_binary(codec: int, payload, expected: int) -> bytes:
-    """The inverse of :func:`pack_binary`."""
-    if codec == fmt.BINARY_ZSTD:
-        return zstd_decompress(payload, expected)
-    if codec == fmt.BINARY_XZ:
-        return xz_decompress(payload, expected)
-    return bytes(payload)
-
-
-def zstd_decompress(frame, expected: int) -> bytes:
-    try:
-        data = zstandard.ZstdDecompressor().decompress(frame, max_output_size=max(expected, 1))
-    except zstandard.ZstdError as exc:
-        raise CorruptError(f"corrupt container: zstd data does not decode ({exc})") from None
-    if len(data) != expected:
-        raise CorruptError("corrupt container: zstd data has the wrong length")
-    return data
-
-
-def model_section(settings: Settings, gpu_model: str | None = None) -> fmt.ModelSection:
-    """The header's model section for containers made with ``settings`` (no model loading),
-    on GPUs named ``gpu_model`` (as ggml describes them) when ``settings.gpu``."""
-    from . import model as model_files
-    from .session import engine_name
-
-    info = model_files.locate(settings.model)
-    return fmt.ModelSection(
-        sha256=info.sha256,
-        name=info.name,
-        engine=engine_name(),
-        backend=recorded_backend(settings, gpu_model),
-        ctx=settings.ctx,
-        slide=settings.slide,
-        predictor=settings.predictor,
-        attention=settings.attention_mode,
-        coder=settings.coder,
-    )
-
-
-def recorded_backend(settings: Settings, gpu_model: str | None = None) -> str:
-    """What a container made with ``settings`` records as its backend: "cpu:" and this
-    llama.cpp build's CPU arithmetic (:func:`nacrith.engine.cpu_build`), or "cuda:" and the
-    GPUs' name."""
-    if settings.gpu:
-        return f"cuda:{gpu_model}" if gpu_model else settings.backend
-    return cpu_backend()
-
-
-def cpu_backend() -> str:
-    """The backend a CPU file made by this llama.cpp build records: "cpu:" and the build's
-    compact form (:func:`nacrith.container.cpu_build_field`, the same for the same features)."""
-    from .engine import cpu_build
-
-    return f"cpu:{fmt.cpu_build_field(cpu_build())}"
-
-
-# Features of a llama.cpp CPU build that choose how the work is shared among threads, not
-# the arithmetic: a clang build without OpenMP gave logits bit-identical to the gcc build
-# with it, and each decoded the other's file exactly (README, "Compatibility: CPU builds").
-THREADING_FEATURES = frozenset({"OPENMP"})
-
-
-def arithmetic_of(build: str) -> tuple[str, frozenset]:
-    """(architecture, features) of a CPU build as :func:`nacrith.engine.cpu_build` gives it,
-    without :data:`THREADING_FEATURES`: builds whose logits may differ differ here."""
-    arch, *features = build.split()
-    return arch, frozenset(features) - THREADING_FEATURES
-
-
-def cpu_build_mismatch(recorded: str, here: str) -> str:
-    """Why a file made by the llama.cpp CPU build ``recorded`` is refused by the build
-    ``here`` (both as :func:`nacrith.engine.cpu_build` gives them), in one line."""
-    (made_on, *made), (this_on, *this) = recorded.split(), here.split()
-    made, this = [f for f in made if f not in THREADING_FEATURES], [f for f in this if f not in THREADING_FEATURES]
-    if made_on != this_on:
-        return f"this file was made by llama.cpp on {made_on} CPUs; this is {this_on}, whose logits differ"
-    lacking, extra = [f for f in made if f not in this], [f for f in this if f not in made]
-    differences = "; ".join(part for part in (f"this one lacks {' '.join(lacking)}" if lacking else "",
-                                              f"it lacked {' '.join(extra)}" if extra else "") if part)
-    return (f"this file was made by a llama.cpp CPU build with other features ({differences}), whose logits differ;"
-            " decode it with a build like the one that made it (README: Compatibility), or try --any-cpu-build")
 
 
 # --- one block ----------------------------------------------------------------------
@@ -562,118 +275,6 @@ class ContainerWriter:
         return written + len(rest)
 
 
-class LocalSession:
-    """A session created on first use in this process (for work without worker processes);
-    inside :func:`reuse_sessions`, the one already loaded for the same model and device."""
-
-    def __init__(self, model: str | None, gpu: bool, threads: int | None, session=None, main_gpu: int | None = None):
-        self.model, self.gpu, self.threads, self.main_gpu = model, gpu, threads, main_gpu or 0
-        self.session = session
-
-    def __call__(self):
-        if self.session is None:
-            from . import model as model_files
-            from .session import Session  # loads llama.cpp only when a block needs it
-
-            if _reused is None:
-                self.session = Session(self.model, gpu=self.gpu, threads=self.threads, main_gpu=self.main_gpu)
-            else:
-                info = model_files.locate(self.model)
-                key = (info.path, info.sha256, self.gpu, self.threads, self.main_gpu)
-                if key not in _reused:
-                    _close_reused()  # one at a time: each holds a model and its contexts
-                    _reused[key] = Session(info.path, gpu=self.gpu, threads=self.threads, main_gpu=self.main_gpu)
-                self.session = _reused[key]
-        return self.session
-
-
-# in reuse_sessions(): (model file, SHA-256, GPU?, threads, GPU index) -> Session, and
-# ("pool", WorkerPlan, model file, SHA-256) -> WorkerPool; one entry at a time
-_reused: dict[tuple, object] | None = None
-
-
-def planned_workers(*request):
-    """:func:`nacrith.workers.plan_workers` for ``request`` (its arguments, in order).
-
-    Inside :func:`reuse_sessions`, the plan of the pool kept from an earlier file when that
-    file asked the same; else, for ``auto``, the plan once kept pools are stopped: they hold
-    the memory (and GPU memory) that ``auto`` counts, and would otherwise shrink the next
-    file's plan.
-    """
-    from . import workers
-
-    kept_pools = [kept for kept in (_reused or {}).values() if isinstance(kept, workers.WorkerPool)]
-    for pool in kept_pools:
-        if pool.request == request:
-            return pool.plan
-    if kept_pools and workers.parse_workers(request[0])[0] == "auto":
-        _close_reused()
-    return workers.plan_workers(*request)
-
-
-@contextmanager
-def worker_pool(plan, model: str | None, progress: Progress | None, request: tuple = ()):
-    """A :class:`nacrith.workers.WorkerPool` for ``plan``, shut down at the end of the block;
-    inside :func:`reuse_sessions`, the pool already running for the same plan and model
-    file, kept for the next file (its processes have their models loaded and contexts
-    created). A pool whose file fails is stopped and dropped: blocks of that file may still
-    be running in it. ``request``: what :func:`planned_workers` was asked for ``plan``.
-    """
-    from .workers import WorkerPool
-
-    if _reused is None:
-        with WorkerPool(plan, model, progress) as pool:
-            yield pool
-        return
-    from . import model as model_files
-
-    info = model_files.locate(model)
-    key = ("pool", plan, info.path, info.sha256)
-    if key not in _reused:
-        _close_reused()  # one at a time: each holds models and their contexts
-        _reused[key] = WorkerPool(plan, info.path, progress, reusable=True)
-    pool = _reused[key]
-    pool.progress, pool.request = progress, request
-    try:
-        yield pool
-    except BaseException:
-        del _reused[key]
-        with pool:  # stops its processes now
-            raise
-
-
-@contextmanager
-def reuse_sessions():
-    """Within the block, a :class:`LocalSession` takes the session already loaded for the
-    same model file (path and SHA-256), backend, GPU and thread count instead of loading
-    the model again.
-
-    Files coded one after another in one process (several FILES, ``-r DIR``, concatenated
-    containers) then skip loading the model, building its piece table and creating
-    contexts (about 0.3 s each with SmolLM2-135M). Files coded in worker processes do the
-    same with :func:`worker_pool`: the next file of the same plan takes the same processes.
-    Only the last key's session or pool is kept; the outermost block closes it. Blocks have
-    always reused a session's contexts, each starting from a cleared KV cache, so reuse
-    changes no file.
-    """
-    global _reused
-    if _reused is not None:  # nested: the outer block owns the sessions
-        yield
-        return
-    _reused = {}
-    try:
-        yield
-    finally:
-        _close_reused()
-        _reused = None
-
-
-def _close_reused() -> None:
-    for session_or_pool in _reused.values():
-        session_or_pool.close()
-    _reused.clear()
-
-
 def remaining_size(source: BinaryIO) -> int | None:
     """Bytes left in ``source`` when it is a regular file or an in-memory buffer, else None."""
     if isinstance(source, io.BytesIO):
@@ -724,75 +325,6 @@ def compress(data: bytes, progress: Progress | None = None, workers: int | str =
 
 
 # --- decompression ------------------------------------------------------------------
-
-
-def check_decodable(parsed: fmt.Container, model: str | None = None, any_cpu_build: bool = False):
-    """Refuse up front what cannot be decoded exactly; returns the model file to use (or None).
-
-    Checks the model's SHA-256, the engine, the predictor settings and the backend: a CPU
-    file that records its llama.cpp CPU build is refused by a build of other features
-    (:data:`THREADING_FEATURES` aside) unless ``any_cpu_build`` (then the checksum tells
-    whether the logits were the same).
-    """
-    section = parsed.header.model
-    if not parsed.uses_model:
-        return None
-    from .engine import gpu_available, gpu_missing
-    from .session import engine_name
-
-    model_path = _decoding_model(section, model)
-    if section.engine != engine_name():
-        raise BackendMismatchError(f"this file was made with {section.engine}; this is {engine_name()}, whose logits may differ")
-    try:
-        make_predictor(section.predictor, 16, 1)
-    except (ValueError, TypeError) as exc:
-        raise UnsupportedVersionError(f"this file uses predictor settings this nacrith does not know ({exc})") from None
-    if section.backend_kind not in ("cpu", "cuda"):
-        raise BackendMismatchError(f"this file was made on an unknown backend {section.backend!r}")
-    if section.attention not in ATTENTION_MODES:
-        raise UnsupportedVersionError(f"this file uses an attention mode this nacrith does not know ({section.attention!r})")
-    if section.coder not in CODERS:
-        raise UnsupportedVersionError(f"this file uses a range coder this nacrith does not know ({section.coder!r})")
-    if section.backend_kind == "cuda" and not gpu_available():
-        raise BackendMismatchError(f"this file was made on a CUDA GPU; {gpu_missing()}, and CPU logits differ")
-    if section.cpu_build is not None and not any_cpu_build:
-        from .engine import cpu_build
-
-        if arithmetic_of(section.cpu_build) != arithmetic_of(cpu_build()):
-            raise BackendMismatchError(cpu_build_mismatch(section.cpu_build, cpu_build()))
-    return model_path
-
-
-def _decoding_model(section: fmt.ModelSection, model: str | None):
-    """The model file whose SHA-256 the file records: ``model`` (--model) when given, else
-    the usual choice ($NACRITH_MODEL, the default) or, failing that, the zoo model of that
-    SHA-256 (:data:`nacrith.model.ZOO`), so that a file made with ``--model gemma3-270m``
-    decodes without options where that model is installed."""
-    from . import model as model_files
-
-    try:
-        info, missing = model_files.locate(model), None
-    except ModelNotFoundError as exc:
-        if model is not None:
-            raise
-        info, missing = None, exc
-    if info is not None and info.sha256 == section.sha256:
-        return info.path
-    known = model_files.zoo_model_of(section.sha256)
-    if known is not None and model is None:
-        found = model_files.zoo_path(known)
-        if found is None:
-            raise ModelNotFoundError(f"this file was made with {section.name}, nacrith's {known.name} model, which is not installed;"
-                                     f" install it with {known.install_hint}")
-        if model_files.fingerprint(found) == section.sha256:
-            return found
-    if info is None:
-        raise missing
-    hint = f"--model {known.name}" if known is not None else "--model"
-    raise ModelMismatchError(
-        f"this file was made with model {section.name} (sha256 {section.sha256.hex()[:16]}…), "
-        f"not {info.name} (sha256 {info.sha256.hex()[:16]}…); pass the right one with {hint}"
-    )
 
 
 def decode_parsed(parsed: fmt.Container, destination: BinaryIO, progress: Progress | None = None, model: str | None = None,

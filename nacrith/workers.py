@@ -34,6 +34,7 @@ from .engine import default_threads
 from .errors import BackendMismatchError, ModelNotFoundError, WorkerError
 
 IN_FLIGHT_PER_WORKER = 2
+FINAL_PROGRESS_WAIT = 5.0  # seconds the parent waits for a file's last progress messages (they come within milliseconds)
 MAX_PROCESSES_PER_GPU = 8  # measured on an H100 at 256 streams: 8 processes reach 85% of raw decode, 4 only 58%
 # The model alone on a GPU: 2 processes of 4 lanes each. On an H200 at 256 streams they coded
 # 3 MB of bible.txt at 96% (compress) and 100% (decompress) of their raw rate of 44.3k tokens/s,
@@ -221,19 +222,21 @@ def _session():
 
 
 def _progress(amount: float) -> None:
-    """Report progress to the parent at most a few times a second."""
+    """Report progress to the parent at most a few times a second, as (amount, False)."""
     with _reporting:
         _worker["pending"] += amount
         now = time.monotonic()
         if now - _worker["sent"] > 0.25:
-            _worker["progress_queue"].put(_worker["pending"])
+            _worker["progress_queue"].put((_worker["pending"], False))
             _worker["pending"], _worker["sent"] = 0.0, now
 
 
-def _flush_progress() -> None:
+def _end_of_job() -> None:
+    """Report the job's unreported progress and its end, as (amount, True): the parent counts
+    these to know when every message of a file's jobs has reached it."""
     with _reporting:
-        if _worker["progress_queue"] is not None and _worker["pending"]:
-            _worker["progress_queue"].put(_worker["pending"])
+        if _worker["progress_queue"] is not None:
+            _worker["progress_queue"].put((_worker["pending"], True))
             _worker["pending"] = 0.0
 
 
@@ -249,7 +252,7 @@ def _in_lanes(function, items: list) -> list:
             return [function(item) for item in items]
         return list(lanes.map(function, items))
     finally:
-        _flush_progress()
+        _end_of_job()
 
 
 def _compress_job(blocks: list, settings) -> list:
@@ -273,14 +276,15 @@ class WorkerPool:
     """A pool of worker processes that returns results in submission order."""
 
     def __init__(self, plan: WorkerPlan, model_path, progress: Callable[[float], None] | None = None, reusable: bool = False):
-        """``reusable``: the pool may code several files (:func:`nacrith.pipeline.worker_pool`),
+        """``reusable``: the pool may code several files (:func:`nacrith.reuse.worker_pool`),
         each with its own ``progress`` (set :attr:`progress` between them), so its workers
         report progress even when this first file shows none."""
         context = multiprocessing.get_context("spawn")  # llama.cpp's threads do not survive fork
         self.plan = plan
         self.progress = progress
-        self.request: tuple = ()  # what plan_workers was asked for plan (see nacrith.pipeline.planned_workers)
+        self.request: tuple = ()  # what plan_workers was asked for plan (see nacrith.reuse.planned_workers)
         self.progress_queue = context.Queue() if progress or reusable else None
+        self.unreported_jobs = 0  # submitted jobs whose end has not come through progress_queue
         devices = context.Queue()
         for device in plan.devices:
             devices.put(device)
@@ -337,9 +341,11 @@ class WorkerPool:
                     break
                 function, arguments = job(group)
                 waiting.append((group, self.executor.submit(function, *arguments)))
+                self.unreported_jobs += self.progress_queue is not None
             if waiting:
                 group, future = waiting.popleft()
                 yield from zip(group, self._result(future))
+        self._drain(until_all_reported=True)  # all of it now: the next file (a kept pool) must not get this one's progress
 
     def _result(self, future):
         while True:
@@ -352,13 +358,19 @@ class WorkerPool:
             except BrokenProcessPool:
                 raise WorkerError("a worker process stopped unexpectedly (killed, or out of memory?)") from None
 
-    def _drain(self) -> None:
+    def _drain(self, until_all_reported: bool = False) -> None:
+        """Pass the workers' progress messages on to :attr:`progress`; ``until_all_reported``:
+        wait (a few seconds at most) for the end of every submitted job. A result can reach
+        the parent before the progress its worker sent just before it (another pipe)."""
         if self.progress_queue is None:
             return
+        deadline = time.monotonic() + FINAL_PROGRESS_WAIT
         while True:
+            wait = deadline - time.monotonic() if until_all_reported and self.unreported_jobs else 0
             try:
-                amount = self.progress_queue.get_nowait()
+                amount, job_ended = self.progress_queue.get(timeout=wait) if wait > 0 else self.progress_queue.get_nowait()
             except Exception:  # queue.Empty
                 return
-            if self.progress is not None:
+            self.unreported_jobs -= job_ended
+            if self.progress is not None and amount:
                 self.progress(amount)

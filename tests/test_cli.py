@@ -259,8 +259,9 @@ def test_level_flags_as_in_gzip(monkeypatch, text_file: Path):
     and test drop them, as gzip -d does; a level out of range is a one-line usage error."""
     from click.testing import CliRunner
 
-    from nacrith import cli, pipeline
+    from nacrith import cli
     from nacrith.cli import normalise_argv
+    from nacrith.settings import LEVELS
 
     assert normalise_argv(["-9", "x"]) == ["compress", "--level", "9", "x"]
     assert normalise_argv(["-9c", "x"]) == normalise_argv(["-c9", "x"]) == ["compress", "--level", "9", "-c", "x"]
@@ -276,7 +277,7 @@ def test_level_flags_as_in_gzip(monkeypatch, text_file: Path):
     monkeypatch.setattr(cli, "compress_one", lambda name, settings, *rest: seen.append(settings))
     result = CliRunner().invoke(cli.main_group, normalise_argv(["-9", "--ctx", "512", str(text_file)]))
     assert result.exit_code == 0, result.output
-    assert [(s.level, s.streams, s.ctx, s.slide) for s in seen] == [(9, pipeline.LEVELS[9].streams, 512, 128)]  # --ctx overrides the level's
+    assert [(s.level, s.streams, s.ctx, s.slide) for s in seen] == [(9, LEVELS[9].streams, 512, 128)]  # --ctx overrides the level's
     refused = run("-0", text_file)
     assert refused.returncode == 2
     assert_one_line_error(refused, "'--level': 0 is not in the range 1<=x<=9")

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from nacrith import container as fmt
-from nacrith import pipeline
+from nacrith import compat, pipeline, reuse
 from nacrith.errors import (
     BackendMismatchError,
     ContainerError,
@@ -281,14 +281,14 @@ def test_decoding_finds_a_zoo_model_by_its_sha256(model_blob, tmp_path, monkeypa
     other.write_bytes(b"GGUF not the model")
     monkeypatch.setenv("NACRITH_MODEL", str(other))
     parsed = fmt.parse(model_blob)
-    assert pipeline.check_decodable(parsed) == default
+    assert compat.check_decodable(parsed) == default
     with pytest.raises(ModelMismatchError, match="with --model smollm2-135m"):
-        pipeline.check_decodable(parsed, str(other))
+        compat.check_decodable(parsed, str(other))
     # the recorded model known to the zoo but not installed: say how to install it
     missing = replace(model_files.ZOO["smollm2-135m"], parts=(("nacrith_no_such_package", "x.gguf"),))
     monkeypatch.setitem(model_files.ZOO, "smollm2-135m", missing)
     with pytest.raises(ModelNotFoundError, match="nacrith's smollm2-135m model, which is not installed; install it with `make install`"):
-        pipeline.check_decodable(parsed)
+        compat.check_decodable(parsed)
 
 
 @pytest.mark.parametrize("gpu_backend", ["cuda", "cuda:NVIDIA H100 80GB HBM3"])
@@ -382,13 +382,13 @@ def test_a_reused_session_decodes_exactly_after_a_failed_decode(model_blob):
     from nacrith.predictors import predictor_settings
 
     bad = reheader(model_blob, predictor=predictor_settings(None))
-    with pipeline.reuse_sessions():
+    with reuse.reuse_sessions():
         with pytest.raises(CorruptError):
             pipeline.decompress_to(bad, io.BytesIO())
-        assert pipeline._reused  # the failed file's session, kept for the next
+        assert reuse._reused  # the failed file's session, kept for the next
         out = io.BytesIO()
         pipeline.decompress_to(model_blob, out)
-    assert out.getvalue() == MIXED and pipeline._reused is None
+    assert out.getvalue() == MIXED and reuse._reused is None
 
 
 def test_cpu_build_features_are_read_from_llamas_system_info(monkeypatch):
@@ -409,9 +409,9 @@ def test_cpu_build_features_are_read_from_llamas_system_info(monkeypatch):
     portable = "x86_64 SSE3 SSSE3 AVX AVX2 F16C FMA BMI2 LLAMAFILE OPENMP REPACK"
     assert "cpu:" + fmt.cpu_build_field(portable) == fmt.TABLES["backend"][2] and fmt.cpu_build_names("x86_64/520000f7") == portable
     assert fmt.cpu_build_names("something newer") == "something newer"
-    assert pipeline.cpu_build_mismatch("x86_64 AVX AVX2", "x86_64 AVX").startswith("this file was made by a llama.cpp CPU build with other features (this one lacks AVX2)")
-    assert pipeline.cpu_build_mismatch("x86_64 AVX AVX2 OPENMP", "x86_64 AVX").startswith("this file was made by a llama.cpp CPU build with other features (this one lacks AVX2),")
-    assert pipeline.arithmetic_of("x86_64 AVX OPENMP REPACK") == pipeline.arithmetic_of("x86_64 REPACK AVX") != pipeline.arithmetic_of("x86_64 AVX")
+    assert compat.cpu_build_mismatch("x86_64 AVX AVX2", "x86_64 AVX").startswith("this file was made by a llama.cpp CPU build with other features (this one lacks AVX2)")
+    assert compat.cpu_build_mismatch("x86_64 AVX AVX2 OPENMP", "x86_64 AVX").startswith("this file was made by a llama.cpp CPU build with other features (this one lacks AVX2),")
+    assert compat.arithmetic_of("x86_64 AVX OPENMP REPACK") == compat.arithmetic_of("x86_64 REPACK AVX") != compat.arithmetic_of("x86_64 AVX")
 
 
 def test_other_engine_is_refused(session, model_blob):

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from nacrith import pipeline
+from nacrith import pipeline, reuse
 from nacrith.engine import LockstepContext
 from nacrith.session import Session
 
@@ -136,22 +136,25 @@ def test_files_coded_one_after_another_share_one_worker_pool(monkeypatch):
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(workers, "WorkerPool", CountedPool)
-    progress = []
-    with pipeline.reuse_sessions():
+    progress = {first: [], second: []}
+    with reuse.reuse_sessions():
         blobs = []
-        for data, report in ((first, None), (second, progress.append)):
+        for data in (first, second):
             out = io.BytesIO()
-            pipeline.compress_stream(io.BytesIO(data), out, pipeline.Settings(**options), report, workers=2)
+            pipeline.compress_stream(io.BytesIO(data), out, pipeline.Settings(**options), progress[data].append, workers=2)
             blobs.append(out.getvalue())
-        assert blobs == expected and len(started) == 1 and progress
-        (key,) = pipeline._reused
+        assert blobs == expected and len(started) == 1
+        # every byte reported, and to its own file's callback: none of the first file's late
+        # messages on the second's bar
+        assert [sum(progress[data]) for data in (first, second)] == [pytest.approx(len(first)), pytest.approx(len(second))]
+        (key,) = reuse._reused
         with pytest.raises(RuntimeError, match="fails"):
-            with pipeline.worker_pool(key[1], None, None) as pool:
-                assert pool is pipeline._reused[key]
+            with reuse.worker_pool(key[1], None, None) as pool:
+                assert pool is reuse._reused[key]
                 raise RuntimeError("a file fails while its blocks are in the pool")
-        assert not pipeline._reused  # that pool is stopped and gone
+        assert not reuse._reused  # that pool is stopped and gone
         assert pipeline.decompress(expected[1], workers=2) == second
-    assert len(started) == 2 and pipeline._reused is None
+    assert len(started) == 2 and reuse._reused is None
 
 
 def test_lanes_make_the_same_container():

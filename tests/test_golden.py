@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from nacrith import container as fmt
-from nacrith import pipeline
+from nacrith import compat
 from nacrith.errors import BackendMismatchError
 
 from .conftest import pack, unpack
@@ -39,9 +39,9 @@ def test_there_are_golden_containers_of_the_current_format():
 
 def skip_unless_decodable_here(blob: bytes):
     """Skip where nacrith refuses the file up front as made by a build of other arithmetic
-    (:func:`nacrith.pipeline.check_decodable`'s own verdict and reason)."""
+    (:func:`nacrith.compat.check_decodable`'s own verdict and reason)."""
     try:
-        pipeline.check_decodable(fmt.parse(blob))
+        compat.check_decodable(fmt.parse(blob))
     except BackendMismatchError as exc:
         pytest.skip(str(exc))
 
@@ -57,8 +57,8 @@ def test_golden_container_decodes_to_its_original(session, path, entry):
 def test_golden_container_of_the_current_format_is_what_nacrith_writes(session, path, entry):
     blob = path.read_bytes()
     recorded = fmt.parse(blob).header.model.backend
-    if recorded != pipeline.cpu_backend():  # the header would name this build
-        pytest.skip(f"made by the llama.cpp build {recorded}; this one records {pipeline.cpu_backend()}")
+    if recorded != compat.cpu_backend():  # the header would name this build
+        pytest.skip(f"made by the llama.cpp build {recorded}; this one records {compat.cpu_backend()}")
     assert pack(session, (GOLDEN / entry["original"]).read_bytes(), **entry["options"]) == blob
 
 

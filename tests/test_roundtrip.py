@@ -7,6 +7,7 @@ import pytest
 
 from nacrith import container as fmt
 from nacrith import pipeline
+from nacrith.settings import LEVELS
 
 from .conftest import SMALL, sparse_binary
 
@@ -76,7 +77,7 @@ def test_levels_decode_without_being_named(roundtrip, level):
     parsed = fmt.parse(blob)
     assert (parsed.header.model.ctx, parsed.header.model.slide) == (chosen.ctx, chosen.slide)
     assert tuple(parsed.blocks[0].stream_tokens) == (parsed.blocks[0].n_tokens,)  # one stream: under two floors of tokens
-    assert parsed.blocks[0].n_tokens > pipeline.LEVELS[1].ctx
+    assert parsed.blocks[0].n_tokens > LEVELS[1].ctx
 
 
 def test_binary_only_needs_no_model(roundtrip):

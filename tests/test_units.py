@@ -212,7 +212,7 @@ def test_a_kept_pool_gives_its_plan_or_is_stopped_before_auto_plans(monkeypatch)
     """Between files (reuse_sessions), the same request takes the kept pool's plan; `auto`
     asked anything else plans only once kept pools are stopped (they hold the memory it
     counts); a fixed count plans with them kept."""
-    from nacrith import pipeline, workers
+    from nacrith import reuse, workers
 
     closed, asked = [], []
 
@@ -223,11 +223,11 @@ def test_a_kept_pool_gives_its_plan_or_is_stopped_before_auto_plans(monkeypatch)
 
     monkeypatch.setattr(workers, "plan_workers", lambda *request: asked.append(request) or workers.WorkerPlan(2, 1, (None, None)))
     same = ("auto", False, 16, 1024, None, None, 3, False, None)
-    with pipeline.reuse_sessions():
-        pipeline._reused["a pool"] = kept(workers.WorkerPlan(3, 1, (None,) * 3), same)
-        assert pipeline.planned_workers(*same).processes == 3 and not asked and not closed
-        assert pipeline.planned_workers(2, *same[1:]).processes == 2 and not closed and len(asked) == 1
-        assert pipeline.planned_workers(*same[:6], 4, *same[7:]).processes == 2 and closed and not pipeline._reused
+    with reuse.reuse_sessions():
+        reuse._reused["a pool"] = kept(workers.WorkerPlan(3, 1, (None,) * 3), same)
+        assert reuse.planned_workers(*same).processes == 3 and not asked and not closed
+        assert reuse.planned_workers(2, *same[1:]).processes == 2 and not closed and len(asked) == 1
+        assert reuse.planned_workers(*same[:6], 4, *same[7:]).processes == 2 and closed and not reuse._reused
     assert len(asked) == 2
 
 
@@ -247,7 +247,7 @@ def test_worker_plan_with_lanes(monkeypatch):
 
 
 def test_model_only_follows_the_recorded_predictor():
-    from nacrith.pipeline import Settings
+    from nacrith.settings import Settings
     from nacrith.predictors import EnsembleConfig, ensemble_config
 
     # an ensemble with every part off is recorded, and decoded, as the model alone: worker
@@ -747,14 +747,14 @@ def test_cpu_worker_memory_grows_with_the_model(monkeypatch):
 
 
 def test_each_level_up_has_fewer_streams_or_a_longer_window():
-    from nacrith import pipeline
+    from nacrith.settings import LEVELS, Settings
 
-    assert sorted(pipeline.LEVELS) == list(range(1, 10))
-    levels = [pipeline.LEVELS[number] for number in sorted(pipeline.LEVELS)]
+    assert sorted(LEVELS) == list(range(1, 10))
+    levels = [LEVELS[number] for number in sorted(LEVELS)]
     for lower, higher in zip(levels, levels[1:]):
         assert higher.streams <= lower.streams and higher.ctx >= lower.ctx and higher.min_stream_tokens >= lower.min_stream_tokens
         assert (higher.streams, higher.ctx) != (lower.streams, lower.ctx)
-    default = pipeline.Settings()
+    default = Settings()
     # the default level is the layout every earlier file and figure used
     assert (default.level, default.streams, default.ctx, default.slide, default.min_stream_tokens) == (5, 16, 1024, 256, 1024)
 
@@ -822,3 +822,35 @@ def test_worker_pool_terminate_prefers_the_public_api():
     pool.executor = SimpleNamespace()
     pool.terminate()  # neither: nothing to stop early, and no error
     assert calls == ["public", "process"]
+
+
+def test_worker_pool_waits_for_the_last_progress_of_a_file():
+    """A job's result can reach the parent before the progress its worker sent just before it
+    (they travel by different pipes). At the end of a file the pool waits for every job's
+    end-of-job message, so that a kept pool's next file does not get this one's progress."""
+    import queue
+
+    from nacrith.workers import WorkerPool
+
+    class LateQueue:  # the last message arrives only once the parent waits for it
+        def __init__(self, messages):
+            self.messages = list(messages)
+
+        def get_nowait(self):
+            raise queue.Empty
+
+        def get(self, timeout):
+            assert timeout > 0
+            if not self.messages:
+                raise queue.Empty
+            return self.messages.pop(0)
+
+    reported = []
+    pool = object.__new__(WorkerPool)  # no processes started: only the progress bookkeeping is under test
+    pool.progress, pool.unreported_jobs = reported.append, 2
+    pool.progress_queue = LateQueue([(5.0, False), (1.5, True), (0.0, True), (9.0, False)])
+    pool._drain()  # while the file runs: only what has arrived
+    assert reported == [] and pool.unreported_jobs == 2
+    pool._drain(until_all_reported=True)
+    assert reported == [5.0, 1.5] and pool.unreported_jobs == 0  # both jobs ended; the next file's message stays queued
+    assert pool.progress_queue.messages == [(9.0, False)]
