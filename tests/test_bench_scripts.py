@@ -22,3 +22,11 @@ def test_bench_script_answers_help(script):
     run = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.startswith("usage:"), run.stdout[:200]
+
+
+@pytest.mark.parametrize("script", sorted(path.name for path in BENCH.glob("*.sh")))
+def test_bench_shell_script_parses(script):
+    """bench/gpu.sh runs only on the GPU machine, one try a session: a syntax error there
+    would cost that try."""
+    run = subprocess.run(["bash", "-n", str(BENCH / script)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
