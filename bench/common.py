@@ -23,6 +23,18 @@ from nacrith.predictors.ensemble import PARTS  # noqa: E402
 from nacrith.settings import DEFAULT_GPU_STREAMS  # noqa: E402
 
 
+def file_parser(doc: str | None, default_file: str, gpu: bool = False) -> argparse.ArgumentParser:
+    """The parser of a bench script that measures one file: ``doc`` (its docstring) as the help,
+    the file (``corpora/data/default_file`` when not given), ``--tag`` (the results' name,
+    "cpu" by default) and, with ``gpu``, ``--gpu``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("file", nargs="?", type=Path, default=ROOT / "corpora" / "data" / default_file)
+    parser.add_argument("--tag", default="cpu", help="names the results: bench/results/<script>-<tag>.*")
+    if gpu:
+        parser.add_argument("--gpu", action="store_true")
+    return parser
+
+
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = pipeline.Settings()
     parser.add_argument("--streams", type=int, default=None, help=f"default: {defaults.streams}, {DEFAULT_GPU_STREAMS} with --gpu")

@@ -14,7 +14,6 @@ A layout may name an attention mode: ``1x1:off`` (see nacrith.engine.ATTENTION_M
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import multiprocessing
@@ -25,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, ROOT, machine  # noqa: E402
+from common import RESULTS, file_parser, machine  # noqa: E402
 
 from nacrith.engine import default_threads  # noqa: E402
 
@@ -99,14 +98,11 @@ def measure(layout: str, tokens, streams: int, steps: int, ctx: int, gpu: bool) 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("file", nargs="?", type=Path, default=ROOT / "corpora" / "data" / "bible.txt")
-    parser.add_argument("--gpu", action="store_true")
+    parser = file_parser(__doc__, "bible.txt", gpu=True)
     parser.add_argument("--streams", type=int, default=256)
     parser.add_argument("--steps", type=int, default=160)
     parser.add_argument("--ctx", type=int, default=1024)
     parser.add_argument("--layouts", default="1x1,1x2,1x4,2x2,4x1,4x2,8x1")
-    parser.add_argument("--tag", default="cpu")
     args = parser.parse_args()
     layouts = args.layouts.split(",")
     most_lanes = max(int(p) * int(t) for p, t in (layout.partition(":")[0].split("x") for layout in layouts))

@@ -10,14 +10,13 @@ Usage: python bench/levels.py [FILE] [--levels 1,2,...,9] [--tag cpu] [--gpu]
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, ROOT, machine, timed_compress  # noqa: E402
+from common import RESULTS, file_parser, machine, timed_compress  # noqa: E402
 
 from nacrith import pipeline  # noqa: E402
 from nacrith.session import Session  # noqa: E402
@@ -47,11 +46,8 @@ def table(name: str, rows: list[dict], default: dict | None) -> list[str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("file", nargs="?", type=Path, default=ROOT / "corpora" / "data" / "alice29.txt")
+    parser = file_parser(__doc__, "alice29.txt", gpu=True)
     parser.add_argument("--levels", default=",".join(str(level) for level in sorted(LEVELS)))
-    parser.add_argument("--tag", default="cpu")
-    parser.add_argument("--gpu", action="store_true")
     args = parser.parse_args()
     data = args.file.read_bytes()
     session = Session(gpu=args.gpu)

@@ -22,7 +22,6 @@ what bounds one worker's tokens per second. Usage:
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, ROOT, machine  # noqa: E402
+from common import RESULTS, file_parser, machine  # noqa: E402
 
 from nacrith import lockstep as lockstep_module  # noqa: E402
 from nacrith import pipeline  # noqa: E402
@@ -115,14 +114,12 @@ def markdown(rows: list[dict], args, streams: int) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("file", nargs="?", type=Path, default=ROOT / "corpora" / "data" / "bible.txt")
+    parser = file_parser(__doc__, "bible.txt")
     parser.add_argument("--bytes", type=int, default=400_000)
     parser.add_argument("--streams", type=int, default=256)
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--ctx", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--tag", default="cpu")
     parser.add_argument("--compare-numpy", action="store_true", help="also run each predictor with the numpy code instead of the C kernel")
     parser.add_argument("--coders", default=DEFAULT_CODER, help="comma-separated range coders to run each predictor with (nacrith.coder.CODERS)")
     args = parser.parse_args()

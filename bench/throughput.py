@@ -12,7 +12,6 @@ Usage: python bench/throughput.py [FILE] [--bytes N] [--streams N] [--ctx N] [--
 """
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, ROOT, add_settings_arguments, machine, round_trip, settings_from_arguments  # noqa: E402
+from common import RESULTS, file_parser, add_settings_arguments, machine, round_trip, settings_from_arguments  # noqa: E402
 
 from nacrith import pipeline  # noqa: E402
 
@@ -73,11 +72,9 @@ def slices(data: bytes, parts: int) -> list[bytes]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("file", nargs="?", type=Path, default=ROOT / "corpora" / "data" / "alice29.txt")
+    parser = file_parser(__doc__, "alice29.txt")
     parser.add_argument("--bytes", type=int, default=40_000, help="prefix of the file to use")
     parser.add_argument("--workers", default="1", help="N processes, or PxL: P processes of L lanes")
-    parser.add_argument("--tag", default="cpu")
     add_settings_arguments(parser)
     args = parser.parse_args()
     data = args.file.read_bytes()[: args.bytes]

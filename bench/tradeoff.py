@@ -9,25 +9,21 @@ Usage: python bench/tradeoff.py [FILE] [--pairs 4x1024,16x512,...] [--tag cpu] [
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, ROOT, machine, timed_compress  # noqa: E402
+from common import RESULTS, file_parser, machine, timed_compress  # noqa: E402
 
 from nacrith import pipeline  # noqa: E402
 from nacrith.session import Session  # noqa: E402
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("file", nargs="?", type=Path, default=ROOT / "corpora" / "data" / "alice29.txt")
+    parser = file_parser(__doc__, "alice29.txt", gpu=True)
     parser.add_argument("--pairs", default="16x512,16x1024,16x2048,4x1024,64x1024", help="STREAMSxCTX,...")
-    parser.add_argument("--tag", default="cpu")
-    parser.add_argument("--gpu", action="store_true")
     args = parser.parse_args()
     data = args.file.read_bytes()
     session = Session(gpu=args.gpu)

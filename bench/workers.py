@@ -5,26 +5,23 @@ times and tokens/s. Usage: python bench/workers.py [FILE] [--bytes N] [--block-s
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, ROOT, machine, round_trip  # noqa: E402
+from common import RESULTS, file_parser, machine, round_trip  # noqa: E402
 
 from nacrith import pipeline  # noqa: E402
 from nacrith.workers import plan_workers  # noqa: E402
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("file", nargs="?", type=Path, default=ROOT / "corpora" / "data" / "lcet10.txt")
+    parser = file_parser(__doc__, "lcet10.txt")
     parser.add_argument("--bytes", type=int, default=100_000)
     parser.add_argument("--block-size", type=int, default=50_000)
     parser.add_argument("--workers", default="1,2,auto")
-    parser.add_argument("--tag", default="cpu")
     args = parser.parse_args()
     data = args.file.read_bytes()[: args.bytes]
     settings = pipeline.Settings(block_size=args.block_size, fallback=False)
