@@ -114,12 +114,15 @@ def main() -> int:
         rows.append(row)
         print(f"{row['file']:>14} {row['size']:>9} -> {row['nacrith']:>8} {row['bpb']:.3f} bpb  "
               f"zstd {row['zstd -19 --long']}  c {row['compress_s']:.1f}s d {row['decompress_s']:.1f}s  exact {row['exact']}", flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    title = f"Corpus benchmark ({args.tag})"
-    (RESULTS / f"corpus-{args.tag}.md").write_text(markdown(rows, title, settings, workers))
-    (RESULTS / f"corpus-{args.tag}.json").write_text(json.dumps({"settings": settings.describe(), "workers": workers, "machine": machine(), "rows": rows}, indent=1))
+        write_results(args.tag, rows, settings, workers)  # after every file: a run of hours stopped early keeps what it measured
     print(f"wrote {RESULTS}/corpus-{args.tag}.md")
     return 0 if all(row["exact"] for row in rows) else 1
+
+
+def write_results(tag: str, rows: list[dict], settings: pipeline.Settings, workers) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"corpus-{tag}.md").write_text(markdown(rows, f"Corpus benchmark ({tag})", settings, workers))
+    (RESULTS / f"corpus-{tag}.json").write_text(json.dumps({"settings": settings.describe(), "workers": workers, "machine": machine(), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
