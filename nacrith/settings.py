@@ -22,9 +22,10 @@ from .predictors import EnsembleConfig, model_alone, predictor_settings
 class Level:
     """What a compression level (``nacrith -1`` ... ``-9``) sets on the CPU: the most lockstep
     streams per block, each stream's context window, and the fewest tokens a stream gets
-    (fewer tokens and a block uses fewer streams; bench/stream_floor.py). Each level up has fewer streams or a longer
-    window than the one below: a narrower batch is slower per token on the CPU, a stream
-    that starts cold fewer times and sees more context predicts better (bench/levels.py)."""
+    (fewer tokens and a block uses fewer streams; bench/stream_floor.py). Each level up has
+    fewer streams or a longer window than the one below: a narrower batch is slower per
+    token on the CPU, a stream that starts cold fewer times and sees more context predicts
+    better (bench/levels.py)."""
 
     streams: int
     ctx: int

@@ -370,6 +370,8 @@ class WorkerPool:
             try:
                 amount, job_ended = self.progress_queue.get(timeout=wait) if wait > 0 else self.progress_queue.get_nowait()
             except Exception:  # queue.Empty
+                if until_all_reported:
+                    self.unreported_jobs = 0  # what did not come in time is given up: the next file must not wait for it
                 return
             self.unreported_jobs -= job_ended
             if self.progress is not None and amount:
