@@ -57,9 +57,9 @@ DEFAULT_ENSEMBLE = EnsembleConfig()
 Progress = Callable[[float], None]  # called with the bytes of input done since the last call
 
 
-def level_of(number: int | None) -> Level:
-    """The :class:`Level` numbered ``number`` (None: :data:`DEFAULT_LEVEL`)."""
-    level = LEVELS.get(DEFAULT_LEVEL if number is None else number)
+def level_of(number: int) -> Level:
+    """The :class:`Level` numbered ``number``."""
+    level = LEVELS.get(number)
     if level is None:
         raise ValueError(f"level must be between {min(LEVELS)} and {max(LEVELS)}")
     return level
