@@ -6,9 +6,10 @@ Run it with the build that `make install` gives (the portable CPU build, which C
 
 It writes tests/data/golden/mixed.bin, where missing (original.txt, a text of ours, with a
 fixed run of binary bytes inside) and, into tests/data/golden/v<format version>/, every
-container named in CASES and manifest.json, which says how each was made. When the format version changes,
-run it again: the folders of earlier versions stay, as the proof that their files still
-decode. It refuses to replace a version's folder that exists: those files must not change.
+container named in CASES and manifest.json, which says how each was made. When the format
+version changes, run it again: the folders of earlier versions stay, as the proof that
+their files still decode. It refuses to replace a version's folder that exists: those
+files must not change.
 """
 from __future__ import annotations
 
