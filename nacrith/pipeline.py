@@ -35,6 +35,7 @@ from .binary import BINARY_CODEC_OF_KIND, PLAIN_KINDS, pack_binary, unpack_binar
 from .compat import check_decodable, model_section
 from .errors import BackendMismatchError, CorruptError, NotNacrithError, SpoolError
 from .lockstep import Lockstep, split_streams
+from .model import locate as locate_model
 from .predictors import make_predictor, model_alone
 from .reuse import LocalSession, planned_workers, reuse_sessions, worker_pool
 from .segment import split_segments
@@ -295,6 +296,8 @@ def compress_stream(source: BinaryIO, destination: BinaryIO, settings: Settings,
     container is the same whatever the worker count.
     """
     settings.validate()
+    if session is not None and settings.use_model and session.info.sha256 != locate_model(settings.model).sha256:
+        session = None  # a session of another model than the header will name: load that model instead
     writer = ContainerWriter()
     blocks = read_blocks(source, settings.block_size)
     size = remaining_size(source)

@@ -555,11 +555,11 @@ def test_info_text_and_json(text_file: Path):
     assert facts["compressed_size"] == os.path.getsize(packed)
     assert set(facts) >= {"format_version", "bits_per_byte", "blocks", "streams", "tokens", "model", "checksum"}
     if facts["model"] is not None:  # the default model, as the zoo names it (where the pinned version is installed)
-        from nacrith.model import ZOO
+        from nacrith.model import DEFAULT_MODEL, ZOO
 
-        expected = "smollm2-135m" if facts["model"]["sha256"] == ZOO["smollm2-135m"].sha256 else None
+        expected = DEFAULT_MODEL if facts["model"]["sha256"] == ZOO[DEFAULT_MODEL].sha256 else None
         assert facts["model"]["zoo_name"] == expected
-        assert (b"(--model smollm2-135m)" in human.stdout) == (expected is not None)
+        assert (f"(--model {DEFAULT_MODEL})".encode() in human.stdout) == (expected is not None)
 
 
 def test_several_files_to_standard_output_decode_as_one(tmp_path: Path):

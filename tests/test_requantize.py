@@ -174,17 +174,23 @@ def test_derived_zoo_model_checks_its_source_and_its_result(tmp_path, monkeypatc
         model_files.resolve_model_path("fake-q8")
 
 
-def test_a_file_of_the_q8_model_decodes_with_a_session_of_another_model(session):
-    """The test suite's shared session runs the default model; a file made with another
-    model loads that model instead of decoding with the session's (which gave a checksum
-    error before)."""
+def test_a_session_of_another_model_is_not_used_for_a_file(session):
+    """The test suite's shared session runs the default model. Compressing with another
+    ``model`` and that session, and decoding that file with it, load the other model
+    instead: before, the header named one model while the session's coded the tokens, and
+    decoding failed its checksum."""
     installed_default()
     from nacrith import container as fmt
     from nacrith import pipeline
 
+    other = next(name for name in ("smollm2-135m", Q8_NAME) if model_files.ZOO[name].sha256 != session.info.sha256.hex())
     data = b"The rewritten weights are the same model, run faster. " * 8
-    blob = pipeline.compress(data, model=Q8_NAME, streams=2, min_stream_tokens=16, fallback=False)
-    assert fmt.parse(blob).header.model.sha256.hex() == model_files.ZOO[Q8_NAME].sha256 != session.info.sha256.hex()
+    packed = io.BytesIO()
+    settings = pipeline.Settings(model=other, streams=2, min_stream_tokens=16, fallback=False)
+    pipeline.compress_stream(io.BytesIO(data), packed, settings, session=session)
+    blob = packed.getvalue()
+    assert fmt.parse(blob).header.model.sha256.hex() == model_files.ZOO[other].sha256
+    assert blob == pipeline.compress(data, model=other, streams=2, min_stream_tokens=16, fallback=False)
     out = io.BytesIO()
     pipeline.decompress_to(blob, out, session=session)
     assert out.getvalue() == data

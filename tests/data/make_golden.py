@@ -5,11 +5,12 @@ Run it with the build that `make install` gives (the portable CPU build, which C
     .venv/bin/python tests/data/make_golden.py
 
 It writes tests/data/golden/mixed.bin, where missing (original.txt, a text of ours, with a
-fixed run of binary bytes inside) and, into tests/data/golden/v<format version>/, every
-container named in CASES and manifest.json, which says how each was made. When the format
-version changes, run it again: the folders of earlier versions stay, as the proof that
-their files still decode. It refuses to replace a version's folder that exists: those
-files must not change.
+fixed run of binary bytes inside) and, into tests/data/golden/v<format version>-<default
+model's zoo name>/, every container named in CASES and manifest.json, which says how each
+was made (the model among the options). When the format version or the default model
+changes, run it again: the folders of earlier ones stay, as the proof that their files still
+decode (v1 to v5, made before folders named the model, hold files of smollm2-135m). It
+refuses to replace a folder that exists: those files must not change.
 """
 from __future__ import annotations
 
@@ -44,9 +45,10 @@ def mixed_original(text: bytes) -> bytes:
 
 def main() -> int:
     from nacrith import container, pipeline
+    from nacrith.model import DEFAULT_MODEL
     from nacrith.session import Session
 
-    folder = GOLDEN / f"v{container.VERSION}"
+    folder = GOLDEN / f"v{container.VERSION}-{DEFAULT_MODEL}"
     if folder.exists():
         print(f"{folder} exists; its containers are the record of format {container.VERSION} and are kept", file=sys.stderr)
         return 1
@@ -54,8 +56,9 @@ def main() -> int:
         (GOLDEN / "mixed.bin").write_bytes(mixed_original((GOLDEN / "original.txt").read_bytes()))
     folder.mkdir()
     manifest = {}
-    with closing(Session()) as session:
+    with closing(Session(DEFAULT_MODEL)) as session:
         for name, (original, options) in CASES.items():
+            options = {"model": DEFAULT_MODEL, **options}
             out = io.BytesIO()
             pipeline.compress_stream(io.BytesIO((GOLDEN / original).read_bytes()), out, pipeline.Settings(**options), session=session)
             (folder / name).write_bytes(out.getvalue())
