@@ -4,9 +4,10 @@ tests/data/golden/v<version>[-<model>]/ holds containers written by tests/data/m
 with the portable CPU build of `make install`. Each must decode to its original here; a file
 of the current format must also be what this nacrith writes again with the options its
 manifest lists (the model among them), byte for byte, so that an unversioned change of the
-encoder (or of llama.cpp's arithmetic) fails here before it strands users' files. A build of other arithmetic (`make install-native`, CUDA) cannot
-decode them exactly by design and skips, saying why; one that differs only in threading
-(no OpenMP) decodes them, and skips the byte-for-byte part, its header naming itself.
+encoder (or of llama.cpp's arithmetic) fails here before it strands users' files. A build of
+other arithmetic (`make install-native`, CUDA) cannot decode them exactly by design and
+skips, saying why; one that differs only in threading (no OpenMP) decodes them, and skips
+the byte-for-byte part, its header naming itself.
 """
 from __future__ import annotations
 
