@@ -56,18 +56,24 @@ def _value(handle: BinaryIO, kind: int):
     raise GGUFFormatError(f"unknown GGUF value type {kind}")
 
 
+def read_preamble(handle: BinaryIO) -> tuple[int, int, int]:
+    """(GGUF version, tensor count, key count) of the file ``handle``, read from its start;
+    the key-value section follows."""
+    if _read(handle, 4) != MAGIC:
+        raise GGUFFormatError("not a GGUF file")
+    version = _unpack(handle, "<I")
+    if version not in (2, 3):
+        raise GGUFFormatError(f"GGUF version {version} is not supported")
+    n_tensors, n_keys = _unpack(handle, "<Q"), _unpack(handle, "<Q")
+    if n_keys > _MAX_KEYS:
+        raise GGUFFormatError("implausible GGUF key count")
+    return version, n_tensors, n_keys
+
+
 def read_metadata(path: str | os.PathLike) -> dict:
     """Every key-value pair of the header (arrays as lists)."""
     with open(path, "rb") as handle:
-        if _read(handle, 4) != MAGIC:
-            raise GGUFFormatError("not a GGUF file")
-        version = _unpack(handle, "<I")
-        if version not in (2, 3):
-            raise GGUFFormatError(f"GGUF version {version} is not supported")
-        _unpack(handle, "<Q")  # tensor count
-        n_keys = _unpack(handle, "<Q")
-        if n_keys > _MAX_KEYS:
-            raise GGUFFormatError("implausible GGUF key count")
+        _, _, n_keys = read_preamble(handle)
         metadata = {}
         for _ in range(n_keys):
             key, kind = _string(handle), _unpack(handle, "<I")

@@ -24,7 +24,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from .gguf import MAGIC, GGUFFormatError, _read, _string, _unpack, _value
+from .gguf import MAGIC, GGUFFormatError, _read, _string, _unpack, _value, read_preamble
 
 GGML_Q4_1, GGML_Q8_0 = 3, 8
 FILE_TYPE_KEY, FILE_TYPE_Q8_0 = "general.file_type", 7
@@ -71,12 +71,7 @@ class Layout:
 
 def read_layout(handle: BinaryIO) -> Layout:
     """The header of the GGUF file ``handle`` (positioned at its start)."""
-    if _read(handle, 4) != MAGIC:
-        raise GGUFFormatError("not a GGUF file")
-    version = _unpack(handle, "<I")
-    if version not in (2, 3):
-        raise GGUFFormatError(f"GGUF version {version} is not supported")
-    n_tensors, n_keys = _unpack(handle, "<Q"), _unpack(handle, "<Q")
+    version, n_tensors, n_keys = read_preamble(handle)
     keys_start, file_type_at, alignment = handle.tell(), None, DEFAULT_ALIGNMENT
     for _ in range(n_keys):
         key, kind = _string(handle), _unpack(handle, "<I")
