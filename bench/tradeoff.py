@@ -54,7 +54,7 @@ def main() -> int:
             row = next((r for r in rows if r["ctx"] == ctx and r["streams"] == streams), None)
             cells.append("–" if row is None else f"{row['bpb']:.4f} / {row['tok_s']:.0f}")
         lines.append(f"| {ctx} | " + " | ".join(cells) + " |")
-    lines += ["", "Every run (the table above shows the last of a layout):", "",
+    lines += ["", "Every run (the table above shows the first of a layout):", "",
               "| streams (used) | ctx | attention | model | bytes | bits/byte | s | tokens/s |", "|---:|---:|---|---|---:|---:|---:|---:|"]
     lines += [f"| {r['streams']} ({r['streams_used']}) | {r['ctx']} | {r['attention']} | {r['model']} | {r['bytes']} | {r['bpb']:.4f} | "
               f"{r['seconds']:.1f} | {r['tok_s']:.0f} |" for r in rows]

@@ -14,20 +14,25 @@ than 256 tokens; the view is padded to 256). It cuts the KV cache into one chunk
 and merges the partial sums, so its logits depend on the thread count (measured: 1 and 2
 threads differ by up to 1.9 in a logit once a lone stream passes 256 tokens). With two or
 more sequences in the call every thread computes whole rows, and logits are bit-identical
-for any thread count. Flash attention off is thread-independent too, but slower with many
-streams (measured at 16 streams, 300 steps, 2 threads: 208 tokens/s against 236).
+for any thread count. Attention without flash is thread-independent at any length.
 
-The "stable" mode, the CPU default, is therefore: contexts of two or more streams run flash
-attention and add a companion sequence (one BOS token at position 0, logits not read) to
-any call that would hold a single token, which happens only in the last step of a block
-whose streams differ in length. llama.cpp keeps sequences in one micro-batch only when
-their ids are consecutive, so the companion is sequence 0 and stream i is sequence i + 1.
-A context of 256 streams (llama.cpp's limit on sequences) has no room for sequence 0: its
-streams are sequences 0-255 and the companion is sequence 1, whose stream has finished by
-the time stream 0 runs alone.
-One-stream contexts run without flash attention: as fast as with it for a single stream
-(121 tokens/s) and much faster than with a companion in every call (82). The mode a file
-was made with is in its header.
+The CPU default is "off", attention without flash: thread-independent, and faster than flash
+attention once windows are long (16 streams, the default model, `bench/tradeoff.py`, one run
+each: 711 s against 777 s on lcet10.txt at 1024 tokens, 318 s against 354 s on alice29.txt,
+234 s against 242 s on alice29.txt at 512 tokens). Flash attention is faster only while
+windows are short (a probe outside bench/: 254 against 235 tokens/s over the first 200 steps).
+
+The "stable" mode, the CPU default of earlier files, keeps flash attention
+thread-independent: contexts of two or more streams run flash attention and add a companion
+sequence (one BOS token at position 0, logits not read) to any call that would hold a single
+token, which happens only in the last step of a block whose streams differ in length.
+llama.cpp keeps sequences in one micro-batch only when their ids are consecutive, so the
+companion is sequence 0 and stream i is sequence i + 1. A context of 256 streams
+(llama.cpp's limit on sequences) has no room for sequence 0: its streams are sequences 0-255
+and the companion is sequence 1, whose stream has finished by the time stream 0 runs alone.
+One-stream contexts run without flash attention: as fast as with it for a single stream (121
+tokens/s) and much faster than with a companion in every call (82). The mode a file was made
+with is in its header.
 
 When a stream reaches the end of its window, :meth:`LockstepContext.slide` drops tokens from
 the KV cache and shifts the rest back (``llama_memory_seq_rm`` + ``llama_memory_seq_add``),
@@ -223,11 +228,12 @@ def attention_setup(attention: str, n_streams: int) -> tuple[int, bool]:
 def default_attention(backend: str) -> str:
     """The attention mode new files use on ``backend``.
 
-    "stable" on the CPU: logits independent of the thread count (see the module docstring).
+    "off" on the CPU: logits independent of the thread count, and the fastest mode once
+    windows are long (see the module docstring).
     "auto" (llama.cpp's choice) on CUDA, where threads do not matter and files must be
     decoded on the same kind of GPU anyway.
     """
-    return "stable" if backend == "cpu" else "auto"
+    return "off" if backend == "cpu" else "auto"
 
 
 class LockstepContext(_ClosedWhenCollected):

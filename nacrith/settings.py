@@ -92,7 +92,7 @@ class Settings:
     fallback: bool = True  # False: text blocks always use the model (for tests and measurements)
     ensemble: EnsembleConfig | None = DEFAULT_ENSEMBLE  # None: the language model alone
     gpu_ids: tuple | None = None  # with gpu: which GPUs the workers may use (None: all); not recorded
-    attention: str | None = None  # one of engine.ATTENTION_MODES; None: the backend's default ("stable" on the CPU)
+    attention: str | None = None  # one of engine.ATTENTION_MODES; None: the backend's default ("off" on the CPU)
     coder: str = DEFAULT_CODER  # the range coder, one of coder.CODERS
     level: int | None = None  # None: DEFAULT_LEVEL
 

@@ -7,7 +7,7 @@ finished blocks in input order, so memory stays at a few blocks whatever the inp
 
 Blocks are independent and a block's streams always run together in one context, so the
 container does not depend on how many workers made it. On the CPU logits also do not depend
-on the thread count (attention mode "stable", see :mod:`nacrith.engine`), so a file may be
+on the thread count (attention modes "off" and "stable", see :mod:`nacrith.engine`), so a file may be
 decoded with any worker count; on CUDA, with any worker count on the same kind of GPU.
 
 A worker may run several "lanes": threads with a context (and model) each, coding blocks

@@ -9,6 +9,7 @@ import pytest
 
 from nacrith import container as fmt
 from nacrith import compat, pipeline, reuse
+from nacrith.engine import default_attention
 from nacrith.errors import (
     BackendMismatchError,
     ContainerError,
@@ -209,7 +210,7 @@ def test_unknown_coder_is_refused(session, model_blob):
 
 def test_attention_mode_is_recorded_and_a_wrong_one_is_caught(session):
     blob = pack(session, TEXT, fallback=False, **SMALL)
-    assert fmt.parse(blob).header.model.attention == "stable"  # the CPU default
+    assert fmt.parse(blob).header.model.attention == default_attention("cpu") == "off"
     with_auto = reheader(blob, attention="auto")  # same bits, other logits: must not pass silently
     try:
         restored = unpack(session, with_auto)
@@ -225,7 +226,7 @@ def test_unknown_attention_mode_is_refused(session, model_blob):
     header, end = fmt.read_header(legacy)
     body = bytearray(legacy[: end - 4])
     at = body.index(header.model.backend.encode()) + len(header.model.backend)  # the attention byte follows
-    assert body[at] == fmt.ATTENTION_CODES.index("stable")
+    assert body[at] == fmt.ATTENTION_CODES.index(header.model.attention)
     body[at] = 9
     forged = bytes(body) + zlib.crc32(body).to_bytes(4, "little") + legacy[end:]
     with pytest.raises(UnsupportedVersionError, match="attention"):

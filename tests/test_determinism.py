@@ -68,10 +68,13 @@ def lone_tail_logits(session, n_streams: int, threads: int, attention: str, step
     return np.array(rows)
 
 
+@pytest.mark.parametrize("attention", ["off", "stable"])
 @pytest.mark.parametrize("n_streams", [1, 2])
-def test_stable_attention_is_thread_independent(session, n_streams):
-    """The CPU default: the same logits for 1 and 2 threads, also when one stream runs alone."""
-    assert np.array_equal(lone_tail_logits(session, n_streams, 1, "stable"), lone_tail_logits(session, n_streams, 2, "stable"))
+def test_cpu_attention_modes_are_thread_independent(session, n_streams, attention):
+    """The CPU default ("off") and that of earlier files ("stable"): the same logits for 1 and
+    2 threads, also when one stream runs alone past 256 tokens."""
+    one = lone_tail_logits(session, n_streams, 1, attention)
+    assert np.array_equal(one, lone_tail_logits(session, n_streams, 2, attention))
 
 
 @pytest.mark.parametrize("n_streams", [1, 2])
@@ -79,7 +82,7 @@ def test_plain_flash_attention_depends_on_threads(session, n_streams):
     """Why "stable" exists: flash attention alone gives 1 and 2 threads different logits.
 
     If a llama.cpp update makes this fail, its kernel has become thread-independent and
-    the "stable" mode may be revisited.
+    flash attention may be used plainly.
     """
     one, two = lone_tail_logits(session, n_streams, 1, "on"), lone_tail_logits(session, n_streams, 2, "on")
     assert np.array_equal(one[:250], two[:250])  # short KV: every thread computes whole rows

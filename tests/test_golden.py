@@ -1,10 +1,11 @@
 """Containers made earlier, by another machine and another nacrith, still decode exactly.
 
-tests/data/golden/v<version>[-<model>]/ holds containers written by tests/data/make_golden.py
-with the portable CPU build of `make install`. Each must decode to its original here; a file
-of the current format must also be what this nacrith writes again with the options its
-manifest lists (the model among them), byte for byte, so that an unversioned change of the
-encoder (or of llama.cpp's arithmetic) fails here before it strands users' files. A build of
+tests/data/golden/v<version>[-<model>[-<attention>]]/ holds containers written by
+tests/data/make_golden.py with the portable CPU build of `make install`. Each must decode to
+its original here; a file of the current format must also be what this nacrith writes again
+with the options its manifest lists (the model and attention mode among them), byte for
+byte, so that an unversioned change of the encoder (or of llama.cpp's arithmetic) fails
+here before it strands users' files. A build of
 other arithmetic (`make install-native`, CUDA) cannot decode them exactly by design and
 skips, saying why; one that differs only in threading (no OpenMP) decodes them, and skips
 the byte-for-byte part, its header naming itself.
@@ -19,6 +20,7 @@ import pytest
 from nacrith import container as fmt
 from nacrith import compat
 from nacrith import model as model_files
+from nacrith.engine import default_attention
 from nacrith.errors import BackendMismatchError
 
 from .conftest import pack, unpack
@@ -39,9 +41,9 @@ def of_the_current_format(case) -> bool:
     return folder == f"v{fmt.VERSION}" or folder.startswith(f"v{fmt.VERSION}-")
 
 
-def test_there_are_golden_containers_of_the_current_format_and_default_model():
+def test_there_are_golden_containers_of_the_current_format_and_defaults():
     names = {case.id for case in golden_cases()}
-    current = f"v{fmt.VERSION}-{model_files.DEFAULT_MODEL}"
+    current = f"v{fmt.VERSION}-{model_files.DEFAULT_MODEL}-{default_attention('cpu')}"
     assert {f"{current}/{name}" for name in ("default.nc", "llm-only.nc", "small-window.nc", "mixed.nc")} <= names
 
 

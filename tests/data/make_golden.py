@@ -6,11 +6,13 @@ Run it with the build that `make install` gives (the portable CPU build, which C
 
 It writes tests/data/golden/mixed.bin, where missing (original.txt, a text of ours, with a
 fixed run of binary bytes inside) and, into tests/data/golden/v<format version>-<default
-model's zoo name>/, every container named in CASES and manifest.json, which says how each
-was made (the model among the options). When the format version or the default model
-changes, run it again: the folders of earlier ones stay, as the proof that their files still
-decode (v1 to v5, made before folders named the model, hold files of smollm2-135m). It
-refuses to replace a folder that exists: those files must not change.
+model's zoo name>-<default CPU attention mode>/, every container named in CASES and
+manifest.json, which says how each was made (the model and attention mode among the
+options). When the format version, the default model or the default attention mode changes,
+run it again: the folders of earlier ones stay, as the proof that their files still decode
+(v1 to v5, made before folders named the model, hold files of smollm2-135m; they and
+v5-smollm2-135m-q8, made before folders named the attention mode, hold files of "stable").
+It refuses to replace a folder that exists: those files must not change.
 """
 from __future__ import annotations
 
@@ -45,10 +47,12 @@ def mixed_original(text: bytes) -> bytes:
 
 def main() -> int:
     from nacrith import container, pipeline
+    from nacrith.engine import default_attention
     from nacrith.model import DEFAULT_MODEL
     from nacrith.session import Session
 
-    folder = GOLDEN / f"v{container.VERSION}-{DEFAULT_MODEL}"
+    attention = default_attention("cpu")
+    folder = GOLDEN / f"v{container.VERSION}-{DEFAULT_MODEL}-{attention}"
     if folder.exists():
         print(f"{folder} exists; its containers are the record of format {container.VERSION} and are kept", file=sys.stderr)
         return 1
@@ -58,7 +62,7 @@ def main() -> int:
     manifest = {}
     with closing(Session(DEFAULT_MODEL)) as session:
         for name, (original, options) in CASES.items():
-            options = {"model": DEFAULT_MODEL, **options}
+            options = {"model": DEFAULT_MODEL, "attention": attention, **options}
             out = io.BytesIO()
             pipeline.compress_stream(io.BytesIO((GOLDEN / original).read_bytes()), out, pipeline.Settings(**options), session=session)
             (folder / name).write_bytes(out.getvalue())
