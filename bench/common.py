@@ -20,6 +20,7 @@ from nacrith import container as fmt  # noqa: E402
 from nacrith import pipeline  # noqa: E402
 from nacrith.predictors import EnsembleConfig  # noqa: E402
 from nacrith.predictors.ensemble import PARTS  # noqa: E402
+from nacrith.engine import ATTENTION_MODES  # noqa: E402
 from nacrith.settings import DEFAULT_GPU_STREAMS  # noqa: E402
 
 
@@ -44,6 +45,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--llm-only", action="store_true")
+    parser.add_argument("--attention", choices=ATTENTION_MODES, default=None, help="default: the backend's (nacrith.engine.default_attention)")
     for part in PARTS:
         parser.add_argument(f"--no-{part}", action="store_true")
 
@@ -54,7 +56,8 @@ def settings_from_arguments(args: argparse.Namespace, **overrides) -> pipeline.S
     ensemble = None
     if not args.llm_only:
         ensemble = replace(defaults.ensemble or EnsembleConfig(), **{part: False for part in PARTS if getattr(args, f"no_{part}")})
-    values = dict(streams=args.streams, ctx=args.ctx, slide=slide, block_size=args.block_size, threads=args.threads, gpu=args.gpu, ensemble=ensemble)
+    values = dict(streams=args.streams, ctx=args.ctx, slide=slide, block_size=args.block_size, threads=args.threads, gpu=args.gpu, ensemble=ensemble,
+                  attention=args.attention)
     values.update(overrides)
     return pipeline.Settings(**values)
 

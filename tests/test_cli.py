@@ -618,9 +618,13 @@ def test_info_parts_of_unknown_settings():
 def start_long_compression(folder: Path) -> subprocess.Popen:
     """``nacrith long.txt`` in ``folder`` with two workers, each block about a minute of
     coding here; stderr is piped."""
+    import signal
+
     source = folder / "long.txt"
     source.write_bytes(TEXT * 60)
-    return subprocess.Popen([*NACRITH, source, "--workers", "2", "--block-size", "24000"], stderr=subprocess.PIPE)
+    # as from a terminal: under nohup the tests inherit an ignored SIGHUP, which nacrith keeps
+    default_hangup = (lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL)) if hasattr(signal, "SIGHUP") else None
+    return subprocess.Popen([*NACRITH, source, "--workers", "2", "--block-size", "24000"], stderr=subprocess.PIPE, preexec_fn=default_hangup)
 
 
 @pytest.mark.skipif(not hasattr(__import__("signal"), "SIGHUP"), reason="POSIX signals")
@@ -679,3 +683,22 @@ def test_killed_worker_is_a_one_line_error(tmp_path: Path):
     message = stderr.decode()
     assert len(message.strip().splitlines()) == 1 and "worker process stopped unexpectedly" in message, message
     assert [p.name for p in tmp_path.iterdir()] == ["long.txt"]
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGHUP"), reason="POSIX signals")
+def test_an_ignored_hangup_stays_ignored():
+    """Under nohup (SIGHUP ignored) a closed terminal must not stop the run; SIGTERM still does."""
+    import signal
+
+    from nacrith.cli import _raise_terminated, catch_termination
+
+    saved = signal.getsignal(signal.SIGHUP), signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        catch_termination()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is _raise_terminated
+    finally:
+        signal.signal(signal.SIGHUP, saved[0])
+        signal.signal(signal.SIGTERM, saved[1])
