@@ -20,7 +20,8 @@ The CPU default is "off", attention without flash: thread-independent, and faste
 attention once windows are long (16 streams, the default model, `bench/tradeoff.py`, one run
 each: 711 s against 777 s on lcet10.txt at 1024 tokens, 318 s against 354 s on alice29.txt,
 234 s against 242 s on alice29.txt at 512 tokens). Flash attention is faster only while
-windows are short (a probe outside bench/: 254 against 235 tokens/s over the first 200 steps).
+windows are short (a probe outside bench/: 254 against 235 tokens/s over the first 200 steps),
+and on whole small files the two took the same time (README, "Attention mode").
 
 The "stable" mode, the CPU default of earlier files, keeps flash attention
 thread-independent: contexts of two or more streams run flash attention and add a companion
