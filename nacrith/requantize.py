@@ -30,6 +30,7 @@ GGML_Q4_1, GGML_Q8_0 = 3, 8
 FILE_TYPE_KEY, FILE_TYPE_Q8_0 = "general.file_type", 7
 DEFAULT_ALIGNMENT = 32
 QK = 32  # weights per block in both formats
+COPY_BYTES = 1 << 22  # about this many bytes of tensor data per read while copying (whole blocks)
 Q4_1_BLOCK = np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", QK // 2)])  # 20 bytes
 Q8_0_BLOCK = np.dtype([("d", "<f2"), ("qs", "i1", QK)])  # 34 bytes
 # bytes per block and weights per block of the types a model file may hold
@@ -146,8 +147,27 @@ def rewrite_q4_1_as_q8_0(source: BinaryIO, target: BinaryIO) -> None:
     for tensor, at in placed:
         target.write(bytes(at - written))
         source.seek(layout.data_start + tensor.offset)
-        raw = read_exact(source, tensor.nbytes())
+        written = at + _copy_tensor(source, target, tensor)
+    target.write(bytes(offset - written))  # the last tensor's padding, as gguf writers leave it
+
+
+def _copy_tensor(source: BinaryIO, target: BinaryIO, tensor: Tensor) -> int:
+    """Copy ``tensor``'s data from ``source`` (positioned at it) to ``target``, Q4_1 as Q8_0,
+    a whole number of blocks at a time; the number of bytes written.
+
+    In pieces of about :data:`COPY_BYTES`: a tensor may be larger than
+    :func:`~nacrith.gguf.read_exact`'s bound on one read, and the float32 temporaries of a
+    Q4_1 piece (6.4 bytes per byte of it, each) stay small. The rewrite is block by block, so
+    the pieces do not change the bytes written."""
+    block_bytes = _BLOCKS[tensor.kind][0]
+    piece = max(1, COPY_BYTES // block_bytes) * block_bytes
+    left, written = tensor.nbytes(), 0
+    while left:
+        size = min(left, piece)
+        raw = source.read(size)
+        if len(raw) != size:
+            raise GGUFFormatError("truncated GGUF tensor data")
         data = q4_1_to_q8_0(raw) if tensor.kind == GGML_Q4_1 else raw
         target.write(data)
-        written = at + len(data)
-    target.write(bytes(offset - written))  # the last tensor's padding, as gguf writers leave it
+        left, written = left - size, written + len(data)
+    return written

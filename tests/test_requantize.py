@@ -189,3 +189,70 @@ def test_a_session_of_another_model_is_not_used_for_a_file(session):
     out = io.BytesIO()
     pipeline.decompress_to(blob, out, session=session)
     assert out.getvalue() == data
+
+
+def test_tensor_data_is_copied_in_pieces_of_whole_blocks(monkeypatch):
+    """Pieces of two blocks write the same bytes as one read of the whole tensor; a tensor
+    whose data ends early is a GGUFFormatError."""
+    q4 = q4_1_blocks([0.25, 0.5, 1.0, 0.125, 3.0], [0.0, -1.0, 2.0, -3.0, 0.5])
+    norm = np.arange(37, dtype=np.float32).tobytes()
+    source = gguf_file([(b"norm.weight", (37,), 0, norm), (b"blk.0.w", (32, 5), 3, q4)])
+    whole = io.BytesIO()
+    requantize.rewrite_q4_1_as_q8_0(io.BytesIO(source), whole)
+    monkeypatch.setattr(requantize, "COPY_BYTES", 2 * requantize.Q4_1_BLOCK.itemsize)
+    pieces = io.BytesIO()
+    requantize.rewrite_q4_1_as_q8_0(io.BytesIO(source), pieces)
+    assert pieces.getvalue() == whole.getvalue()
+    with pytest.raises(requantize.GGUFFormatError, match="truncated GGUF tensor data"):
+        requantize.rewrite_q4_1_as_q8_0(io.BytesIO(source[:-40]), io.BytesIO())
+
+
+class _ZerosAfter(io.RawIOBase):
+    """A readable, seekable file: ``head``, then zeros up to ``size`` bytes in all."""
+
+    def __init__(self, head: bytes, size: int):
+        self.head, self.size, self.at = head, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.at = offset if whence == io.SEEK_SET else self.at + offset
+        return self.at
+
+    def tell(self) -> int:
+        return self.at
+
+    def readinto(self, buffer) -> int:
+        count = max(0, min(len(buffer), self.size - self.at))
+        head = self.head[self.at:self.at + count]
+        buffer[:len(head)] = head
+        buffer[len(head):count] = bytes(count - len(head))
+        self.at += count
+        return count
+
+
+class _CountingSink(io.RawIOBase):
+    def __init__(self):
+        self.count = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.count += len(data)
+        return len(data)
+
+
+def test_a_tensor_larger_than_one_header_read_is_copied():
+    """A 280 MB f32 tensor: more than gguf.read_exact allows in one read (256 MiB), which the
+    rewrite used to refuse as an implausible size."""
+    weights = 70_000_000
+    head = gguf_file([(b"big", (weights,), 0, b"")])
+    source = _ZerosAfter(head, len(head) + 4 * weights)
+    sink = _CountingSink()
+    requantize.rewrite_q4_1_as_q8_0(source, sink)
+    assert sink.count == len(head) + 4 * weights
