@@ -25,14 +25,14 @@ class GGUFFormatError(ValueError):
     """The file is not a GGUF file this reader understands."""
 
 
-def read_exact(handle: BinaryIO, size: int) -> bytes:
-    """``size`` bytes of ``handle``; :class:`GGUFFormatError` if fewer are left or ``size`` is
-    implausible for a header."""
+def read_exact(handle: BinaryIO, size: int, part: str = "header") -> bytes:
+    """``size`` bytes of ``handle``; :class:`GGUFFormatError` if fewer are left (the message
+    names ``part``, the part of the file being read) or ``size`` is implausible for one read."""
     if size > _MAX_VALUE_BYTES:  # before reading: a damaged length would allocate that much
         raise GGUFFormatError("implausible GGUF value size")
     data = handle.read(size)
     if len(data) != size:
-        raise GGUFFormatError("truncated GGUF header")
+        raise GGUFFormatError(f"truncated GGUF {part}")
     return data
 
 

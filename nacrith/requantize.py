@@ -155,8 +155,8 @@ def _copy_tensor(source: BinaryIO, target: BinaryIO, tensor: Tensor) -> int:
     """Copy ``tensor``'s data from ``source`` (positioned at it) to ``target``, Q4_1 as Q8_0,
     a whole number of blocks at a time; the number of bytes written.
 
-    In pieces of about :data:`COPY_BYTES`: a tensor may be larger than
-    :func:`~nacrith.gguf.read_exact`'s bound on one read, and the float32 temporaries of a
+    In pieces of about :data:`COPY_BYTES`, each far under :func:`~nacrith.gguf.read_exact`'s
+    bound on one read, which a whole tensor may pass; and the float32 temporaries of a
     Q4_1 piece (6.4 bytes per byte of it, each) stay small. The rewrite is block by block, so
     the pieces do not change the bytes written."""
     block_bytes = _BLOCKS[tensor.kind][0]
@@ -164,9 +164,7 @@ def _copy_tensor(source: BinaryIO, target: BinaryIO, tensor: Tensor) -> int:
     left, written = tensor.nbytes(), 0
     while left:
         size = min(left, piece)
-        raw = source.read(size)
-        if len(raw) != size:
-            raise GGUFFormatError("truncated GGUF tensor data")
+        raw = read_exact(source, size, "tensor data")
         data = q4_1_to_q8_0(raw) if tensor.kind == GGML_Q4_1 else raw
         target.write(data)
         left, written = left - size, written + len(data)
