@@ -319,21 +319,24 @@ def main_group():
               help=f"Tokens in each stream's context window.  [default: the level's, {DEFAULT_CTX} at {DEFAULT_LEVEL}]")
 @click.option("--slide", type=click.IntRange(min=1), default=None, help="Tokens dropped from a full window.  [default: a quarter of --ctx]")
 @click.option("--block-size", type=click.IntRange(min=1), default=DEFAULT_BLOCK_SIZE, show_default=True, help="Bytes per independently coded block.")
+@click.option("--engine", type=click.Choice(["llama.cpp", "exact"]), default=None,
+              help="What runs the model: 'exact' (integer arithmetic: files decode on any machine) or 'llama.cpp' (files decode only "
+                   "with the same llama.cpp build and backend; needed for --gpus).  [default: llama.cpp]")
 @click.option("--llm-only", is_flag=True, help="The language model alone, no ensemble.")
 @click.option("--no-ngram", is_flag=True, help="Ensemble without the token n-gram model.")
 @click.option("--no-match", is_flag=True, help="Ensemble without the long-range match model.")
 @click.option("--no-bias", is_flag=True, help="Ensemble without the adaptive bias head.")
 @click.option("--no-mixer", is_flag=True, help="Fixed mixing weights instead of learned ones.")
 @click.option("--no-skip", is_flag=True, help="Always use the model's logits (no confidence skip).")
-def compress_command(files, output, to_stdout, force, keep, remove, recursive, quiet, verbose, model, threads, workers, gpus, level, streams, ctx, slide, block_size, llm_only,
-                     no_ngram, no_match, no_bias, no_mixer, no_skip):
+def compress_command(files, output, to_stdout, force, keep, remove, recursive, quiet, verbose, model, threads, workers, gpus, level, streams, ctx, slide, block_size, engine,
+                     llm_only, no_ngram, no_match, no_bias, no_mixer, no_skip):
     """Compress FILES (or standard input) to FILE.nc.
 
     Decompression needs no options: the file records how it was made.
     """
     ensemble = None if llm_only else ensemble_config(no_ngram, no_match, no_bias, no_mixer, no_skip)
     settings = pipeline.Settings(model=model, level=level, streams=streams, ctx=ctx, slide=slide, block_size=block_size, threads=threads, ensemble=ensemble,
-                                 gpu=gpus is not None, gpu_ids=gpus or None)
+                                 gpu=gpus is not None, gpu_ids=gpus or None, engine=engine)
     try:
         settings.validate()
     except ValueError as exc:
@@ -455,7 +458,10 @@ def info_command(files, as_json):
         if model:
             click.echo(f"  model       {model['name']} sha256 {model['sha256']}" + (f" (--model {model['zoo_name']})" if model["zoo_name"] else ""))
             backend = f"cpu ({model['cpu_build']})" if model["cpu_build"] else model["backend"]
-            click.echo(f"  engine      {model['engine']} on {backend}, attention {model['attention']}")
+            if model["backend"] == "any":
+                click.echo(f"  engine      {model['engine']}: decodes on any machine")
+            else:
+                click.echo(f"  engine      {model['engine']} on {backend}, attention {model['attention']}")
             click.echo(f"  window      ctx {model['ctx']}, slide {model['slide']}")
             click.echo(f"  predictor   {json.dumps(model['predictor'], sort_keys=True)}")
             parts = model["parts"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from . import container as fmt
 from .coder import CODERS
 from .engine import ATTENTION_MODES
-from .errors import BackendMismatchError, ModelMismatchError, ModelNotFoundError, UnsupportedVersionError
+from .errors import BackendMismatchError, CorruptError, ModelMismatchError, ModelNotFoundError, UnsupportedVersionError
 from .predictors import make_predictor
 from .settings import Settings
 
@@ -25,7 +25,7 @@ def model_section(settings: Settings, gpu_model: str | None = None) -> fmt.Model
     return fmt.ModelSection(
         sha256=info.sha256,
         name=info.name,
-        engine=engine_name(),
+        engine=engine_name(settings.engine),
         backend=recorded_backend(settings, gpu_model),
         ctx=settings.ctx,
         slide=settings.slide,
@@ -38,7 +38,9 @@ def model_section(settings: Settings, gpu_model: str | None = None) -> fmt.Model
 def recorded_backend(settings: Settings, gpu_model: str | None = None) -> str:
     """What a container made with ``settings`` records as its backend: "cpu:" and this
     llama.cpp build's CPU arithmetic (:func:`nacrith.engine.cpu_build`), or "cuda:" and the
-    GPUs' name."""
+    GPUs' name; "any" for the exact engine, whose files decode on any machine."""
+    if settings.engine == "exact":
+        return "any"
     if settings.gpu:
         return f"cuda:{gpu_model}" if gpu_model else settings.backend
     return cpu_backend()
@@ -85,27 +87,32 @@ def check_decodable(parsed: fmt.Container, model: str | None = None, any_cpu_bui
     Checks the model's SHA-256, the engine, the predictor settings and the backend: a CPU
     file that records its llama.cpp CPU build is refused by a build of other features
     (:data:`THREADING_FEATURES` aside) unless ``any_cpu_build`` (then the checksum tells
-    whether the logits were the same).
+    whether the logits were the same). A file of the exact engine needs only a nacrith that
+    implements its spec version: it names no backend ("any").
     """
     section = parsed.header.model
     if not parsed.uses_model:
         return None
     from .engine import gpu_available, gpu_missing
+    from .exact.engine import SPEC_VERSION, spec_of
     from .session import engine_name
 
     model_path = _decoding_model(section, model)
+    spec = spec_of(section.engine)
+    if spec is not None:
+        if spec != SPEC_VERSION:
+            raise UnsupportedVersionError(f"this file was made with the exact engine's spec {spec}; this nacrith implements spec {SPEC_VERSION}")
+        if section.backend != "any":
+            raise CorruptError(f"corrupt container: an exact-engine file with backend {section.backend!r}")
+        _check_predictor_and_coder(section)
+        return model_path
     if section.engine != engine_name():
         raise BackendMismatchError(f"this file was made with {section.engine}; this is {engine_name()}, whose logits may differ")
-    try:
-        make_predictor(section.predictor, 16, 1)
-    except (ValueError, TypeError) as exc:
-        raise UnsupportedVersionError(f"this file uses predictor settings this nacrith does not know ({exc})") from None
+    _check_predictor_and_coder(section)
     if section.backend_kind not in ("cpu", "cuda"):
         raise BackendMismatchError(f"this file was made on an unknown backend {section.backend!r}")
     if section.attention not in ATTENTION_MODES:
         raise UnsupportedVersionError(f"this file uses an attention mode this nacrith does not know ({section.attention!r})")
-    if section.coder not in CODERS:
-        raise UnsupportedVersionError(f"this file uses a range coder this nacrith does not know ({section.coder!r})")
     if section.backend_kind == "cuda" and not gpu_available():
         raise BackendMismatchError(f"this file was made on a CUDA GPU; {gpu_missing()}, and CPU logits differ")
     if section.cpu_build is not None and not any_cpu_build:
@@ -114,6 +121,16 @@ def check_decodable(parsed: fmt.Container, model: str | None = None, any_cpu_bui
         if arithmetic_of(section.cpu_build) != arithmetic_of(cpu_build()):
             raise BackendMismatchError(cpu_build_mismatch(section.cpu_build, cpu_build()))
     return model_path
+
+
+def _check_predictor_and_coder(section: fmt.ModelSection) -> None:
+    """Refuse predictor settings or a range coder this nacrith does not know."""
+    try:
+        make_predictor(section.predictor, 16, 1)
+    except (ValueError, TypeError) as exc:
+        raise UnsupportedVersionError(f"this file uses predictor settings this nacrith does not know ({exc})") from None
+    if section.coder not in CODERS:
+        raise UnsupportedVersionError(f"this file uses a range coder this nacrith does not know ({section.coder!r})")
 
 
 def _decoding_model(section: fmt.ModelSection, model: str | None):

@@ -123,8 +123,8 @@ TABLES = {
                      "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
                      "0c1d3326cd9793cfb7296113c063dd5c24e2bd734b48ec1a3d01b7158eca9387"),
     "model_name": ("SmolLM2-135M-Instruct.Q4_1.gguf", "gemma-3-270m-q4_k_m.gguf", "SmolLM2-135M-Instruct.Q4_1-as-Q8_0.gguf"),
-    "engine": ("llama.cpp (llama-cpp-python 0.3.36)",),
-    "backend": ("cpu", "cuda", "cpu:x86_64/520000f7"),  # the last: `make install`'s build (see CPU_FEATURES)
+    "engine": ("llama.cpp (llama-cpp-python 0.3.36)", "exact (spec 1)"),
+    "backend": ("cpu", "cuda", "cpu:x86_64/520000f7", "any"),  # cpu:...: `make install`'s build (see CPU_FEATURES); any: the exact engine
     "predictor": ('{"ensemble":"v4","llm":"exp2-q64"}', '{"llm":"exp2-q64"}'),
     "coder": ("int24", "constriction"),
 }

@@ -169,10 +169,11 @@ class LlamaModel(_ClosedWhenCollected):
     """A GGUF model loaded through llama.cpp.
 
     ``gpu=True`` offloads every layer to the GPU numbered ``main_gpu`` (no layer splitting
-    across GPUs); it needs a llama.cpp build with GPU support.
+    across GPUs); it needs a llama.cpp build with GPU support. ``vocab_only`` loads the
+    vocabulary alone (for the tokenizer of another engine): no weights, no contexts.
     """
 
-    def __init__(self, path: str | os.PathLike, gpu: bool = False, main_gpu: int = 0):
+    def __init__(self, path: str | os.PathLike, gpu: bool = False, main_gpu: int = 0, vocab_only: bool = False):
         _init_backend()
         path = Path(path)
         if not path.is_file():
@@ -181,6 +182,7 @@ class LlamaModel(_ClosedWhenCollected):
             raise EngineError("this llama.cpp build has no GPU support (see `make install-cuda`)")
         params = L.llama_model_default_params()
         params.n_gpu_layers = -1 if gpu else 0
+        params.vocab_only = vocab_only
         if gpu:
             params.split_mode = 0  # LLAMA_SPLIT_MODE_NONE: the whole model on main_gpu
             params.main_gpu = main_gpu

@@ -69,3 +69,8 @@ class OutputError(UsageError):
 
     def __init__(self, target, exc: OSError):
         super().__init__(f"cannot write {target} ({exc.strerror or exc})")
+
+
+class UnsupportedModelError(NacrithError):
+    """The model file is one the chosen engine cannot run (another architecture, a tensor
+    type it does not read); the message says why in one line."""

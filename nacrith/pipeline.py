@@ -39,6 +39,7 @@ from .model import locate as locate_model
 from .predictors import make_predictor, model_alone
 from .reuse import LocalSession, planned_workers, reuse_sessions, worker_pool
 from .segment import split_segments
+from .session import engine_of
 from .settings import Progress, Settings
 
 SPOOL_IN_MEMORY = 64 << 20  # bytes held in memory, more going to a temporary file: blocks being written, piped input
@@ -296,8 +297,8 @@ def compress_stream(source: BinaryIO, destination: BinaryIO, settings: Settings,
     container is the same whatever the worker count.
     """
     settings.validate()
-    if session is not None and settings.use_model and session.info.sha256 != locate_model(settings.model).sha256:
-        session = None  # a session of another model than the header will name: load that model instead
+    if session is not None and settings.use_model and (session.info.sha256 != locate_model(settings.model).sha256 or session.engine != settings.engine):
+        session = None  # a session of another model or engine than the header will name: load that one instead
     writer = ContainerWriter()
     blocks = read_blocks(source, settings.block_size)
     size = remaining_size(source)
@@ -305,11 +306,12 @@ def compress_stream(source: BinaryIO, destination: BinaryIO, settings: Settings,
     request = (workers, settings.gpu, settings.streams, settings.ctx, settings.threads, settings.gpu_ids, n_blocks, settings.model_only, settings.model)
     plan = planned_workers(*request)
     if plan.contexts <= 1 or session is not None:
-        factory = LocalSession(settings.model, settings.gpu, plan.threads if settings.threads is None else settings.threads, session, plan.devices[0])
+        factory = LocalSession(settings.model, settings.gpu, plan.threads if settings.threads is None else settings.threads, session, plan.devices[0],
+                               settings.engine)
         for block in blocks:
             writer.add(block, compress_block(block, settings, factory, progress))
     else:
-        with worker_pool(plan, settings.model, progress, request) as pool:
+        with worker_pool(plan, settings.model, progress, request, settings.engine) as pool:
             for block, encoded in pool.compress(blocks, settings):
                 writer.add(block, encoded)
     size = writer.finish(destination, lambda: model_section(settings, plan.gpu_model))
@@ -350,6 +352,9 @@ def _decode_checked(parsed: fmt.Container, model_path, destination: BinaryIO, pr
     """:func:`decode_parsed` once :func:`check_decodable` has passed and given ``model_path``."""
     section = parsed.header.model
     gpu = section is not None and section.backend_kind == "cuda"
+    engine = engine_of(section.engine) if section is not None else "llama.cpp"
+    if session is not None and parsed.uses_model and session.engine != engine:
+        session = None  # a session of another engine: load the file's own
     if session is not None and parsed.uses_model and session.backend != section.backend_kind:
         raise BackendMismatchError(f"this file was made on {section.backend}, the session runs on {session.backend}")
     if session is not None and parsed.uses_model and session.info.sha256 != section.sha256:
@@ -361,13 +366,13 @@ def _decode_checked(parsed: fmt.Container, model_path, destination: BinaryIO, pr
                max(1, model_blocks), model_only, model_path, section.gpu_model if gpu and not any_gpu_model else None)
     plan = planned_workers(*request)
     if plan.contexts <= 1 or model_blocks <= 1 or session is not None:
-        factory = LocalSession(model_path, gpu, plan.threads if threads is None else threads, session, plan.devices[0])
+        factory = LocalSession(model_path, gpu, plan.threads if threads is None else threads, session, plan.devices[0], engine)
         decoded = (decode_block(block, section, factory, progress) for block in parsed.blocks)
         for data in decoded:
             digest.update(data)
             destination.write(data)
     else:
-        with worker_pool(plan, model_path, progress, request) as pool:
+        with worker_pool(plan, model_path, progress, request, engine) as pool:
             for data in pool.decode(parsed.blocks, section):
                 digest.update(data)
                 destination.write(data)

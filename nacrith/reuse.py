@@ -11,8 +11,8 @@ class LocalSession:
     """A session created on first use in this process (for work without worker processes);
     inside :func:`reuse_sessions`, the one already loaded for the same model and device."""
 
-    def __init__(self, model: str | None, gpu: bool, threads: int | None, session=None, main_gpu: int | None = None):
-        self.model, self.gpu, self.threads, self.main_gpu = model, gpu, threads, main_gpu or 0
+    def __init__(self, model: str | None, gpu: bool, threads: int | None, session=None, main_gpu: int | None = None, engine: str = "llama.cpp"):
+        self.model, self.gpu, self.threads, self.main_gpu, self.engine = model, gpu, threads, main_gpu or 0, engine
         self.session = session
 
     def __call__(self):
@@ -21,19 +21,19 @@ class LocalSession:
             from .session import Session  # loads llama.cpp only when a block needs it
 
             if _reused is None:
-                self.session = Session(self.model, gpu=self.gpu, threads=self.threads, main_gpu=self.main_gpu)
+                self.session = Session(self.model, gpu=self.gpu, threads=self.threads, main_gpu=self.main_gpu, engine=self.engine)
             else:
                 info = model_files.locate(self.model)
-                key = (info.path, info.sha256, self.gpu, self.threads, self.main_gpu)
+                key = (info.path, info.sha256, self.gpu, self.threads, self.main_gpu, self.engine)
                 if key not in _reused:
                     _close_reused()  # one at a time: each holds a model and its contexts
-                    _reused[key] = Session(info.path, gpu=self.gpu, threads=self.threads, main_gpu=self.main_gpu)
+                    _reused[key] = Session(info.path, gpu=self.gpu, threads=self.threads, main_gpu=self.main_gpu, engine=self.engine)
                 self.session = _reused[key]
         return self.session
 
 
-# in reuse_sessions(): (model file, SHA-256, GPU?, threads, GPU index) -> Session, and
-# ("pool", WorkerPlan, model file, SHA-256) -> WorkerPool; one entry at a time
+# in reuse_sessions(): (model file, SHA-256, GPU?, threads, GPU index, engine) -> Session, and
+# ("pool", WorkerPlan, model file, SHA-256, engine) -> WorkerPool; one entry at a time
 _reused: dict[tuple, object] | None = None
 
 
@@ -57,26 +57,27 @@ def planned_workers(*request):
 
 
 @contextmanager
-def worker_pool(plan, model: str | None, progress: Progress | None, request: tuple = ()):
+def worker_pool(plan, model: str | None, progress: Progress | None, request: tuple = (), engine: str = "llama.cpp"):
     """A :class:`nacrith.workers.WorkerPool` for ``plan``, shut down at the end of the block;
     inside :func:`reuse_sessions`, the pool already running for the same plan and model
     file, kept for the next file (its processes have their models loaded and contexts
     created). A pool whose file fails is stopped and dropped: blocks of that file may still
-    be running in it. ``request``: what :func:`planned_workers` was asked for ``plan``.
+    be running in it. ``request``: what :func:`planned_workers` was asked for ``plan``;
+    ``engine``: the engine its workers load.
     """
     from .workers import WorkerPool
 
     if _reused is None:
-        with WorkerPool(plan, model, progress) as pool:
+        with WorkerPool(plan, model, progress, engine=engine) as pool:
             yield pool
         return
     from . import model as model_files
 
     info = model_files.locate(model)
-    key = ("pool", plan, info.path, info.sha256)
+    key = ("pool", plan, info.path, info.sha256, engine)
     if key not in _reused:
         _close_reused()  # one at a time: each holds models and their contexts
-        _reused[key] = WorkerPool(plan, info.path, progress, reusable=True)
+        _reused[key] = WorkerPool(plan, info.path, progress, reusable=True, engine=engine)
     pool = _reused[key]
     pool.progress, pool.request = progress, request
     try:

@@ -3,6 +3,10 @@
 Loading the model and building the piece table take a fraction of a second; creating a
 context allocates its KV cache. A :class:`Session` does each once per process and hands
 out a context per (streams, window) shape, so consecutive blocks reuse it.
+
+A session runs one of two engines (:data:`ENGINES`): ``llama.cpp`` (:mod:`nacrith.engine`)
+or ``exact`` (:mod:`nacrith.exact`, integer arithmetic whose files decode on any machine).
+The tokenizer is llama.cpp's either way (the exact engine loads the vocabulary alone).
 """
 from __future__ import annotations
 
@@ -13,26 +17,55 @@ from .engine import LlamaModel, LockstepContext, default_attention, llama_cpp_ve
 from .tokenizer import Tokenizer
 
 MAX_CACHED_CONTEXTS = 2  # the usual block shape and the smaller last block
+ENGINES = ("llama.cpp", "exact")
+DEFAULT_ENGINE = "llama.cpp"
 
 
-def engine_name() -> str:
-    """The engine string recorded in containers."""
+def engine_name(engine: str = "llama.cpp") -> str:
+    """The engine string recorded in containers made with ``engine`` (one of :data:`ENGINES`)."""
+    if engine == "exact":
+        from .exact.engine import engine_name as exact_name
+
+        return exact_name()
     return f"llama.cpp (llama-cpp-python {llama_cpp_version()})"
+
+
+def engine_of(recorded: str) -> str:
+    """Which of :data:`ENGINES` made a file whose header records the engine string ``recorded``."""
+    from .exact.engine import spec_of
+
+    return "exact" if spec_of(recorded) is not None else "llama.cpp"
 
 
 class Session:
     """Model, tokenizer and contexts for one process and one backend."""
 
-    def __init__(self, model_path=None, gpu: bool = False, threads: int | None = None, main_gpu: int = 0):
+    def __init__(self, model_path=None, gpu: bool = False, threads: int | None = None, main_gpu: int = 0, engine: str = DEFAULT_ENGINE):
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}")
         self.info = model_files.locate(model_path)
-        self.llama = LlamaModel(self.info.path, gpu=gpu, main_gpu=main_gpu)
-        self.tokenizer = Tokenizer(self.llama)
+        self.engine = engine
+        if engine == "exact":
+            if gpu:
+                from .errors import EngineError
+
+                raise EngineError("the exact engine runs on the CPU (--gpus needs --engine llama.cpp)")
+            from .exact.engine import ExactModel
+
+            self.llama = ExactModel(self.info.path, self.info.sha256, threads)
+            self._vocab = LlamaModel(self.info.path, vocab_only=True)
+            self.tokenizer = Tokenizer(self._vocab)
+        else:
+            self.llama = LlamaModel(self.info.path, gpu=gpu, main_gpu=main_gpu)
+            self._vocab = None
+            self.tokenizer = Tokenizer(self.llama)
         self.threads = threads
         self._contexts: OrderedDict[tuple[int, int, str], LockstepContext] = OrderedDict()
 
     @property
     def backend(self) -> str:
-        return self.llama.backend
+        """"cpu" or "cuda" for llama.cpp; "any" for the exact engine, whose files decode anywhere."""
+        return "any" if self.engine == "exact" else self.llama.backend
 
     def context(self, n_streams: int, ctx: int, attention: str | None = None) -> LockstepContext:
         """A context for exactly ``n_streams`` streams of ``ctx`` tokens (cleared by the caller).
@@ -47,7 +80,10 @@ class Session:
         while len(self._contexts) >= MAX_CACHED_CONTEXTS:
             _, old = self._contexts.popitem(last=False)
             old.close()
-        context = LockstepContext(self.llama, n_streams, ctx, self.threads, attention)
+        if self.engine == "exact":
+            context = self.llama.context(n_streams, ctx, self.threads)
+        else:
+            context = LockstepContext(self.llama, n_streams, ctx, self.threads, attention)
         self._contexts[key] = context
         return context
 
@@ -56,3 +92,5 @@ class Session:
             context.close()
         self._contexts.clear()
         self.llama.close()
+        if self._vocab is not None:
+            self._vocab.close()

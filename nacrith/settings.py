@@ -95,6 +95,7 @@ class Settings:
     attention: str | None = None  # one of engine.ATTENTION_MODES; None: the backend's default ("off" on the CPU)
     coder: str = DEFAULT_CODER  # the range coder, one of coder.CODERS
     level: int | None = None  # None: DEFAULT_LEVEL
+    engine: str | None = None  # "llama.cpp" or "exact" (session.ENGINES); None: session.DEFAULT_ENGINE
 
     def __post_init__(self):
         # resolved here, so that every reader of .streams, .ctx, ... sees a number; on a GPU
@@ -112,6 +113,10 @@ class Settings:
                 object.__setattr__(self, name, value)
         if self.slide is None:
             object.__setattr__(self, "slide", default_slide(self.ctx))
+        if self.engine is None:
+            from .session import DEFAULT_ENGINE
+
+            object.__setattr__(self, "engine", DEFAULT_ENGINE)
 
     def validate(self) -> "Settings":
         if self.streams < 1:
@@ -127,15 +132,30 @@ class Settings:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}")
         if self.coder not in CODERS:
             raise ValueError(f"coder must be one of {', '.join(CODERS)}")
+        from .session import ENGINES
+
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}")
+        if self.engine == "exact" and self.gpu:
+            raise ValueError("the exact engine runs on the CPU: --gpus needs --engine llama.cpp")
+        if self.engine == "exact" and self.attention not in (None, "off"):
+            raise ValueError("the exact engine has one attention: --attention applies to --engine llama.cpp")
         return self
 
     @property
     def backend(self) -> str:
+        """Where the model runs: "cpu" or "cuda" (llama.cpp), "any" for the exact engine,
+        whose files decode on any machine."""
+        if self.engine == "exact":
+            return "any"
         return "cuda" if self.gpu else "cpu"
 
     @property
     def attention_mode(self) -> str:
-        """The flash-attention mode recorded in the container and used by the engine."""
+        """The flash-attention mode recorded in the container and used by the engine ("off"
+        for the exact engine, which has one attention of its own)."""
+        if self.engine == "exact":
+            return "off"
         return self.attention or default_attention(self.backend)
 
     @property
@@ -159,6 +179,6 @@ class Settings:
 
     def describe(self) -> dict:
         """The settings as a JSON-ready dict."""
-        values = {name: getattr(self, name) for name in ("level", "streams", "ctx", "slide", "block_size", "min_stream_tokens", "threads", "gpu")}
+        values = {name: getattr(self, name) for name in ("level", "streams", "ctx", "slide", "block_size", "min_stream_tokens", "threads", "gpu", "engine")}
         return {**values, "attention": self.attention_mode, "predictor": self.predictor}
 

@@ -206,8 +206,8 @@ _lane = threading.local()  # each lane thread's own Session
 _reporting = threading.Lock()  # progress counts shared by the lanes
 
 
-def _initialize(model_path, threads: int, devices, progress_queue, lanes: int = 1) -> None:
-    _worker.update(model_path=model_path, threads=threads, device=devices.get(), progress_queue=progress_queue, pending=0.0, sent=time.monotonic(),
+def _initialize(model_path, threads: int, devices, progress_queue, lanes: int = 1, engine: str = "llama.cpp") -> None:
+    _worker.update(model_path=model_path, threads=threads, device=devices.get(), progress_queue=progress_queue, pending=0.0, sent=time.monotonic(), engine=engine,
                    lanes=ThreadPoolExecutor(lanes, thread_name_prefix="nacrith-lane") if lanes > 1 else None)
 
 
@@ -217,7 +217,8 @@ def _session():
         from .session import Session
 
         device = _worker["device"]
-        session = _lane.session = Session(_worker["model_path"], gpu=device is not None, threads=_worker["threads"], main_gpu=device or 0)
+        session = _lane.session = Session(_worker["model_path"], gpu=device is not None, threads=_worker["threads"], main_gpu=device or 0,
+                                          engine=_worker["engine"])
     return session
 
 
@@ -275,10 +276,12 @@ def _decode_job(blocks: list, section) -> list:
 class WorkerPool:
     """A pool of worker processes that returns results in submission order."""
 
-    def __init__(self, plan: WorkerPlan, model_path, progress: Callable[[float], None] | None = None, reusable: bool = False):
+    def __init__(self, plan: WorkerPlan, model_path, progress: Callable[[float], None] | None = None, reusable: bool = False,
+                 engine: str = "llama.cpp"):
         """``reusable``: the pool may code several files (:func:`nacrith.reuse.worker_pool`),
         each with its own ``progress`` (set :attr:`progress` between them), so its workers
-        report progress even when this first file shows none."""
+        report progress even when this first file shows none. ``engine``: what the workers
+        run the model with (:data:`nacrith.session.ENGINES`)."""
         context = multiprocessing.get_context("spawn")  # llama.cpp's threads do not survive fork
         self.plan = plan
         self.progress = progress
@@ -289,7 +292,7 @@ class WorkerPool:
         for device in plan.devices:
             devices.put(device)
         model = None if model_path is None else os.fspath(model_path)
-        self.executor = ProcessPoolExecutor(plan.processes, mp_context=context, initializer=_initialize, initargs=(model, plan.threads, devices, self.progress_queue, plan.lanes))
+        self.executor = ProcessPoolExecutor(plan.processes, mp_context=context, initializer=_initialize, initargs=(model, plan.threads, devices, self.progress_queue, plan.lanes, engine))
 
     def __enter__(self):
         return self

@@ -1,0 +1,142 @@
+"""The exact engine behind nacrith's engine interface: :class:`ExactModel` and its contexts.
+
+An :class:`ExactModel` plays the part of :class:`nacrith.engine.LlamaModel` (``n_vocab``,
+``bos``, ``n_ctx_train``, ``backend``) and makes :class:`ExactContext` objects that
+behave as :class:`nacrith.engine.LockstepContext` does (``reset``, ``step``, ``slide``):
+the lockstep coder, the predictors and the container do not know which engine runs.
+Logits come out as float32 rows equal to the engine's integers times 2^-14, exactly.
+
+Which implementation computes the integers (all give the same ones):
+
+* ``simd``: the C kernel's fastest path on this CPU (AVX-512 VNNI, else AVX2, else scalar);
+* ``scalar``: the C kernel's plain C path;
+* ``avx2`` / ``vnni``: one SIMD path of the C kernel, where the CPU has it;
+* ``reference``: the numpy reference (:mod:`nacrith.exact.reference`), slow.
+
+``NACRITH_EXACT_IMPL`` chooses one; by default ``simd``, or ``reference`` where the C
+kernel was not built.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..errors import EngineError
+from . import kernel
+from .reference import F, SPEC_VERSION, ReferenceContext
+from .weights import load_cached
+
+IMPLEMENTATIONS = ("simd", "scalar", "avx2", "vnni", "reference")
+ENGINE_PREFIX = "exact (spec "
+
+
+def engine_name(spec: int = SPEC_VERSION) -> str:
+    """The engine string containers record for files of this engine: ``exact (spec 1)``."""
+    return f"{ENGINE_PREFIX}{spec})"
+
+
+def spec_of(engine: str) -> int | None:
+    """The spec version an engine string names, None if it is not the exact engine's."""
+    if not engine.startswith(ENGINE_PREFIX) or not engine.endswith(")"):
+        return None
+    number = engine[len(ENGINE_PREFIX):-1]
+    return int(number) if number.isdigit() else None
+
+
+def chosen_implementation(name: str | None = None) -> str:
+    """``name``, else ``$NACRITH_EXACT_IMPL``, else ``simd`` (``reference`` without the C
+    kernel); an unknown name, or a C path this build or CPU lacks, is an :class:`EngineError`."""
+    name = name or os.environ.get("NACRITH_EXACT_IMPL") or ("simd" if kernel.available() else "reference")
+    if name not in IMPLEMENTATIONS:
+        raise EngineError(f"NACRITH_EXACT_IMPL must be one of {', '.join(IMPLEMENTATIONS)}, not {name!r}")
+    if name != "reference" and not kernel.available():
+        raise EngineError(f"the exact engine's C kernel is not built, so {name!r} cannot run (NACRITH_EXACT_IMPL=reference can)")
+    wanted = {"avx2": 1, "vnni": 2}.get(name)
+    if wanted is not None and kernel.best_simd() < wanted:
+        raise EngineError(f"this CPU lacks the {name} path of the exact engine")
+    return name
+
+
+def simd_level(implementation: str) -> int | None:
+    """The C kernel's path number for an implementation name (None: the numpy reference)."""
+    return {"simd": kernel.best_simd(), "scalar": 0, "avx2": 1, "vnni": 2}.get(implementation)
+
+
+class ExactModel:
+    """A Llama-architecture GGUF model loaded for the exact engine (weights converted once
+    into nacrith's cache, see :func:`nacrith.exact.weights.load_cached`)."""
+
+    backend = "cpu"
+
+    def __init__(self, path, sha256: bytes, threads: int | None = None, implementation: str | None = None):
+        self.implementation = chosen_implementation(implementation)
+        self.weights = load_cached(path, sha256)
+        hyper = self.weights.hyper
+        self.path = path
+        self.n_vocab = hyper.n_vocab
+        self.n_ctx_train = hyper.n_ctx_train
+        self.bos = hyper.bos
+        self.threads = threads
+        level = simd_level(self.implementation)
+        self.kernel = None if level is None else kernel.KernelModel(self.weights)
+        self.simd = level
+
+    @property
+    def description(self) -> str:
+        """The implementation as run: ``reference``, or the C path's name."""
+        return "reference" if self.simd is None else f"C {kernel.SIMD_NAMES[self.simd]}"
+
+    def context(self, n_streams: int, ctx: int, threads: int | None = None) -> "ExactContext":
+        return ExactContext(self, n_streams, ctx, threads or self.threads)
+
+    def close(self) -> None:
+        self.kernel = None
+
+
+class ExactContext:
+    """Lockstep streams on the exact engine, as :class:`nacrith.engine.LockstepContext`."""
+
+    def __init__(self, model: ExactModel, n_streams: int, ctx: int, threads: int | None = None):
+        if n_streams < 1:
+            raise ValueError("n_streams must be at least 1")
+        if ctx < 8 or ctx > model.n_ctx_train:
+            raise ValueError(f"context length must be between 8 and {model.n_ctx_train}, got {ctx}")
+        self.model, self.n_streams, self.ctx = model, n_streams, ctx
+        from ..engine import default_threads
+
+        threads = threads or default_threads()
+        if model.kernel is None:
+            self.impl = ReferenceContext(model.weights, n_streams, ctx)
+        else:
+            self.impl = kernel.KernelContext(model.kernel, n_streams, ctx, threads, model.simd)
+        self.lengths = np.zeros(n_streams, np.int64)
+        self._scale = np.float32(2.0 ** -F)
+
+    def reset(self) -> None:
+        """Forget every stream's tokens."""
+        self.impl.reset()
+        self.lengths[:] = 0
+
+    def step(self, tokens: np.ndarray, positions: np.ndarray, want_logits: np.ndarray | None = None) -> np.ndarray:
+        """Feed ``tokens[i]`` at ``positions[i]`` to stream ``i``; float32 logits of the streams
+        with ``want_logits`` true (all when None), in stream order: the engine's integers
+        converted to float32 (exact below 2^24, correctly rounded above: the same on every
+        machine) times 2^-14."""
+        logits = self.impl.step(tokens, positions, want_logits)
+        n = len(tokens)
+        self.lengths[:n] = np.maximum(self.lengths[:n], np.asarray(positions, np.int64) + 1)
+        out = logits.astype(np.float32)
+        out *= self._scale
+        return out
+
+    def slide(self, stream: int, keep: int, drop: int) -> None:
+        """Drop ``drop`` cells after the first ``keep`` of ``stream`` and move the rest down."""
+        length = int(self.lengths[stream])
+        self.impl.slide(stream, keep, drop, length)
+        self.lengths[stream] = length - drop
+
+    def close(self) -> None:
+        close = getattr(self.impl, "close", None)
+        if close:
+            close()
