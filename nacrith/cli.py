@@ -321,7 +321,7 @@ def main_group():
 @click.option("--block-size", type=click.IntRange(min=1), default=DEFAULT_BLOCK_SIZE, show_default=True, help="Bytes per independently coded block.")
 @click.option("--engine", type=click.Choice(["llama.cpp", "exact"]), default=None,
               help="What runs the model: 'exact' (integer arithmetic: files decode on any machine) or 'llama.cpp' (files decode only "
-                   "with the same llama.cpp build and backend; needed for --gpus).  [default: llama.cpp]")
+                   "with the same llama.cpp build and backend; what --gpus runs).  [default: exact; llama.cpp with --gpus]")
 @click.option("--llm-only", is_flag=True, help="The language model alone, no ensemble.")
 @click.option("--no-ngram", is_flag=True, help="Ensemble without the token n-gram model.")
 @click.option("--no-match", is_flag=True, help="Ensemble without the long-range match model.")

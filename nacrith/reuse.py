@@ -11,8 +11,8 @@ class LocalSession:
     """A session created on first use in this process (for work without worker processes);
     inside :func:`reuse_sessions`, the one already loaded for the same model and device."""
 
-    def __init__(self, model: str | None, gpu: bool, threads: int | None, session=None, main_gpu: int | None = None, engine: str = "llama.cpp"):
-        self.model, self.gpu, self.threads, self.main_gpu, self.engine = model, gpu, threads, main_gpu or 0, engine
+    def __init__(self, model: str | None, gpu: bool, threads: int | None, session=None, main_gpu: int | None = None, engine: str | None = None):
+        self.model, self.gpu, self.threads, self.main_gpu, self.engine = model, gpu, threads, main_gpu or 0, _engine(engine, gpu)
         self.session = session
 
     def __call__(self):
@@ -56,8 +56,17 @@ def planned_workers(*request):
     return workers.plan_workers(*request)
 
 
+def _engine(engine: str | None, gpu: bool = False) -> str:
+    """``engine``, or the default one (:data:`nacrith.session.DEFAULT_ENGINE`; llama.cpp on GPUs)."""
+    if engine is not None:
+        return engine
+    from .session import DEFAULT_ENGINE
+
+    return "llama.cpp" if gpu else DEFAULT_ENGINE
+
+
 @contextmanager
-def worker_pool(plan, model: str | None, progress: Progress | None, request: tuple = (), engine: str = "llama.cpp"):
+def worker_pool(plan, model: str | None, progress: Progress | None, request: tuple = (), engine: str | None = None):
     """A :class:`nacrith.workers.WorkerPool` for ``plan``, shut down at the end of the block;
     inside :func:`reuse_sessions`, the pool already running for the same plan and model
     file, kept for the next file (its processes have their models loaded and contexts
@@ -67,6 +76,7 @@ def worker_pool(plan, model: str | None, progress: Progress | None, request: tup
     """
     from .workers import WorkerPool
 
+    engine = _engine(engine, plan.devices[0] is not None)
     if _reused is None:
         with WorkerPool(plan, model, progress, engine=engine) as pool:
             yield pool

@@ -95,7 +95,7 @@ class Settings:
     attention: str | None = None  # one of engine.ATTENTION_MODES; None: the backend's default ("off" on the CPU)
     coder: str = DEFAULT_CODER  # the range coder, one of coder.CODERS
     level: int | None = None  # None: DEFAULT_LEVEL
-    engine: str | None = None  # "llama.cpp" or "exact" (session.ENGINES); None: session.DEFAULT_ENGINE
+    engine: str | None = None  # "exact" or "llama.cpp" (session.ENGINES); None: session.DEFAULT_ENGINE, llama.cpp with gpu
 
     def __post_init__(self):
         # resolved here, so that every reader of .streams, .ctx, ... sees a number; on a GPU
@@ -113,10 +113,10 @@ class Settings:
                 object.__setattr__(self, name, value)
         if self.slide is None:
             object.__setattr__(self, "slide", default_slide(self.ctx))
-        if self.engine is None:
+        if self.engine is None:  # GPUs: llama.cpp, the one engine that runs there yet
             from .session import DEFAULT_ENGINE
 
-            object.__setattr__(self, "engine", DEFAULT_ENGINE)
+            object.__setattr__(self, "engine", "llama.cpp" if self.gpu else DEFAULT_ENGINE)
 
     def validate(self) -> "Settings":
         if self.streams < 1:

@@ -206,7 +206,7 @@ _lane = threading.local()  # each lane thread's own Session
 _reporting = threading.Lock()  # progress counts shared by the lanes
 
 
-def _initialize(model_path, threads: int, devices, progress_queue, lanes: int = 1, engine: str = "llama.cpp") -> None:
+def _initialize(model_path, threads: int, devices, progress_queue, lanes: int = 1, engine: str | None = None) -> None:
     _worker.update(model_path=model_path, threads=threads, device=devices.get(), progress_queue=progress_queue, pending=0.0, sent=time.monotonic(), engine=engine,
                    lanes=ThreadPoolExecutor(lanes, thread_name_prefix="nacrith-lane") if lanes > 1 else None)
 
@@ -277,11 +277,11 @@ class WorkerPool:
     """A pool of worker processes that returns results in submission order."""
 
     def __init__(self, plan: WorkerPlan, model_path, progress: Callable[[float], None] | None = None, reusable: bool = False,
-                 engine: str = "llama.cpp"):
+                 engine: str | None = None):
         """``reusable``: the pool may code several files (:func:`nacrith.reuse.worker_pool`),
         each with its own ``progress`` (set :attr:`progress` between them), so its workers
         report progress even when this first file shows none. ``engine``: what the workers
-        run the model with (:data:`nacrith.session.ENGINES`)."""
+        run the model with (:data:`nacrith.session.ENGINES`; None: the default)."""
         context = multiprocessing.get_context("spawn")  # llama.cpp's threads do not survive fork
         self.plan = plan
         self.progress = progress

@@ -15,7 +15,16 @@ SMALL = dict(ctx=32, slide=8, min_stream_tokens=8)
 
 @pytest.fixture(scope="session")
 def session():
+    """The default engine's session (the exact engine)."""
     loaded = Session()
+    yield loaded
+    loaded.close()
+
+
+@pytest.fixture(scope="session")
+def llama_session():
+    """A llama.cpp session, for what is specific to that engine."""
+    loaded = Session(engine="llama.cpp")
     yield loaded
     loaded.close()
 
@@ -33,7 +42,9 @@ def pinned_smollm2():
 
 
 def pack(session, data: bytes, **options) -> bytes:
+    """Compress with ``session``'s engine unless ``options`` name another."""
     out = io.BytesIO()
+    options = {"engine": session.engine, **options} if not options.get("gpu") else options
     pipeline.compress_stream(io.BytesIO(data), out, pipeline.Settings(**options), session=session)
     return out.getvalue()
 

@@ -22,6 +22,12 @@ from nacrith.errors import (
 
 from .conftest import SMALL, pack, pinned_smollm2, sparse_binary, unpack
 
+
+@pytest.fixture(scope="module")
+def session(llama_session):
+    """This module's tests are of llama.cpp's records (backends, CPU builds, attention modes)."""
+    return llama_session
+
 TEXT = b"The quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. " * 2
 MIXED = TEXT + bytes(range(256)) * 2 + TEXT
 

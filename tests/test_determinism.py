@@ -14,6 +14,12 @@ from nacrith.session import Session
 
 from .conftest import SMALL, pack, unpack
 
+
+@pytest.fixture(scope="module")
+def session(llama_session):
+    """This module's tests are of llama.cpp's determinism (threads, attention modes, companions)."""
+    return llama_session
+
 TEXT = (
     "In the beginning God created the heaven and the earth. And the earth was without form, "
     "and void; and darkness was upon the face of the deep. Ünïcödé, 中文, emoji 🙂.\n"
@@ -21,8 +27,8 @@ TEXT = (
 
 
 def test_one_and_two_threads_agree(session):
-    one = Session(threads=1)
-    two = Session(threads=2)
+    one = Session(engine="llama.cpp", threads=1)
+    two = Session(engine="llama.cpp", threads=2)
     try:
         blob1 = pack(one, TEXT, fallback=False, streams=4, **SMALL)
         blob2 = pack(two, TEXT, fallback=False, streams=4, **SMALL)
@@ -41,8 +47,8 @@ LONG = dict(ctx=512, slide=128, streams=1, fallback=False)
 
 
 def test_threads_agree_past_256_tokens():
-    one = Session(threads=1)
-    two = Session(threads=2)
+    one = Session(engine="llama.cpp", threads=1)
+    two = Session(engine="llama.cpp", threads=2)
     try:
         assert len(one.tokenizer.encode(LONG_TEXT)) > 300
         blob1 = pack(one, LONG_TEXT, **LONG)

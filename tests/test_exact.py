@@ -21,7 +21,13 @@ from nacrith.exact.engine import ExactModel, chosen_implementation
 from nacrith.gguf import GGUFFormatError
 
 C_PATHS = [name for name, level in (("scalar", 0), ("avx2", 1), ("vnni", 2)) if kernel.available() and kernel.best_simd() >= level]
-IMPLEMENTATIONS = ["reference"] + C_PATHS
+try:
+    import torch  # noqa: F401  (the optional extra: `make test` installs its CPU build)
+
+    HAVE_TORCH = True
+except ImportError:
+    HAVE_TORCH = False
+IMPLEMENTATIONS = ["reference"] + C_PATHS + (["torch"] if HAVE_TORCH else [])
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +171,10 @@ def _run(context, tokens: np.ndarray, ctx: int, slide: int, widths) -> list[np.n
 
 def _contexts(weights, n, ctx):
     yield "reference", reference.ReferenceContext(weights, n, ctx)
+    if HAVE_TORCH:
+        from nacrith.exact.torch_engine import TorchContext, TorchModel
+
+        yield "torch", TorchContext(TorchModel(weights, "cpu"), n, ctx)
     if kernel.available():
         model = kernel.KernelModel(weights)
         for name in C_PATHS:
@@ -321,10 +331,51 @@ def test_unknown_implementation_is_refused(monkeypatch):
         chosen_implementation()
 
 
+def test_torch_missing_is_one_line(monkeypatch):
+    import sys
+
+    from nacrith.errors import EngineError
+    from nacrith.exact.torch_engine import require_torch
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if not installed
+    with pytest.raises(EngineError, match=r"needs PyTorch: pip install 'nacrith\[gpu\]'"):
+        require_torch()
+    monkeypatch.setenv("NACRITH_EXACT_IMPL", "torch")
+    with pytest.raises(EngineError, match="needs PyTorch"):
+        chosen_implementation()
+
+
 def test_exact_model_reports_its_implementation(tiny_model, monkeypatch):
     from nacrith.model import fingerprint
 
     monkeypatch.delenv("NACRITH_EXACT_IMPL", raising=False)
     model = ExactModel(tiny_model, fingerprint(tiny_model))
     assert model.description in ("reference", "C scalar", "C avx2", "C avx512-vnni")
+    if HAVE_TORCH:
+        monkeypatch.setenv("NACRITH_EXACT_IMPL", "torch")
+        assert ExactModel(tiny_model, fingerprint(tiny_model)).description == "torch (cpu)"
     assert model.n_vocab == 283 and model.bos == 1
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="PyTorch is not installed")
+def test_torch_whole_window_step_equals_the_step(tiny_weights):
+    """The fixed-shape step that CUDA graphs capture (every cell of the window, those past a
+    stream's position masked) gives the same logits as the step over the cells in use."""
+    import torch
+
+    from nacrith.exact.torch_engine import TorchContext, TorchModel
+
+    model = TorchModel(tiny_weights, "cpu")
+    rng = np.random.default_rng(5)
+    a, b = TorchContext(model, 3, 24), TorchContext(model, 3, 24)
+    for step in range(30):
+        position = step if step < 24 else step - 8
+        if step == 24:
+            for context in (a, b):
+                for stream in range(3):
+                    context.slide(stream, 1, 8, 24)
+        tokens = rng.integers(0, tiny_weights.hyper.n_vocab, 3)
+        positions = np.array([position, max(0, position - 1), position])  # streams at different cells too
+        expected = a.step(tokens, positions)
+        whole = b._forward(torch.as_tensor(tokens), torch.as_tensor(positions), 24).numpy()
+        assert np.array_equal(expected, whole), step

@@ -8,7 +8,11 @@ byte, so that an unversioned change of the encoder (or of llama.cpp's arithmetic
 here before it strands users' files. A build of
 other arithmetic (`make install-native`, CUDA) cannot decode them exactly by design and
 skips, saying why; one that differs only in threading (no OpenMP) decodes them, and skips
-the byte-for-byte part, its header naming itself.
+the byte-for-byte part, its header naming itself. A file whose model is not installed skips.
+
+Folders named ``...-exact-spec<N>`` hold files of the exact engine: they name no build, so
+every machine decodes them and writes them again byte for byte, with every implementation
+of the engine (NACRITH_EXACT_IMPL).
 """
 from __future__ import annotations
 
@@ -21,11 +25,21 @@ from nacrith import container as fmt
 from nacrith import compat
 from nacrith import model as model_files
 from nacrith.engine import default_attention
-from nacrith.errors import BackendMismatchError
+from nacrith.errors import BackendMismatchError, ModelNotFoundError
+from nacrith.exact import kernel
+from nacrith.exact.reference import SPEC_VERSION
 
 from .conftest import pack, unpack
 
+
+@pytest.fixture(scope="module")
+def session(llama_session):
+    """The golden files of llama.cpp decode and are rewritten with a llama.cpp session."""
+    return llama_session
+
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden"
+EXACT_IMPLEMENTATIONS = ["reference"] + [name for name, level in (("scalar", 0), ("avx2", 1), ("vnni", 2))
+                                         if kernel.available() and kernel.best_simd() >= level]
 
 
 def golden_cases() -> list:
@@ -41,10 +55,25 @@ def of_the_current_format(case) -> bool:
     return folder == f"v{fmt.VERSION}" or folder.startswith(f"v{fmt.VERSION}-")
 
 
+def is_exact(case) -> bool:
+    return "-exact-spec" in case.id.split("/")[0]
+
+
 def test_there_are_golden_containers_of_the_current_format_and_defaults():
     names = {case.id for case in golden_cases()}
-    current = f"v{fmt.VERSION}-{model_files.DEFAULT_MODEL}-{default_attention('cpu')}"
-    assert {f"{current}/{name}" for name in ("default.nc", "llm-only.nc", "small-window.nc", "mixed.nc")} <= names
+    for current in (f"v{fmt.VERSION}-{model_files.DEFAULT_MODEL}-{default_attention('cpu')}",
+                    f"v{fmt.VERSION}-{model_files.DEFAULT_MODEL}-exact-spec{SPEC_VERSION}"):
+        assert {f"{current}/{name}" for name in ("default.nc", "llm-only.nc", "small-window.nc", "mixed.nc")} <= names
+
+
+def skip_unless_installed(blob: bytes):
+    """Skip where the model the file names is not installed here."""
+    try:
+        compat.check_decodable(fmt.parse(blob))
+    except ModelNotFoundError as exc:
+        pytest.skip(str(exc))
+    except BackendMismatchError:
+        pass
 
 
 def skip_unless_decodable_here(blob: bytes):
@@ -56,11 +85,23 @@ def skip_unless_decodable_here(blob: bytes):
         pytest.skip(str(exc))
 
 
-@pytest.mark.parametrize(("path", "entry"), golden_cases())
+@pytest.mark.parametrize(("path", "entry"), [case for case in golden_cases() if not is_exact(case)])
 def test_golden_container_decodes_to_its_original(session, path, entry):
     blob = path.read_bytes()
+    skip_unless_installed(blob)
     skip_unless_decodable_here(blob)
     assert unpack(session, blob) == (GOLDEN / entry["original"]).read_bytes()
+
+
+@pytest.mark.parametrize("implementation", EXACT_IMPLEMENTATIONS)
+@pytest.mark.parametrize(("path", "entry"), [case for case in golden_cases() if is_exact(case)])
+def test_exact_golden_container_decodes_with_every_implementation(monkeypatch, path, entry, implementation):
+    from nacrith import pipeline
+
+    blob = path.read_bytes()
+    skip_unless_installed(blob)
+    monkeypatch.setenv("NACRITH_EXACT_IMPL", implementation)
+    assert pipeline.decompress(blob) == (GOLDEN / entry["original"]).read_bytes()
 
 
 @pytest.mark.parametrize(("path", "entry"), [case for case in golden_cases() if of_the_current_format(case)])
@@ -69,10 +110,11 @@ def test_golden_container_of_the_current_format_is_what_nacrith_writes(session, 
     model = model_files.ZOO[entry["options"]["model"]]
     if model_files.zoo_path(model) is None:
         pytest.skip(f"{model.name} is not installed")
+    options = {"engine": "llama.cpp", **entry["options"]}  # manifests made before engines were named are llama.cpp's
     recorded = fmt.parse(blob).header.model.backend
-    if recorded != compat.cpu_backend():  # the header would name this build
+    if options["engine"] == "llama.cpp" and recorded != compat.cpu_backend():  # the header would name this build
         pytest.skip(f"made by the llama.cpp build {recorded}; this one records {compat.cpu_backend()}")
-    assert pack(session, (GOLDEN / entry["original"]).read_bytes(), **entry["options"]) == blob
+    assert pack(session, (GOLDEN / entry["original"]).read_bytes(), **options) == blob
 
 
 def test_mixed_golden_container_holds_text_and_binary_segments():

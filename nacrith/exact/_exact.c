@@ -27,6 +27,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <pthread.h>
 #if defined(__linux__)
 #include <linux/futex.h>
@@ -397,7 +398,7 @@ struct xctx {
     atomic_int stop;
 };
 
-#define SPIN 4000
+#define SPIN_NS 30000 /* a waiting thread spins this long, then sleeps */
 
 static void futex_wait(atomic_int *address, int value) {
 #if defined(__linux__)
@@ -423,8 +424,9 @@ static inline void cpu_relax(void) {
 #endif
 }
 
-/* Every thread waits here until all have come; short waits spin, long ones sleep (so
- * that a busy machine does not lose its cores to spinning). */
+/* Every thread waits here until all have come; short waits spin (SPIN_NS at most), long
+ * ones sleep on a futex, so that on a busy machine a thread whose partner lost its core
+ * gives the core away instead of spinning through its time slice. */
 static void barrier_wait(barrier_t *b) {
     int generation = atomic_load(&b->generation);
     if (atomic_fetch_add(&b->count, 1) == b->n - 1) {
@@ -434,10 +436,17 @@ static void barrier_wait(barrier_t *b) {
             futex_wake_all(&b->generation);
         return;
     }
-    for (int i = 0; i < SPIN; i++) {
+    struct timespec start, now;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    for (int i = 1;; i++) {
         if (atomic_load(&b->generation) != generation)
             return;
         cpu_relax();
+        if (i % 32 == 0) {
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            if ((now.tv_sec - start.tv_sec) * 1000000000L + (now.tv_nsec - start.tv_nsec) > SPIN_NS)
+                break;
+        }
     }
     atomic_fetch_add(&b->sleepers, 1);
     while (atomic_load(&b->generation) == generation)

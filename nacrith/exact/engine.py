@@ -11,7 +11,9 @@ Which implementation computes the integers (all give the same ones):
 * ``simd``: the C kernel's fastest path on this CPU (AVX-512 VNNI, else AVX2, else scalar);
 * ``scalar``: the C kernel's plain C path;
 * ``avx2`` / ``vnni``: one SIMD path of the C kernel, where the CPU has it;
-* ``reference``: the numpy reference (:mod:`nacrith.exact.reference`), slow.
+* ``reference``: the numpy reference (:mod:`nacrith.exact.reference`), slow;
+* ``torch``: the PyTorch implementation (:mod:`nacrith.exact.torch_engine`) on the CPU,
+  where PyTorch is installed (``pip install 'nacrith[gpu]'``).
 
 ``NACRITH_EXACT_IMPL`` chooses one; by default ``simd``, or ``reference`` where the C
 kernel was not built.
@@ -27,7 +29,7 @@ from . import kernel
 from .reference import F, SPEC_VERSION, ReferenceContext
 from .weights import load_cached
 
-IMPLEMENTATIONS = ("simd", "scalar", "avx2", "vnni", "reference")
+IMPLEMENTATIONS = ("simd", "scalar", "avx2", "vnni", "reference", "torch")
 ENGINE_PREFIX = "exact (spec "
 
 
@@ -50,6 +52,11 @@ def chosen_implementation(name: str | None = None) -> str:
     name = name or os.environ.get("NACRITH_EXACT_IMPL") or ("simd" if kernel.available() else "reference")
     if name not in IMPLEMENTATIONS:
         raise EngineError(f"NACRITH_EXACT_IMPL must be one of {', '.join(IMPLEMENTATIONS)}, not {name!r}")
+    if name == "torch":
+        from .torch_engine import require_torch
+
+        require_torch()
+        return name
     if name != "reference" and not kernel.available():
         raise EngineError(f"the exact engine's C kernel is not built, so {name!r} cannot run (NACRITH_EXACT_IMPL=reference can)")
     wanted = {"avx2": 1, "vnni": 2}.get(name)
@@ -81,10 +88,17 @@ class ExactModel:
         level = simd_level(self.implementation)
         self.kernel = None if level is None else kernel.KernelModel(self.weights)
         self.simd = level
+        self.torch = None
+        if self.implementation == "torch":
+            from .torch_engine import TorchModel
+
+            self.torch = TorchModel(self.weights, "cpu")
 
     @property
     def description(self) -> str:
-        """The implementation as run: ``reference``, or the C path's name."""
+        """The implementation as run: ``reference``, ``torch (cpu)``, or the C path's name."""
+        if self.torch is not None:
+            return f"torch ({self.torch.device})"
         return "reference" if self.simd is None else f"C {kernel.SIMD_NAMES[self.simd]}"
 
     def context(self, n_streams: int, ctx: int, threads: int | None = None) -> "ExactContext":
@@ -106,7 +120,11 @@ class ExactContext:
         from ..engine import default_threads
 
         threads = threads or default_threads()
-        if model.kernel is None:
+        if model.torch is not None:
+            from .torch_engine import TorchContext
+
+            self.impl = TorchContext(model.torch, n_streams, ctx)
+        elif model.kernel is None:
             self.impl = ReferenceContext(model.weights, n_streams, ctx)
         else:
             self.impl = kernel.KernelContext(model.kernel, n_streams, ctx, threads, model.simd)

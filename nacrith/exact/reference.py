@@ -159,17 +159,21 @@ def matmul(q: np.ndarray, k: np.ndarray, w: Matrix) -> np.ndarray:
     return sat32(rnd(acc * w.m[None, :], w.e[None, :] - k[:, None] - F))
 
 
-_float_weights: dict[int, np.ndarray] = {}
+_float_weights: dict[int, tuple] = {}  # id(int8 weights) -> (weak reference to them, their float64 copy)
 
 
 def exact_products(q: np.ndarray, wq: np.ndarray) -> np.ndarray:
     """``q @ wq.T`` exactly (int64), through float64 BLAS (see the module docstring)."""
+    import weakref
+
     key = id(wq)
-    weights = _float_weights.get(key)
-    if weights is None or weights.shape != wq.shape:
+    entry = _float_weights.get(key)
+    if entry is not None and entry[0]() is wq:
+        weights = entry[1]
+    else:
         weights = wq.astype(np.float64)
-        if wq.size > (1 << 16):  # kept for the next step: converting is the slow part
-            _float_weights[key] = weights
+        if wq.size > (1 << 16):  # kept while the weights live: converting is the slow part
+            _float_weights[key] = (weakref.ref(wq, lambda _, key=key: _float_weights.pop(key, None)), weights)
     return (q.astype(np.float64) @ weights.T).astype(np.int64)
 
 

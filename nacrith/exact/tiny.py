@@ -152,3 +152,54 @@ def _write(path: Path, keys: list, tensors: list, alignment: int = 32) -> Path:
         for _, data in datas:
             handle.write(data + bytes((-len(data)) % alignment))
     return path
+
+
+def _splitmix(seed: int, count: int) -> np.ndarray:
+    """``count`` 64-bit values of the splitmix64 sequence from ``seed``: integer arithmetic
+    alone, the same on every machine and numpy version."""
+    state = (np.uint64(seed) + np.arange(1, count + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    z = state
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def random_weights(hyper, seed: int = 1):
+    """An :class:`~nacrith.exact.weights.ExactWeights` of ``hyper``'s shape with integer
+    random weights (no GGUF file): for timing and for checking implementations against each
+    other on a model of a real model's size (``bench/gpu_exact.py``)."""
+    from .weights import ExactWeights, Gain, Matrix
+
+    counter = [seed]
+
+    def draw(count: int) -> np.ndarray:
+        counter[0] += 1
+        return _splitmix(counter[0] * 1_000_003, count)
+
+    def matrix(n_out: int, n_in: int) -> Matrix:
+        bits = draw(n_out * n_in)
+        # a sum of two uniform bytes: a rough bell over -127..127
+        q = ((bits & np.uint64(0x7F)).astype(np.int64) + ((bits >> np.uint64(8)) & np.uint64(0x7F)).astype(np.int64) - 127).astype(np.int8)
+        x = int(np.ceil(np.log2(np.sqrt(n_in)))) + 1  # rows of about unit gain: |w| up to ~2^-x * 2
+        return Matrix(q.reshape(n_out, n_in), np.full(n_out, 16513 * 2, np.int64), np.full(n_out, 22 + x, np.int64))
+
+    def gain(n: int) -> Gain:
+        return Gain(np.full(n, 1 << 14, np.int64) + (draw(n) % np.uint64(2048)).astype(np.int64) - 1024, 14)
+
+    h = hyper
+    kv = h.n_head_kv * h.head_dim
+    layers = []
+    for _ in range(h.n_layer):
+        layers.append({"attn_q": matrix(h.n_embd, h.n_embd), "attn_k": matrix(kv, h.n_embd), "attn_v": matrix(kv, h.n_embd),
+                       "attn_output": matrix(h.n_embd, h.n_embd), "ffn_gate": matrix(h.n_ff, h.n_embd), "ffn_up": matrix(h.n_ff, h.n_embd),
+                       "ffn_down": matrix(h.n_embd, h.n_ff), "attn_norm": gain(h.n_embd), "ffn_norm": gain(h.n_embd)})
+    embedding = matrix(h.n_vocab, h.n_embd)
+    return ExactWeights(h, embedding, embedding, gain(h.n_embd), layers)
+
+
+def smollm2_shape():
+    """The shape of SmolLM2-135M (the default model) as a :class:`~nacrith.exact.weights.Hyper`."""
+    from .weights import Hyper
+
+    return Hyper(n_layer=30, n_embd=576, n_ff=1536, n_head=9, n_head_kv=3, head_dim=64, n_rot=64, n_vocab=49152, n_ctx_train=8192,
+                 rope_base=100000.0, rms_eps=float(np.float32(1e-5)), bos=1)

@@ -2,15 +2,17 @@
 
 Run it with the build that `make install` gives (the portable CPU build, which CI uses too):
 
-    .venv/bin/python tests/data/make_golden.py
+    .venv/bin/python tests/data/make_golden.py [--engine llama.cpp|exact]
 
 It writes tests/data/golden/mixed.bin, where missing (original.txt, a text of ours, with a
 fixed run of binary bytes inside) and, into tests/data/golden/v<format version>-<default
-model's zoo name>-<default CPU attention mode>/, every container named in CASES and
-manifest.json, which says how each was made (the model and attention mode among the
-options). When the format version, the default model or the default attention mode changes,
-run it again: the folders of earlier ones stay, as the proof that their files still decode
-(v1 to v5, made before folders named the model, hold files of smollm2-135m; they and
+model's zoo name>-<default CPU attention mode>/ (llama.cpp) or .../v<format version>-<default
+model's zoo name>-exact-spec<spec version>/ (the exact engine), every container named in
+CASES and manifest.json, which says how each was made (the model, engine and attention mode
+among the options; manifests without an engine are llama.cpp's). When the format version,
+the default model, the default attention mode or the exact engine's spec changes, run it
+again: the folders of earlier ones stay, as the proof that their files still decode (v1 to
+v5, made before folders named the model, hold files of smollm2-135m; they and
 v5-smollm2-135m-q8, made before folders named the attention mode, hold files of "stable").
 It refuses to replace a folder that exists: those files must not change.
 """
@@ -45,14 +47,31 @@ def mixed_original(text: bytes) -> bytes:
     return text[:cut] + binary_run() + text[cut:]
 
 
+def golden_folder(engine: str) -> Path:
+    """Where the golden containers of the current format, default model and ``engine`` lie."""
+    from nacrith import container
+    from nacrith.engine import default_attention
+    from nacrith.exact.reference import SPEC_VERSION
+    from nacrith.model import DEFAULT_MODEL
+
+    if engine == "exact":
+        return GOLDEN / f"v{container.VERSION}-{DEFAULT_MODEL}-exact-spec{SPEC_VERSION}"
+    return GOLDEN / f"v{container.VERSION}-{DEFAULT_MODEL}-{default_attention('cpu')}"
+
+
 def main() -> int:
+    import argparse
+
     from nacrith import container, pipeline
     from nacrith.engine import default_attention
     from nacrith.model import DEFAULT_MODEL
-    from nacrith.session import Session
+    from nacrith.session import DEFAULT_ENGINE, ENGINES, Session
 
-    attention = default_attention("cpu")
-    folder = GOLDEN / f"v{container.VERSION}-{DEFAULT_MODEL}-{attention}"
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE)
+    engine = parser.parse_args().engine
+    attention = "off" if engine == "exact" else default_attention("cpu")
+    folder = golden_folder(engine)
     if folder.exists():
         print(f"{folder} exists; its containers are the record of format {container.VERSION} and are kept", file=sys.stderr)
         return 1
@@ -60,9 +79,9 @@ def main() -> int:
         (GOLDEN / "mixed.bin").write_bytes(mixed_original((GOLDEN / "original.txt").read_bytes()))
     folder.mkdir()
     manifest = {}
-    with closing(Session(DEFAULT_MODEL)) as session:
+    with closing(Session(DEFAULT_MODEL, engine=engine)) as session:
         for name, (original, options) in CASES.items():
-            options = {"model": DEFAULT_MODEL, "attention": attention, **options}
+            options = {"model": DEFAULT_MODEL, "engine": engine, **({} if engine == "exact" else {"attention": attention}), **options}
             out = io.BytesIO()
             pipeline.compress_stream(io.BytesIO((GOLDEN / original).read_bytes()), out, pipeline.Settings(**options), session=session)
             (folder / name).write_bytes(out.getvalue())
