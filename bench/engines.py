@@ -4,10 +4,10 @@ For each file, engine and predictor (the default ensemble, and the model alone w
 ``--llm-only``) it compresses and decompresses in a fresh process, checks the result, and
 records bits per byte, tokens per second both ways and the process's peak memory (RSS).
 Then, for the exact engine, each implementation's raw tokens per second: the engine calls
-of compressing ``--impl-bytes`` of the first file, no prediction or coding.
+of compressing ``--impl-bytes`` of the first file in 16 streams, no prediction or coding.
 
 Usage: python bench/engines.py [FILES...] [--bytes 40000] [--engines llama.cpp,exact]
-       [--predictors ensemble,llm-only] [--impls simd,scalar,avx2,reference] [--impl-bytes 4000]
+       [--predictors ensemble,llm-only] [--impls simd,scalar,avx2,reference,torch] [--impl-bytes 8000]
        [--threads N] [--tag cpu]
 
 ``--bytes 0`` takes whole files. Results: bench/results/engines-<tag>.json and .md.
@@ -86,7 +86,7 @@ def implementation_rates(path: Path, nbytes: int, implementations: list[str], th
     from nacrith.session import Session
 
     rows = []
-    settings = pipeline.Settings(engine="exact", threads=threads)
+    settings = pipeline.Settings(engine="exact", threads=threads, streams=16, min_stream_tokens=64)
     for name in implementations:
         os.environ["NACRITH_EXACT_IMPL"] = name
         session = Session(engine="exact", threads=threads)
@@ -149,8 +149,8 @@ def main() -> None:
     parser.add_argument("--bytes", type=int, default=40000, help="the first N bytes of each file; 0 for whole files")
     parser.add_argument("--engines", default="llama.cpp,exact")
     parser.add_argument("--predictors", default="ensemble,llm-only")
-    parser.add_argument("--impls", default="simd,scalar,avx2", help="exact-engine implementations to time ('' for none)")
-    parser.add_argument("--impl-bytes", type=int, default=4000)
+    parser.add_argument("--impls", default="simd,scalar,avx2,reference,torch", help="exact-engine implementations to time ('' for none)")
+    parser.add_argument("--impl-bytes", type=int, default=8000)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--tag", default="cpu")
     args = parser.parse_args()
@@ -167,7 +167,8 @@ def main() -> None:
     from nacrith.exact import kernel
 
     implementations = [name for name in args.impls.split(",") if name]
-    implementations = [name for name in implementations if name == "reference" or (kernel.available() and kernel.best_simd() >= {"simd": 0, "scalar": 0, "avx2": 1, "vnni": 2}[name])]
+    levels = {"simd": 0, "scalar": 0, "avx2": 1, "vnni": 2}
+    implementations = [name for name in implementations if name in ("reference", "torch") or (kernel.available() and kernel.best_simd() >= levels[name])]
     rates = implementation_rates(args.files[0], args.impl_bytes, implementations, args.threads) if implementations else []
     for row in rates:
         print(json.dumps(row), flush=True)
