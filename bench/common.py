@@ -46,6 +46,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--llm-only", action="store_true")
     parser.add_argument("--attention", choices=ATTENTION_MODES, default=None, help="default: the backend's (nacrith.engine.default_attention)")
+    parser.add_argument("--engine", choices=("exact", "llama.cpp"), default=None, help="default: nacrith's (exact; llama.cpp with --gpu)")
     for part in PARTS:
         parser.add_argument(f"--no-{part}", action="store_true")
 
@@ -57,7 +58,7 @@ def settings_from_arguments(args: argparse.Namespace, **overrides) -> pipeline.S
     if not args.llm_only:
         ensemble = replace(defaults.ensemble or EnsembleConfig(), **{part: False for part in PARTS if getattr(args, f"no_{part}")})
     values = dict(streams=args.streams, ctx=args.ctx, slide=slide, block_size=args.block_size, threads=args.threads, gpu=args.gpu, ensemble=ensemble,
-                  attention=args.attention)
+                  attention=args.attention, engine=args.engine)
     values.update(overrides)
     return pipeline.Settings(**values)
 

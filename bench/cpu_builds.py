@@ -33,7 +33,7 @@ import sys, numpy as np
 from nacrith.engine import cpu_build
 from nacrith.session import Session
 text, out = open(sys.argv[1], "rb").read(), sys.argv[2]
-session = Session()
+session = Session(engine="llama.cpp")  # (the builds compared are llama.cpp's)
 tokens = session.tokenizer.encode(text[:8000])
 per = len(tokens) // {streams}
 context = session.context({streams}, {window})

@@ -147,7 +147,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", nargs="*", type=Path, default=[ROOT / "corpora" / "data" / name for name in ("alice29.txt", "asyoulik.txt")])
     parser.add_argument("--bytes", type=int, default=40000, help="the first N bytes of each file; 0 for whole files")
-    parser.add_argument("--engines", default="llama.cpp,exact")
+    parser.add_argument("--engines", default="llama.cpp,exact", help="'' to time the implementations only")
     parser.add_argument("--predictors", default="ensemble,llm-only")
     parser.add_argument("--impls", default="simd,scalar,avx2,reference,torch", help="exact-engine implementations to time ('' for none)")
     parser.add_argument("--impl-bytes", type=int, default=8000)
@@ -159,8 +159,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for path in args.files:
-            for predictor in args.predictors.split(","):
-                for engine in args.engines.split(","):
+            for predictor in filter(None, args.predictors.split(",")):
+                for engine in filter(None, args.engines.split(",")):
                     row = measure(path, args.bytes, engine, predictor == "llm-only", args.threads, Path(folder))
                     print(json.dumps(row), flush=True)
                     rows.append(row)
@@ -172,7 +172,9 @@ def main() -> None:
     rates = implementation_rates(args.files[0], args.impl_bytes, implementations, args.threads) if implementations else []
     for row in rates:
         print(json.dumps(row), flush=True)
-    result = {"date": datetime.date.today().isoformat(), "command": "python bench/engines.py " + " ".join(sys.argv[1:]),
+    import shlex
+
+    result = {"date": datetime.date.today().isoformat(), "command": "python bench/engines.py " + shlex.join(sys.argv[1:]),
               "machine": machine(), "rows": rows, "implementations": rates}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"engines-{args.tag}.json").write_text(json.dumps(result, indent=1))

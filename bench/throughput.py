@@ -1,4 +1,4 @@
-"""Throughput: raw llama.cpp lockstep decode against nacrith end to end, in the same run.
+"""Throughput: the engine's raw lockstep decode against nacrith end to end, in the same run.
 
 The raw run makes exactly the engine calls nacrith makes for the same text, streams and
 window (one token per stream per llama_decode, the same slides) and reads every logit row
@@ -8,7 +8,7 @@ same text with the same settings. With ``--workers N`` both sides run N processe
 runs L contexts in threads (lanes), the raw side too; ``auto`` is resolved as nacrith's
 command line resolves it (on a GPU with ``--llm-only``: 2 processes of 4 lanes).
 
-Usage: python bench/throughput.py [FILE] [--bytes N] [--streams N] [--ctx N] [--workers N|PxL|auto] [--gpu] [--tag NAME]
+Usage: python bench/throughput.py [FILE] [--bytes N] [--streams N] [--ctx N] [--workers N|PxL|auto] [--gpu] [--engine exact|llama.cpp] [--tag NAME]
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def raw_decode(data: bytes, settings, main_gpu: int) -> tuple[int, float]:
     from nacrith.lockstep import KEEP
     from nacrith.session import Session
 
-    session = Session(settings.model, gpu=settings.gpu, threads=settings.threads, main_gpu=main_gpu)
+    session = Session(settings.model, gpu=settings.gpu, threads=settings.threads, main_gpu=main_gpu, engine=settings.engine)
     streams = pipeline.lockstep_streams(pipeline.text_tokens(data, session.tokenizer), settings)
     lengths = [len(stream) for stream in streams]
     context = session.context(len(lengths), settings.ctx)

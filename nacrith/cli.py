@@ -291,7 +291,8 @@ DEVICE_OVERRIDES = with_options([
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(None, "-V", "--version", package_name="nacrith")
 def main_group():
-    """Lossless compression with a language model (llama.cpp) and a range coder.
+    """Lossless compression with a language model (run by nacrith's exact engine, or
+    llama.cpp) and a range coder.
 
     \b
     nacrith FILE              compress FILE to FILE.nc (same as `nacrith compress FILE`)

@@ -74,3 +74,7 @@ class OutputError(UsageError):
 class UnsupportedModelError(NacrithError):
     """The model file is one the chosen engine cannot run (another architecture, a tensor
     type it does not read); the message says why in one line."""
+
+
+class ModelFileError(NacrithError):
+    """The model file cannot be read as a GGUF file (damaged or truncated); the message names it."""

@@ -379,3 +379,44 @@ def test_torch_whole_window_step_equals_the_step(tiny_weights):
         expected = a.step(tokens, positions)
         whole = b._forward(torch.as_tensor(tokens), torch.as_tensor(positions), 24).numpy()
         assert np.array_equal(expected, whole), step
+
+
+def test_the_specification_states_the_code_s_constants_and_digests():
+    """docs/exact-engine.md's constants table and table digests are the code's."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "exact-engine.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+?) \|", text, re.M))
+    values = {"F": reference.F, "ACT_BITS": reference.ACT_BITS, "KV_BITS": reference.KV_BITS, "SCORE_BITS": reference.SCORE_BITS,
+              "PROB_BITS": reference.PROB_BITS, "LOG2E": reference.LOG2E}
+    for name, value in values.items():
+        assert int(rows[name]) == value, name
+    assert rows["SCORE_LIMIT"] == "2^47" and reference.SCORE_LIMIT == 1 << 47
+    assert rows["PROB_MAX"] == "2^14 - 1" and reference.PROB_MAX == (1 << 14) - 1
+    assert rows["DIST_MAX"] == "2^31 - 1" and reference.MAX_DISTANCE == (1 << 31) - 1
+    assert reference.LOG2E == round(2**30 * math.log2(math.e))
+    cos, sin = tables.rope_table(100000.0, 64, 8192)
+    for array in (tables.exp2_table(), tables.sigmoid_table(), cos, sin):
+        assert tables.digest(array) in text
+    assert f"Spec {reference.SPEC_VERSION}" in text and f"specification version {reference.SPEC_VERSION}" in text
+
+
+@pytest.mark.parametrize("damage", ["architecture", "truncated"])
+def test_the_command_line_refuses_a_bad_model_in_one_line_and_writes_nothing(tmp_path, tiny_model, damage):
+    import subprocess
+    import sys
+
+    if damage == "architecture":
+        model = tiny.write_tiny_llama(tmp_path / "bad.gguf", architecture="gemma3")
+        expected = b"Llama-architecture"
+    else:
+        model = tmp_path / "bad.gguf"
+        model.write_bytes(tiny_model.read_bytes()[:5000])
+        expected = b"truncated GGUF"
+    source = tmp_path / "in.txt"
+    source.write_bytes(TEXT)
+    done = subprocess.run([sys.executable, "-m", "nacrith.cli", "compress", "--engine", "exact", "--model", str(model), str(source)],
+                          capture_output=True)
+    assert done.returncode == 1 and done.stderr.count(b"\n") == 1 and expected in done.stderr, done.stderr
+    assert not (tmp_path / "in.txt.nc").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf", "in.txt"]

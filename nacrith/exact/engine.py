@@ -24,7 +24,8 @@ import os
 
 import numpy as np
 
-from ..errors import EngineError
+from ..errors import EngineError, ModelFileError
+from ..gguf import GGUFFormatError
 from . import kernel
 from .reference import F, SPEC_VERSION, ReferenceContext
 from .weights import load_cached
@@ -78,7 +79,10 @@ class ExactModel:
 
     def __init__(self, path, sha256: bytes, threads: int | None = None, implementation: str | None = None):
         self.implementation = chosen_implementation(implementation)
-        self.weights = load_cached(path, sha256)
+        try:
+            self.weights = load_cached(path, sha256)
+        except GGUFFormatError as exc:
+            raise ModelFileError(f"model file {path}: {exc}") from None
         hyper = self.weights.hyper
         self.path = path
         self.n_vocab = hyper.n_vocab
@@ -102,9 +106,11 @@ class ExactModel:
         return "reference" if self.simd is None else f"C {kernel.SIMD_NAMES[self.simd]}"
 
     def context(self, n_streams: int, ctx: int, threads: int | None = None) -> "ExactContext":
+        """A new :class:`ExactContext` of ``n_streams`` streams of ``ctx`` tokens."""
         return ExactContext(self, n_streams, ctx, threads or self.threads)
 
     def close(self) -> None:
+        """Drop the kernel's copy of the weights (contexts made from it must be closed first)."""
         self.kernel = None
 
 
@@ -155,6 +161,7 @@ class ExactContext:
         self.lengths[stream] = length - drop
 
     def close(self) -> None:
+        """Free the implementation's KV cache (the C kernel's memory and threads)."""
         close = getattr(self.impl, "close", None)
         if close:
             close()

@@ -160,6 +160,7 @@ class KernelContext:
         self._logits = np.empty((n_streams, model.output_rows), np.int32)
 
     def close(self) -> None:
+        """Free the context's memory and stop its threads (once; later calls do nothing)."""
         if self.handle:
             _lib.nx_context_free(self.handle)
             self.handle = None
@@ -171,6 +172,7 @@ class KernelContext:
             pass
 
     def reset(self) -> None:
+        """Forget every stream's tokens."""
         _lib.nx_reset(self.handle)
 
     def step(self, tokens: np.ndarray, positions: np.ndarray, want: np.ndarray | None = None) -> np.ndarray:
@@ -185,6 +187,7 @@ class KernelContext:
         return self._logits[: int(np.count_nonzero(wanted)), : self.model.weights.hyper.n_vocab]
 
     def slide(self, stream: int, keep: int, drop: int, length: int) -> None:
+        """As :meth:`nacrith.exact.reference.ReferenceContext.slide`."""
         if _lib.nx_slide(self.handle, stream, keep, drop, length) != 0:
             raise ValueError("bad slide")
 

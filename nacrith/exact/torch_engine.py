@@ -55,6 +55,7 @@ def rnd(torch, value, shift):
 
 
 def sat32(torch, value):
+    """Saturate to +-(2^31 - 1)."""
     return torch.clamp(value, -INT32_MAX, INT32_MAX)
 
 
@@ -78,6 +79,8 @@ def quantize(torch, values, bits: int):
 
 
 def isqrt(torch, value):
+    """``floor(sqrt(value))`` of non-negative int64 below 2^62, exactly (a float64 estimate
+    corrected by integer comparisons)."""
     r = torch.floor(torch.sqrt(value.double())).long()
     for _ in range(2):
         r = torch.where(r * r > value, r - 1, r)
@@ -162,6 +165,7 @@ class TorchContext:
         return self._graph_logits
 
     def reset(self) -> None:
+        """Forget every stream's tokens."""
         for tensor in (self.k, self.v, self.k_exp, self.v_exp):
             tensor.zero_()
 

@@ -50,6 +50,7 @@ class Matrix:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """(rows, columns)."""
         return self.q.shape
 
 
