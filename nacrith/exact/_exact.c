@@ -608,6 +608,33 @@ static void scores_block(const int32_t *lo, const int32_t *hi, int simd, int64_t
     }
 }
 
+/* e^(-distance) at 2^30 for a score distance at 2^-16 (reference.exp2_neg) */
+static inline int64_t exp_term(int64_t distance, const int64_t *exp2) {
+    distance = distance < INT32_MAX_ ? distance : INT32_MAX_;
+    int64_t z = distance * LOG2E, shift = z >> 46;
+    return shift > 63 ? 0 : exp2[(z >> 36) & 1023] >> shift;
+}
+
+/* cell j's attention weight from its exponential: stored (lo, hi) at wact; returns it */
+static inline int64_t store_weight(int8_t *wact, int64_t wstride, int64_t j, int64_t e, int64_t inverse, int64_t top, const int32_t *v_exp) {
+    int64_t p = (e * inverse) >> (58 - PROB_BITS);
+    p = p < PROB_MAX ? p : PROB_MAX;
+    int64_t shift = top - v_exp[j];
+    int64_t w = p >> (shift < 63 ? shift : 63);
+    int8_t *group = wact + (j / 4) * wstride;
+    group[j % 4] = (int8_t)(w & 127);
+    group[4 + j % 4] = (int8_t)(w >> 7);
+    return w;
+}
+
+/* zero weights for the cells from j to the end of their group of 4 */
+static inline void clear_weights(int8_t *wact, int64_t wstride, int64_t j, int64_t length) {
+    for (; j < (length + 3) / 4 * 4; j++) {
+        int8_t *group = wact + (j / 4) * wstride;
+        group[j % 4] = group[4 + j % 4] = 0;
+    }
+}
+
 /* softmax of one head's scores into attention weights w_j = P_j >> (top - v_exp_j), stored
  * interleaved (lo, hi bytes) at wact (cell group g at wact + g * wstride); returns sum(w) */
 static int64_t softmax_weights(int64_t *sc, int64_t length, const int32_t *v_exp, int64_t top, const int64_t *exp2, int8_t *wact,
@@ -617,28 +644,13 @@ static int64_t softmax_weights(int64_t *sc, int64_t length, const int32_t *v_exp
         best = sc[j] > best ? sc[j] : best;
     int64_t total = 0;
     for (int64_t j = 0; j < length; j++) {
-        int64_t distance = best - sc[j];
-        distance = distance < INT32_MAX_ ? distance : INT32_MAX_;
-        int64_t z = distance * LOG2E, shift = z >> 46;
-        int64_t e = shift > 63 ? 0 : exp2[(z >> 36) & 1023] >> shift;
-        sc[j] = e;
-        total += e;
+        sc[j] = exp_term(best - sc[j], exp2);
+        total += sc[j];
     }
     int64_t inverse = ((int64_t)1 << 58) / total, sum = 0;
-    for (int64_t j = 0; j < length; j++) {
-        int64_t p = (sc[j] * inverse) >> (58 - PROB_BITS);
-        p = p < PROB_MAX ? p : PROB_MAX;
-        int64_t shift = top - v_exp[j];
-        int64_t w = p >> (shift < 63 ? shift : 63);
-        sum += w;
-        int8_t *group = wact + (j / 4) * wstride;
-        group[j % 4] = (int8_t)(w & 127);
-        group[4 + j % 4] = (int8_t)(w >> 7);
-    }
-    for (int64_t j = length; j < (length + 3) / 4 * 4; j++) {
-        int8_t *group = wact + (j / 4) * wstride;
-        group[j % 4] = group[4 + j % 4] = 0;
-    }
+    for (int64_t j = 0; j < length; j++)
+        sum += store_weight(wact, wstride, j, sc[j], inverse, top, v_exp);
+    clear_weights(wact, wstride, length, length);
     return sum;
 }
 
@@ -692,12 +704,8 @@ VNNI_TARGET static int64_t softmax_weights_vnni(int64_t *sc, int64_t length, con
     }
     int64_t total = _mm512_reduce_add_epi64(total8);
     for (; j < length; j++) {
-        int64_t distance = top_score - sc[j];
-        distance = distance < INT32_MAX_ ? distance : INT32_MAX_;
-        int64_t z = distance * LOG2E, shift = z >> 46;
-        int64_t e = shift > 63 ? 0 : exp2[(z >> 36) & 1023] >> shift;
-        sc[j] = e;
-        total += e;
+        sc[j] = exp_term(top_score - sc[j], exp2);
+        total += sc[j];
     }
     int64_t inverse = ((int64_t)1 << 58) / total;
     const __m512i inverse8 = _mm512_set1_epi64(inverse), pmax = _mm512_set1_epi64(PROB_MAX), top8 = _mm512_set1_epi64(top);
@@ -719,20 +727,9 @@ VNNI_TARGET static int64_t softmax_weights_vnni(int64_t *sc, int64_t length, con
         memcpy(g1 + 4, &bytes[3], 4);
     }
     int64_t sum = _mm512_reduce_add_epi64(sum8);
-    for (; j < length; j++) {
-        int64_t p = (sc[j] * inverse) >> (58 - PROB_BITS);
-        p = p < PROB_MAX ? p : PROB_MAX;
-        int64_t shift = top - v_exp[j];
-        int64_t w = p >> (shift < 63 ? shift : 63);
-        sum += w;
-        int8_t *group = wact + (j / 4) * wstride;
-        group[j % 4] = (int8_t)(w & 127);
-        group[4 + j % 4] = (int8_t)(w >> 7);
-    }
-    for (; j < (length + 3) / 4 * 4; j++) {
-        int8_t *group = wact + (j / 4) * wstride;
-        group[j % 4] = group[4 + j % 4] = 0;
-    }
+    for (; j < length; j++)
+        sum += store_weight(wact, wstride, j, sc[j], inverse, top, v_exp);
+    clear_weights(wact, wstride, length, length);
     return sum;
 }
 #endif
