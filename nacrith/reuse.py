@@ -57,12 +57,10 @@ def planned_workers(*request):
 
 
 def _engine(engine: str | None, gpu: bool = False) -> str:
-    """``engine``, or the default one (:data:`nacrith.session.DEFAULT_ENGINE`; llama.cpp on GPUs)."""
-    if engine is not None:
-        return engine
-    from .session import DEFAULT_ENGINE
+    """:func:`nacrith.session.resolve_engine` (imported when first needed: it loads llama.cpp)."""
+    from .session import resolve_engine
 
-    return "llama.cpp" if gpu else DEFAULT_ENGINE
+    return resolve_engine(engine, gpu)
 
 
 @contextmanager

@@ -30,6 +30,14 @@ def engine_name(engine: str = "llama.cpp") -> str:
     return f"llama.cpp (llama-cpp-python {llama_cpp_version()})"
 
 
+def resolve_engine(engine: str | None, gpu: bool = False) -> str:
+    """``engine``, or the default where it is None: :data:`DEFAULT_ENGINE`, or llama.cpp with
+    ``gpu`` (the one engine that runs on GPUs yet)."""
+    if engine is not None:
+        return engine
+    return "llama.cpp" if gpu else DEFAULT_ENGINE
+
+
 def engine_of(recorded: str) -> str:
     """Which of :data:`ENGINES` made a file whose header records the engine string ``recorded``."""
     from .exact.engine import spec_of
@@ -42,8 +50,7 @@ class Session:
     (``engine`` None: :data:`DEFAULT_ENGINE`, or llama.cpp with ``gpu``)."""
 
     def __init__(self, model_path=None, gpu: bool = False, threads: int | None = None, main_gpu: int = 0, engine: str | None = None):
-        if engine is None:  # GPUs: llama.cpp, the one engine that runs there yet
-            engine = "llama.cpp" if gpu else DEFAULT_ENGINE
+        engine = resolve_engine(engine, gpu)
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}")
         self.info = model_files.locate(model_path)

@@ -113,10 +113,10 @@ class Settings:
                 object.__setattr__(self, name, value)
         if self.slide is None:
             object.__setattr__(self, "slide", default_slide(self.ctx))
-        if self.engine is None:  # GPUs: llama.cpp, the one engine that runs there yet
-            from .session import DEFAULT_ENGINE
+        if self.engine is None:
+            from .session import resolve_engine
 
-            object.__setattr__(self, "engine", "llama.cpp" if self.gpu else DEFAULT_ENGINE)
+            object.__setattr__(self, "engine", resolve_engine(None, self.gpu))
 
     def validate(self) -> "Settings":
         if self.streams < 1:

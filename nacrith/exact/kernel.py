@@ -14,7 +14,7 @@ import importlib.util
 import numpy as np
 
 from . import tables
-from .reference import F
+from .reference import F, float32_parts, kq_of
 from .weights import ExactWeights, Matrix
 
 SIMD_NAMES = {0: "scalar", 1: "avx2", 2: "avx512-vnni"}
@@ -113,9 +113,9 @@ class KernelModel:
             target.down = self._mat([layer["ffn_down"]])
             target.attn_gain, target.attn_bits = self._ptr(layer["attn_norm"].G), layer["attn_norm"].bits
             target.ffn_gain, target.ffn_bits = self._ptr(layer["ffn_norm"].G), layer["ffn_norm"].bits
-        em, ee = _float32_parts(h.rms_eps)
+        em, ee = float32_parts(h.rms_eps)
         model = _Model(n_layer=h.n_layer, n_embd=h.n_embd, n_ff=h.n_ff, n_head=h.n_head, n_head_kv=h.n_head_kv, head_dim=h.head_dim,
-                       n_rot=h.n_rot, n_vocab=h.n_vocab, eps_m=em, eps_e=ee, kq=_kq(h.head_dim))
+                       n_rot=h.n_rot, n_vocab=h.n_vocab, eps_m=em, eps_e=ee, kq=kq_of(h.head_dim))
         model.layers = ctypes.cast(self.layers, _P)
         model.embd_q, model.embd_m, model.embd_e = (self._ptr(a) for a in (weights.embedding.q, weights.embedding.m, weights.embedding.e))
         model.output = self._mat([weights.output])
@@ -132,17 +132,6 @@ class KernelModel:
     def _mat(self, matrices: list[Matrix]) -> _Mat:
         packed, rowsum, m, e, n_in, n_out = pack(matrices)
         return _Mat(n_in=n_in, n_out=n_out, w=self._ptr(packed), rowsum=self._ptr(rowsum), m=self._ptr(m), e=self._ptr(e))
-
-
-def _kq(head_dim: int) -> int:
-    import math
-
-    return math.isqrt((1 << 60) // head_dim)
-
-
-def _float32_parts(value: float) -> tuple[int, int]:
-    mantissa, exponent = np.frexp(np.float32(value))
-    return int(np.ldexp(mantissa, 24)), int(exponent) - 24
 
 
 class KernelContext:

@@ -8,7 +8,7 @@ Fixed-point conventions: a vector "at F" holds ``value * 2^F`` as integers. The 
 stream and every activation between matrix products are int32 at :data:`F` (14) fractional
 bits, saturated to ±(2^31 - 1). A matrix product's input is quantised per token to
 :data:`ACT_BITS`-bit integers with a power-of-two scale (:func:`quantize`); its output is
-rescaled per row and token by :func:`rescale`.
+rescaled per row and token by :func:`matmul`.
 
 Matrix products here go through float64 BLAS (``@``): every product of an int8 weight and
 an activation of at most 2^13 and every partial sum of a row (at most 2^31) is an integer
@@ -117,7 +117,7 @@ def rms_scale(x: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
     xs = x >> sh[..., None]
     s = (xs * xs).sum(axis=-1)  # < n * 2^48
     # eps * n * 2^(2F - 2 sh), rounded: eps = em * 2^ee exactly (a float32)
-    em, ee = _float32_parts(eps)
+    em, ee = float32_parts(eps)
     e_term = rnd(np.full(sh.shape, em * n, np.int64), -(ee + 2 * F) + 2 * sh)
     d = s + e_term
     zero = d == 0
@@ -131,7 +131,12 @@ def rms_scale(x: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
     return np.where(zero, 0, c), np.where(zero, 0, k)
 
 
-def _float32_parts(value: float) -> tuple[int, int]:
+def kq_of(head_dim: int) -> int:
+    """Attention's scale ``KQ = isqrt(floor(2^60 / head_dim))``, about 2^30 / sqrt(head_dim)."""
+    return math.isqrt((1 << 60) // head_dim)
+
+
+def float32_parts(value: float) -> tuple[int, int]:
     """(m, e) with ``value == m * 2^e`` exactly, ``m`` an integer below 2^24 (``value`` a float32)."""
     mantissa, exponent = np.frexp(np.float32(value))
     return int(np.ldexp(mantissa, 24)), int(exponent) - 24
@@ -219,7 +224,7 @@ class ReferenceContext:
         self.v = np.zeros(shape + (h.head_dim,), np.int8)
         self.k_exp = np.zeros(shape, np.int64)
         self.v_exp = np.zeros(shape, np.int64)
-        self.kq = math.isqrt((1 << 60) // h.head_dim)  # about 2^30 / sqrt(head_dim)
+        self.kq = kq_of(h.head_dim)
 
     def reset(self) -> None:
         """Forget every stream's tokens."""

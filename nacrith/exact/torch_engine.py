@@ -13,13 +13,12 @@ says so in one line where it is missing.
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
 from ..errors import EngineError
 from . import tables
-from .reference import ACT_BITS, F, KV_BITS, LOG2E, PROB_BITS, PROB_MAX, SCORE_BITS, SCORE_LIMIT
+from .reference import ACT_BITS, F, KV_BITS, LOG2E, PROB_BITS, PROB_MAX, SCORE_BITS, SCORE_LIMIT, float32_parts, kq_of
 from .weights import ExactWeights
 
 INT32_MAX = (1 << 31) - 1
@@ -116,9 +115,8 @@ class TorchModel:
         self.output_norm = (tensor(weights.output_norm.G, torch.int64), weights.output_norm.bits)
         self.exp2 = tensor(tables.exp2_table(), torch.int64)
         self.sigmoid = tensor(tables.sigmoid_table(), torch.int64)
-        mantissa, exponent = np.frexp(np.float32(self.hyper.rms_eps))
-        self.eps_m, self.eps_e = int(np.ldexp(mantissa, 24)), int(exponent) - 24
-        self.kq = math.isqrt((1 << 60) // self.hyper.head_dim)
+        self.eps_m, self.eps_e = float32_parts(self.hyper.rms_eps)
+        self.kq = kq_of(self.hyper.head_dim)
 
 
 class TorchContext:
