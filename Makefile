@@ -12,8 +12,8 @@ SMOLLM2_VERSION := 0.1.2
 TORCH_SPEC ?= torch==2.13.0
 # llama.cpp's CPU code is built portable: with GGML_NATIVE off it uses the x86-64-v3 set (AVX2,
 # FMA, F16C, BMI2) whatever CPU builds it. A native build (pip's default) uses every feature of
-# the building CPU (AVX-512 on this VM), and logits depend on them: files made with one build
-# are refused by the other (README, "Compatibility"). The wheel is built once per flags into
+# the building CPU (AVX-512, say), and logits depend on them: files made with one build
+# are refused by the other (docs/compatibility.md). The wheel is built once per flags into
 # WHEEL_CACHE, as pip's own cache would hand back whatever build it holds whatever the flags.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 WHEEL_CACHE ?= $(HOME)/.cache/nacrith/wheels
@@ -27,7 +27,7 @@ define install_llama
 	$(PIP) install -q --no-deps --force-reinstall $(call llama_wheels,$(1))/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
 endef
 
-.PHONY: install install-native install-cuda install-gemma3 install-gpu install-torch-cpu demo test corpora bench tradeoff levels clean
+.PHONY: install install-native install-cuda install-gemma3 install-gpu install-torch-cpu demo test test-fast report corpora bench tradeoff levels clean
 
 install: $(STAMP)
 
@@ -57,13 +57,13 @@ install-gpu: $(STAMP)
 install-torch-cpu: $(STAMP)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
 
-# llama.cpp built for every feature of this CPU: faster (1.16-1.5x on this AVX-512 VM), but its CPU
-# files decode only with a build of the same features (README, "Compatibility"). Until `make clean`.
+# llama.cpp built for every feature of this CPU: faster (1.16-1.5x on an AVX-512 CPU), but its CPU
+# files decode only with a build of the same features (docs/compatibility.md). Until `make clean`.
 install-native: $(STAMP)
 	$(call install_llama,-DGGML_NATIVE=ON)
 	$(PY) -c "from nacrith.engine import cpu_build; print('llama.cpp CPU build:', cpu_build())"
 
-# llama-cpp-python rebuilt with CUDA (needs nvcc and cuBLAS; see README).
+# llama-cpp-python rebuilt with CUDA (needs nvcc and cuBLAS on the PATH; set CMAKE_CUDA_ARCHITECTURES for your card).
 install-cuda: $(STAMP)
 	CMAKE_ARGS="-DGGML_CUDA=on $(CMAKE_ARGS)" $(PIP) install --force-reinstall --no-deps --no-cache-dir \
 		llama-cpp-python==$(LLAMA_CPP_VERSION)
@@ -80,8 +80,17 @@ corpora:
 demo: install corpora
 	$(PY) bench/demo.py corpora/data/$(DEMO_FILE)
 
+# Every test (about 11 minutes on 2 cores).
 test: install install-torch-cpu
 	$(PY) -m pytest -q tests
+
+# The tests not marked slow (under 2 minutes on 2 cores); markers: slow, model, gpu (pyproject.toml).
+test-fast: install install-torch-cpu
+	$(PY) -m pytest -q -m "not slow" tests
+
+# docs/benchmarks.md from bench/results.
+report:
+	$(PYTHON) bench/report.py
 
 bench: install corpora
 	$(PY) bench/corpus.py --all

@@ -13,14 +13,23 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-RESULTS = HERE / "results"
+
+
+def _results_folder() -> Path:
+    """Where the running script's results go: bench/results for the benchmarks,
+    bench/experiments/results for the experiments (the ``results`` folder beside the script)."""
+    script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    return HERE / "experiments" / "results" if script is not None and script.parent == HERE / "experiments" else HERE / "results"
+
+
+RESULTS = _results_folder()
 sys.path.insert(0, str(ROOT))
 
 from nacrith import container as fmt  # noqa: E402
 from nacrith import pipeline  # noqa: E402
 from nacrith.predictors import EnsembleConfig  # noqa: E402
 from nacrith.predictors.ensemble import PARTS  # noqa: E402
-from nacrith.engine import ATTENTION_MODES  # noqa: E402
+from nacrith.attention import ATTENTION_MODES  # noqa: E402
 from nacrith.settings import DEFAULT_GPU_STREAMS  # noqa: E402
 
 
@@ -80,7 +89,8 @@ def succeeded(done: subprocess.CompletedProcess) -> bytes:
 
 def machine() -> str:
     from nacrith.devices import gpus
-    from nacrith.engine import L, default_threads
+    from nacrith.engine import L
+    from nacrith.settings import default_threads
 
     info = L.llama_print_system_info().decode().strip().rstrip("|").strip()
     cards = ", ".join(sorted({device.description for device in gpus()}))  # the GPU's name, where llama.cpp sees one
@@ -147,7 +157,7 @@ def round_trip(data: bytes, settings: pipeline.Settings, workers=1) -> RoundTrip
 
 
 def append_results(name: str, rows: list) -> Path:
-    """Append ``rows`` to the JSON list in bench/results/``name`` (made if missing)."""
+    """Append ``rows`` to the JSON list in :data:`RESULTS`/``name`` (made if missing)."""
     import json
 
     path = RESULTS / name
@@ -157,7 +167,7 @@ def append_results(name: str, rows: list) -> Path:
 
 
 def stored_logits(folder: Path, name: str):
-    """The logits rows ``bench/hidden_replay.py dump`` stored for a corpus file (memory-mapped,
+    """The logits rows ``bench/experiments/hidden_replay.py dump`` stored for a corpus file (memory-mapped,
     one row per token in lockstep order) and its metadata (``running``: streams per step,
     ``symbols``, ``nbytes``, ``pieces``, ``hidden``)."""
     import numpy as np

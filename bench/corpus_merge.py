@@ -1,6 +1,6 @@
 """One corpus table from several ``bench/corpus.py`` result files (later files win per file).
 
-Used for README: the text rows and the re-measured binary rows come from separate runs.
+Used when one table is measured in several runs (the small files in one, the rest in another).
 Usage: python bench/corpus_merge.py bench/results/corpus-canterbury.json bench/results/corpus-canterbury-binary.json
 """
 from __future__ import annotations

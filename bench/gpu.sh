@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# GPU run for the H100 (or H200) test machine (see README "GPU"): set up what it is given, run the GPU
+# GPU run for the H100 (or H200) test machine (see bench/README.md, "A GPU run"): set up what it is given, run the GPU
 # tests and the GPU benchmarks, copy results to $OUT. Finishes within 10 minutes: each step
 # has its own time limit, and the later steps run only while time is left.
 #
 # Expects, already in /tmp/gpu from earlier calls (at most 64 MiB travel per call, so the
-# model comes in parts; see README "GPU"), or in the working tree's ignored folder .gpu/:
+# model comes in parts; see bench/README.md), or in the working tree's ignored folder .gpu/:
 #   site/ or llama_cpp-*.tar.xz   llama-cpp-python built with CUDA (../shared/gpu) and the
 #                                 constriction and zstandard wheels for the machine's Python,
 #                                 and a setuptools >= 77 wheel (setup.py reads pyproject.toml's
@@ -57,7 +57,7 @@ BIBLE=corpora/data/bible.txt
 # processes at once: how far its cores and memory keep the ensemble's pace (fused-step.json;
 # about 120-160 us per token on one core of the 2-core dev VM at 16 streams)
 for P in 1 8 16; do
-  step timeout 60 python3 bench/fused_step.py --streams 256 --calls 12 --processes $P --tag "gpu-$CARD host, $P processes"
+  step timeout 60 python3 bench/experiments/fused_step.py --streams 256 --calls 12 --processes $P --tag "gpu-$CARD host, $P processes"
 done
 # Model only, 3 MB, `auto` (2 processes of 4 lanes: 96-100% of raw, 168-176 KB/s on an H200
 # in throughput-gpu.json, where 8 processes of one lane reached 90%, 79 KB/s)
@@ -72,11 +72,11 @@ step timeout 120 python3 bench/throughput.py $BIBLE --bytes 3000000 --gpu --stre
 [ "$(left 400)" -gt 100 ] && step timeout "$(left 400)" python3 bench/throughput.py $BIBLE --bytes 2000000 --gpu --streams 256 --workers 2x4 --tag gpu
 [ "$(left 565)" -gt 110 ] && step timeout "$(left 565)" python3 bench/throughput.py $BIBLE --bytes 2000000 --gpu --streams 256 --workers auto --tag gpu
 # raw decode of layouts (lanes-gpu*.json), only if time is left
-[ "$(left 585)" -gt 20 ] && step timeout "$(left 585)" python3 bench/lanes.py $BIBLE --gpu --streams 256 --steps 64 --ctx 256 --layouts 1x1,1x4,2x4,8x1 --tag "gpu-$CARD"
+[ "$(left 585)" -gt 20 ] && step timeout "$(left 585)" python3 bench/experiments/lanes.py $BIBLE --gpu --streams 256 --steps 64 --ctx 256 --layouts 1x1,1x4,2x4,8x1 --tag "gpu-$CARD"
 # raw decode with the Q4_1 file itself (--model smollm2-135m, the default of the earlier GPU
 # runs), against the layouts above, only if time is left
 if [ "$(left 590)" -gt 25 ] && [ -f "$G/model.gguf" ]; then
-  NACRITH_MODEL=$G/model.gguf step timeout "$(left 595)" python3 bench/lanes.py $BIBLE --gpu --streams 256 --steps 64 --ctx 256 --layouts 1x1,2x4 --tag "gpu-$CARD-q4_1"
+  NACRITH_MODEL=$G/model.gguf step timeout "$(left 595)" python3 bench/experiments/lanes.py $BIBLE --gpu --streams 256 --steps 64 --ctx 256 --layouts 1x1,2x4 --tag "gpu-$CARD-q4_1"
 fi
 cp bench/results/*gpu* bench/results/fused-step.json "$OUT/" 2>/dev/null
 echo "done in $(( $(date +%s) - BEGAN )) s" | tee -a "$OUT/run.log"

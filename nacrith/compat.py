@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from . import container as fmt
 from .coder import CODERS
-from .engine import ATTENTION_MODES
+from .attention import ATTENTION_MODES
 from .errors import BackendMismatchError, CorruptError, ModelMismatchError, ModelNotFoundError, UnsupportedVersionError
 from .predictors import make_predictor
 from .settings import Settings
@@ -19,7 +19,6 @@ def model_section(settings: Settings, gpu_model: str | None = None) -> fmt.Model
     """The header's model section for containers made with ``settings`` (no model loading),
     on GPUs named ``gpu_model`` (as ggml describes them) when ``settings.gpu``."""
     from . import model as model_files
-    from .session import engine_name
 
     info = model_files.locate(settings.model)
     return fmt.ModelSection(
@@ -49,14 +48,14 @@ def recorded_backend(settings: Settings, gpu_model: str | None = None) -> str:
 def cpu_backend() -> str:
     """The backend a CPU file made by this llama.cpp build records: "cpu:" and the build's
     compact form (:func:`nacrith.container.cpu_build_field`, the same for the same features)."""
-    from .engine import cpu_build
+    from .llama import cpu_build
 
     return f"cpu:{fmt.cpu_build_field(cpu_build())}"
 
 
 # Features of a llama.cpp CPU build that choose how the work is shared among threads, not
 # the arithmetic: a clang build without OpenMP gave logits bit-identical to the gcc build
-# with it, and each decoded the other's file exactly (README, "Compatibility: CPU builds").
+# with it, and each decoded the other's file exactly (docs/compatibility.md).
 THREADING_FEATURES = frozenset({"OPENMP"})
 
 
@@ -78,7 +77,7 @@ def cpu_build_mismatch(recorded: str, here: str) -> str:
     differences = "; ".join(part for part in (f"this one lacks {' '.join(lacking)}" if lacking else "",
                                               f"it lacked {' '.join(extra)}" if extra else "") if part)
     return (f"this file was made by a llama.cpp CPU build with other features ({differences}), whose logits differ;"
-            " decode it with a build like the one that made it (README: Compatibility), or try --any-cpu-build")
+            " decode it with a build like the one that made it (docs/compatibility.md), or try --any-cpu-build")
 
 
 def check_decodable(parsed: fmt.Container, model: str | None = None, any_cpu_build: bool = False):
@@ -93,9 +92,7 @@ def check_decodable(parsed: fmt.Container, model: str | None = None, any_cpu_bui
     section = parsed.header.model
     if not parsed.uses_model:
         return None
-    from .engine import gpu_available, gpu_missing
     from .exact.engine import SPEC_VERSION, spec_of
-    from .session import engine_name
 
     model_path = _decoding_model(section, model)
     spec = spec_of(section.engine)
@@ -106,6 +103,8 @@ def check_decodable(parsed: fmt.Container, model: str | None = None, any_cpu_bui
             raise CorruptError(f"corrupt container: an exact-engine file with backend {section.backend!r}")
         _check_predictor_and_coder(section)
         return model_path
+    from .engine import gpu_available, gpu_missing
+
     if section.engine != engine_name():
         raise BackendMismatchError(f"this file was made with {section.engine}; this is {engine_name()}, whose logits may differ")
     _check_predictor_and_coder(section)
@@ -116,7 +115,7 @@ def check_decodable(parsed: fmt.Container, model: str | None = None, any_cpu_bui
     if section.backend_kind == "cuda" and not gpu_available():
         raise BackendMismatchError(f"this file was made on a CUDA GPU; {gpu_missing()}, and CPU logits differ")
     if section.cpu_build is not None and not any_cpu_build:
-        from .engine import cpu_build
+        from .llama import cpu_build
 
         if arithmetic_of(section.cpu_build) != arithmetic_of(cpu_build()):
             raise BackendMismatchError(cpu_build_mismatch(section.cpu_build, cpu_build()))
@@ -163,3 +162,22 @@ def _decoding_model(section: fmt.ModelSection, model: str | None):
         f"this file was made with model {section.name} (sha256 {section.sha256.hex()[:16]}…), "
         f"not {info.name} (sha256 {info.sha256.hex()[:16]}…); pass the right one with {hint}"
     )
+
+
+def engine_of(recorded: str) -> str:
+    """Which of :data:`nacrith.settings.ENGINES` made a file whose header records the engine string ``recorded``."""
+    from .exact.engine import spec_of
+
+    return "exact" if spec_of(recorded) is not None else "llama.cpp"
+
+
+def engine_name(engine: str = "llama.cpp") -> str:
+    """The engine string recorded in containers made with ``engine`` (one of
+    :data:`nacrith.settings.ENGINES`); llama.cpp is imported only for its own name."""
+    if engine == "exact":
+        from .exact.engine import engine_name as exact_name
+
+        return exact_name()
+    from .llama import llama_cpp_version
+
+    return f"llama.cpp (llama-cpp-python {llama_cpp_version()})"

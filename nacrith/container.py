@@ -1,93 +1,18 @@
-"""The nacrith container, format version 5, byte by byte.
+"""The nacrith container, format version 5: writing it, reading it, validating it.
 
-Integers marked *varint* are unsigned LEB128 (7 bits per byte, low group first, high bit
-set on every byte but the last, at most 10 bytes). *str* is a varint byte length followed
-by that many UTF-8 bytes. *u32* is 4 bytes little-endian. CRC-32 is zlib's. *tstr*
-(version 5) is a varint ``n``: 0 is followed by a *str*; ``n`` >= 1 stands for entry ``n``
-of the field's table in :data:`TABLES` (append-only: an entry is never changed or removed,
-and a reader that does not know ``n`` refuses the file), so that the strings every file of
-the default settings repeats take a byte each.
+``docs/format.md`` is the normative specification: primitives, header, blocks, trailer,
+how a model block decodes, validation rules and their error classes, the table entries
+(:data:`TABLES`, :data:`CPU_FEATURES`; a test checks that the document lists the same),
+version history and the conformance vectors. In brief::
 
-::
-
-    file     := member+                      (nothing may follow the last trailer)
-    member   := header block* trailer        one container; several, one after another
-                                            (`nacrith -c a b`, `cat a.nc b.nc`), decode to
-                                            the concatenation of their originals, as
-                                            gzip's, xz's and zstd's members and frames do
-
-    header   := magic "NCRT" (4 bytes)
-                version                 u8      = 5 (1 to 4 are read too, see below)
-                body_length             varint
-                body                    body_length bytes:
-                    flags               varint  bit 0: a model section follows
-                    [model section, when flag bit 0 is set]
-                    model_sha256        32 bytes  SHA-256 of the GGUF file (version 5: a
-                                                varint n, 0 followed by the 32 bytes, or
-                                                entry n of the table, as a tstr is)
-                    model_name          tstr    file name, for messages only (str before
-                                                version 5, as all tstr fields)
-                    engine              tstr    e.g. "llama.cpp (llama-cpp-python 0.3.36)"
-                    backend             tstr    "cpu:" and the llama.cpp CPU build's
-                                                architecture and compiled features
-                                                (cpu_build_field: "x86_64/520000f7"), or "cuda:"
-                                                and the GPU's name as ggml describes it
-                                                ("cpu" or "cuda" alone in files made before
-                                                these were recorded): logits differ
-                                                between backends, CPU builds and GPU models
-                    attention           u8      (version 3) how the engine runs attention
-                                                (nacrith.engine): 0 "auto", 1 "off", 2 "on",
-                                                3 "stable"
-                    ctx                 varint  tokens in a stream's window
-                    slide               varint  tokens dropped when the window is full
-                    predictor           tstr    JSON object: the predictor's settings (keys
-                                                sorted, no spaces: the table's entries are
-                                                compared as written)
-                    coder               tstr    (version 4) the range coder (nacrith.coder):
-                                                "int24" or "constriction"
-                crc32                   u32     of everything from the magic to the body's end
-
-    block    := tag "B" (1 byte)
-                body_length             varint
-                body:
-                    kind                u8      0 stored, 1 zstd, 2 model, 3 xz
-                    raw_length          varint  bytes of the original this block restores
-                    kind 0: nothing more (payload: raw_length bytes)
-                    kind 1: zstd_length varint  (payload: one zstd frame)
-                    kind 3: xz_length   varint  (payload: one raw LZMA2 stream, see below)
-                    kind 2:
-                        n_segments      varint  text and binary segments alternate
-                        first_is_text   u8      0 or 1
-                        segment_length  varint  x n_segments (they sum to raw_length)
-                        binary_codec    u8      0 stored, 1 zstd, 2 xz: all binary segments, joined
-                        binary_length   varint  bytes of the binary payload
-                        n_streams       varint
-                        stream_tokens   varint  x n_streams, non-increasing
-                        coded_length    varint  bytes of range-coder output (a multiple of 4)
-                        (payload: binary payload, then coded bytes)
-                    payload_crc32       u32     of the payload
-                crc32                   u32     of the tag and the body
-                payload
-
-    trailer  := tag "E" (1 byte)
-                n_blocks                varint
-                total_length            varint  bytes of the original
-                checksum                8 bytes the first 8 bytes of SHA-256(original)
-                crc32                   u32     of the tag, n_blocks, total_length, checksum
-
-*xz* data is a raw LZMA2 stream (no .xz framing: the container has its own lengths and
-CRCs) made with liblzma's preset 9e, whose only filter property, the dictionary size, is
-fixed at 64 MiB; decode it with ``lzma.LZMADecompressor(FORMAT_RAW, filters=XZ_FILTERS)``.
-Version 2 added the xz codec; version 3 added the attention field; version 4 added the coder
-field (versions 1-3 were coded with "constriction"); version 5 made the model section's
-strings and the model's SHA-256 table entries where they can be (the header of a file made
-with the default settings went from 162 bytes to 22). Version 1 and 2 files are
-read unchanged, with attention "auto" (what they were made with: llama.cpp's default, which
-on the CPU gives logits that depend on the thread count past 256 tokens of a stream, so such
-files decode exactly only with the thread count that made them).
+    file    := member+                 each member decodes to its original; a file to their concatenation
+    member  := header block* trailer
+    header  := "NCRT" version(u8 = 5) body_length(varint) body crc32(u32)
+    block   := "B" body_length(varint) body crc32(u32) payload      kind 0 stored, 1 zstd, 2 model, 3 xz
+    trailer := "E" n_blocks(varint) total_length(varint) sha256(original)[:8] crc32(u32)
 
 :func:`parse` checks every CRC, every length and the trailer's totals before returning,
-so a decoder can refuse a damaged file before any model work.
+so a decoder can refuse a damaged file before any model work. Versions 1 to 4 are read too.
 """
 from __future__ import annotations
 

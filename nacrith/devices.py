@@ -10,7 +10,7 @@ import ctypes
 from dataclasses import dataclass
 from pathlib import Path
 
-from .engine import L, _init_backend
+from .llama import L, _init_backend
 
 GPU_TYPES = (1, 2)  # GGML_BACKEND_DEVICE_TYPE_GPU, _IGPU
 

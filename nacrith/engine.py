@@ -21,7 +21,7 @@ attention once windows are long (16 streams, the default model, `bench/tradeoff.
 each: 711 s against 777 s on lcet10.txt at 1024 tokens, 318 s against 354 s on alice29.txt,
 234 s against 242 s on alice29.txt at 512 tokens). Flash attention is faster only while
 windows are short (a probe outside bench/: 254 against 235 tokens/s over the first 200 steps),
-and on whole small files the two took the same time (README, "Attention mode").
+and on whole small files the two took the same time (bench/experiments/FINDINGS.md, "Attention mode").
 
 The "stable" mode, the CPU default of earlier files, keeps flash attention
 thread-independent: contexts of two or more streams run flash attention and add a companion
@@ -41,92 +41,16 @@ so kept tokens are never evaluated again.
 """
 from __future__ import annotations
 
-import ctypes
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
 
 from .errors import EngineError, ModelNotFoundError
 
-try:  # llama_cpp prints nothing on import; its C library logs through the callback below
-    import llama_cpp as L
-except ImportError as exc:  # pragma: no cover - depends on the installation
-    raise ImportError("nacrith needs llama-cpp-python (pip install llama-cpp-python)") from exc
-
-_backend_ready = False
-# llama.cpp's set-up (backend, model loading, context creation) runs one thread at a time:
-# worker lanes start side by side, and the backend's start redirects the process's stderr
-_setup = threading.RLock()
-_quiet_logger = L.llama_log_callback(lambda level, text, user_data: None)
-
-
-def _init_backend() -> None:
-    """Initialise llama.cpp once, quietly: its device probing writes to stderr directly.
-
-    ``NACRITH_LLAMA_LOG=1`` keeps llama.cpp's own messages.
-    """
-    global _backend_ready
-    with _setup:
-        if not _backend_ready:
-            _start_backend()
-            _backend_ready = True
-
-
-def _start_backend() -> None:
-    if os.environ.get("NACRITH_LLAMA_LOG"):
-        L.llama_backend_init()
-    else:
-        saved = os.dup(2)
-        try:
-            with open(os.devnull, "wb") as devnull:
-                os.dup2(devnull.fileno(), 2)
-            L.llama_log_set(_quiet_logger, ctypes.c_void_p())
-            L.llama_backend_init()
-            L.llama_supports_gpu_offload()  # makes the GPU backends probe their devices now
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
-def llama_cpp_version() -> str:
-    """The version of the llama-cpp-python package that runs the model."""
-    return getattr(L, "__version__", "unknown")
-
-
-def cpu_build() -> str:
-    """This llama.cpp build's CPU arithmetic, as CPU-made files record it: the machine's
-    architecture and the features its CPU backend was compiled with, in llama.cpp's order
-    (``x86_64 SSE3 SSSE3 AVX AVX2 F16C FMA BMI2 LLAMAFILE OPENMP REPACK`` for ``make
-    install``'s portable build).
-
-    Logits depend on them: an AVX2 build and an AVX-512 build of the same llama.cpp differ
-    by up to 1.37 in a logit within 40 steps on this model, and each refuses the other's
-    files as corrupt only after decoding them (README, "Compatibility").
-    """
-    import platform
-
-    return " ".join([platform.machine() or "unknown", *_compiled_features("CPU")])
-
-
-def _compiled_features(backend: str) -> list[str]:
-    """The features ``llama_print_system_info`` reports for ``backend``: the name of each
-    that is on (``= 1``), ``NAME=VALUE`` for each other value but 0 (``SVE_CNT = 32``, the
-    vector length, which changes the arithmetic as much as a feature does).
-
-    It reads ``CUDA : ARCHS = 900 | ... | CPU : SSE3 = 1 | SSSE3 = 1 | ...``: a segment
-    with ``NAME :`` starts a backend's list.
-    """
-    current, features = None, []
-    for segment in L.llama_print_system_info().decode(errors="replace").split("|"):
-        name, colon, rest = segment.partition(" : ")
-        if colon:
-            current, segment = name.strip(), rest
-        key, _, value = (part.strip() for part in segment.partition("="))
-        if current == backend and key and value not in ("", "0"):
-            features.append(key if value == "1" else f"{key}={value}")
-    return features
+from .attention import ATTENTION_MODES, default_attention  # noqa: F401  (re-exported)
+from .llama import L, _compiled_features, _init_backend, _setup, cpu_build, llama_cpp_version  # noqa: F401  (re-exported)
+from .settings import default_threads
 
 
 def gpu_available() -> bool:
@@ -145,14 +69,6 @@ def gpu_missing() -> str:
     if not L.llama_supports_gpu_offload():
         return "this llama.cpp has no GPU support (see `make install-cuda`)"
     return "this llama.cpp has GPU support but sees no GPU (CUDA_VISIBLE_DEVICES, driver?)"
-
-
-def default_threads() -> int:
-    """The number of CPU cores this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 class _ClosedWhenCollected:
@@ -212,7 +128,6 @@ class LlamaModel(_ClosedWhenCollected):
             self.handle = None
 
 
-ATTENTION_MODES = ("auto", "off", "on", "stable")
 _FLASH_ATTN_TYPE = {"auto": -1, "off": 0, "on": 1}  # llama.cpp's llama_flash_attn_type
 MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ: sequences per context
 
@@ -226,17 +141,6 @@ def attention_setup(attention: str, n_streams: int) -> tuple[int, bool]:
     if n_streams == 1:
         return _FLASH_ATTN_TYPE["off"], False
     return _FLASH_ATTN_TYPE["on"], True
-
-
-def default_attention(backend: str) -> str:
-    """The attention mode new files use on ``backend``.
-
-    "off" on the CPU: logits independent of the thread count, and the fastest mode once
-    windows are long (see the module docstring).
-    "auto" (llama.cpp's choice) on CUDA, where threads do not matter and files must be
-    decoded on the same kind of GPU anyway.
-    """
-    return "off" if backend == "cpu" else "auto"
 
 
 class LockstepContext(_ClosedWhenCollected):

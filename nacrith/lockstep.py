@@ -13,12 +13,14 @@ tokens after the first (the BOS, kept as the attention anchor) and continues at
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from .coder import DEFAULT_CODER, make_decoder, make_encoder
-from .engine import LockstepContext
+
+if TYPE_CHECKING:
+    from .engine import LockstepContext
 
 KEEP = 1  # tokens kept at the start of a window when it slides: the BOS
 

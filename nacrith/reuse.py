@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from .settings import Progress
+from . import workers
+from .settings import Progress, resolve_engine
+from .workers import WorkerPlan, WorkerRequest
 
 
 class LocalSession:
@@ -12,13 +14,13 @@ class LocalSession:
     inside :func:`reuse_sessions`, the one already loaded for the same model and device."""
 
     def __init__(self, model: str | None, gpu: bool, threads: int | None, session=None, main_gpu: int | None = None, engine: str | None = None):
-        self.model, self.gpu, self.threads, self.main_gpu, self.engine = model, gpu, threads, main_gpu or 0, _engine(engine, gpu)
+        self.model, self.gpu, self.threads, self.main_gpu, self.engine = model, gpu, threads, main_gpu or 0, resolve_engine(engine, gpu)
         self.session = session
 
     def __call__(self):
         if self.session is None:
             from . import model as model_files
-            from .session import Session  # loads llama.cpp only when a block needs it
+            from .session import Session  # the engines and llama.cpp's tokenizer: imported when a block first needs a model
 
             if _reused is None:
                 self.session = Session(self.model, gpu=self.gpu, threads=self.threads, main_gpu=self.main_gpu, engine=self.engine)
@@ -37,34 +39,25 @@ class LocalSession:
 _reused: dict[tuple, object] | None = None
 
 
-def planned_workers(*request):
-    """:func:`nacrith.workers.plan_workers` for ``request`` (its arguments, in order).
+def planned_workers(request: WorkerRequest) -> WorkerPlan:
+    """``request.plan()`` (:func:`nacrith.workers.plan_workers`).
 
     Inside :func:`reuse_sessions`, the plan of the pool kept from an earlier file when that
     file asked the same; else, for ``auto``, the plan once kept pools are stopped: they hold
     the memory (and GPU memory) that ``auto`` counts, and would otherwise shrink the next
     file's plan.
     """
-    from . import workers
-
     kept_pools = [kept for kept in (_reused or {}).values() if isinstance(kept, workers.WorkerPool)]
     for pool in kept_pools:
         if pool.request == request:
             return pool.plan
-    if kept_pools and workers.parse_workers(request[0])[0] == "auto":
+    if kept_pools and workers.parse_workers(request.workers)[0] == "auto":
         _close_reused()
-    return workers.plan_workers(*request)
-
-
-def _engine(engine: str | None, gpu: bool = False) -> str:
-    """:func:`nacrith.session.resolve_engine` (imported when first needed: it loads llama.cpp)."""
-    from .session import resolve_engine
-
-    return resolve_engine(engine, gpu)
+    return request.plan()
 
 
 @contextmanager
-def worker_pool(plan, model: str | None, progress: Progress | None, request: tuple = (), engine: str | None = None):
+def worker_pool(plan: WorkerPlan, model: str | None, progress: Progress | None, request: WorkerRequest | None = None, engine: str | None = None):
     """A :class:`nacrith.workers.WorkerPool` for ``plan``, shut down at the end of the block;
     inside :func:`reuse_sessions`, the pool already running for the same plan and model
     file, kept for the next file (its processes have their models loaded and contexts
@@ -72,11 +65,9 @@ def worker_pool(plan, model: str | None, progress: Progress | None, request: tup
     be running in it. ``request``: what :func:`planned_workers` was asked for ``plan``;
     ``engine``: the engine its workers load.
     """
-    from .workers import WorkerPool
-
-    engine = _engine(engine, plan.devices[0] is not None)
+    engine = resolve_engine(engine, plan.devices[0] is not None)
     if _reused is None:
-        with WorkerPool(plan, model, progress, engine=engine) as pool:
+        with workers.WorkerPool(plan, model, progress, engine=engine) as pool:
             yield pool
         return
     from . import model as model_files
@@ -85,7 +76,7 @@ def worker_pool(plan, model: str | None, progress: Progress | None, request: tup
     key = ("pool", plan, info.path, info.sha256, engine)
     if key not in _reused:
         _close_reused()  # one at a time: each holds models and their contexts
-        _reused[key] = WorkerPool(plan, info.path, progress, reusable=True, engine=engine)
+        _reused[key] = workers.WorkerPool(plan, info.path, progress, reusable=True, engine=engine)
     pool = _reused[key]
     pool.progress, pool.request = progress, request
     try:

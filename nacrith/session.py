@@ -13,36 +13,13 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from . import model as model_files
-from .engine import LlamaModel, LockstepContext, default_attention, llama_cpp_version
+from .attention import default_attention
+from .engine import LlamaModel, LockstepContext
+from .compat import engine_name, engine_of  # noqa: F401  (re-exported)
+from .settings import DEFAULT_ENGINE, ENGINES, resolve_engine  # noqa: F401  (re-exported)
 from .tokenizer import Tokenizer
 
 MAX_CACHED_CONTEXTS = 2  # the usual block shape and the smaller last block
-ENGINES = ("llama.cpp", "exact")
-DEFAULT_ENGINE = "exact"  # README "Engines": same bits as llama.cpp within 0.3%, 2.4-2.8x its speed on 2 cores
-
-
-def engine_name(engine: str = "llama.cpp") -> str:
-    """The engine string recorded in containers made with ``engine`` (one of :data:`ENGINES`)."""
-    if engine == "exact":
-        from .exact.engine import engine_name as exact_name
-
-        return exact_name()
-    return f"llama.cpp (llama-cpp-python {llama_cpp_version()})"
-
-
-def resolve_engine(engine: str | None, gpu: bool = False) -> str:
-    """``engine``, or the default where it is None: :data:`DEFAULT_ENGINE`, or llama.cpp with
-    ``gpu`` (the one engine that runs on GPUs yet)."""
-    if engine is not None:
-        return engine
-    return "llama.cpp" if gpu else DEFAULT_ENGINE
-
-
-def engine_of(recorded: str) -> str:
-    """Which of :data:`ENGINES` made a file whose header records the engine string ``recorded``."""
-    from .exact.engine import spec_of
-
-    return "exact" if spec_of(recorded) is not None else "llama.cpp"
 
 
 class Session:

@@ -6,23 +6,43 @@ predictor, attention mode, range coder) or that only steers the work (threads, G
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
+from .attention import ATTENTION_MODES, default_attention
 from .coder import CODERS, DEFAULT_CODER
-from .engine import ATTENTION_MODES, default_attention
 from .lockstep import check_window
 from .predictors import EnsembleConfig, model_alone, predictor_settings
 
-# Defaults, chosen from bench/tradeoff.py and bench/ablation.py on the 2-core development
-# machine (see README).
+# Defaults, chosen from bench/tradeoff.py, bench/levels.py and bench/ablation.py
+# (docs/benchmarks.md).
+
+ENGINES = ("llama.cpp", "exact")
+DEFAULT_ENGINE = "exact"  # bits within 0.3% of llama.cpp's, files that decode on any machine (docs/design.md)
+
+
+def resolve_engine(engine: str | None, gpu: bool = False) -> str:
+    """``engine``, or the default where it is None: :data:`DEFAULT_ENGINE`, or llama.cpp with
+    ``gpu`` (the one engine that runs on GPUs)."""
+    if engine is not None:
+        return engine
+    return "llama.cpp" if gpu else DEFAULT_ENGINE
+
+
+def default_threads() -> int:
+    """The number of CPU cores this process may use (its CPU affinity)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
 class Level:
     """What a compression level (``nacrith -1`` ... ``-9``) sets on the CPU: the most lockstep
     streams per block, each stream's context window, and the fewest tokens a stream gets
-    (fewer tokens and a block uses fewer streams; bench/stream_floor.py). Each level up has
+    (fewer tokens and a block uses fewer streams; bench/experiments/stream_floor.py). Each level up has
     fewer streams or a longer window than the one below: a narrower batch is slower per
     token on the CPU, a stream that starts cold fewer times and sees more context predicts
     better (bench/levels.py)."""
@@ -46,7 +66,7 @@ LEVELS = {
 DEFAULT_LEVEL = 5
 DEFAULT_STREAMS = LEVELS[DEFAULT_LEVEL].streams
 # On a GPU a llama_decode of 256 streams (llama.cpp's most sequences per context) yields
-# 4.3 times the tokens of one of 16: 15.7k against 3.6k tokens/s on an H100 (README, "GPU");
+# 4.3 times the tokens of one of 16: 15.7k against 3.6k tokens/s on an H100 (docs/benchmarks.md);
 # fewer streams would leave the GPU idle, for fewer bits. So there a level sets the window only.
 DEFAULT_GPU_STREAMS = 256
 DEFAULT_CTX = LEVELS[DEFAULT_LEVEL].ctx
@@ -92,10 +112,10 @@ class Settings:
     fallback: bool = True  # False: text blocks always use the model (for tests and measurements)
     ensemble: EnsembleConfig | None = DEFAULT_ENSEMBLE  # None: the language model alone
     gpu_ids: tuple | None = None  # with gpu: which GPUs the workers may use (None: all); not recorded
-    attention: str | None = None  # one of engine.ATTENTION_MODES; None: the backend's default ("off" on the CPU)
+    attention: str | None = None  # one of attention.ATTENTION_MODES; None: the backend's default ("off" on the CPU)
     coder: str = DEFAULT_CODER  # the range coder, one of coder.CODERS
     level: int | None = None  # None: DEFAULT_LEVEL
-    engine: str | None = None  # "exact" or "llama.cpp" (session.ENGINES); None: session.DEFAULT_ENGINE, llama.cpp with gpu
+    engine: str | None = None  # one of ENGINES; None: DEFAULT_ENGINE, llama.cpp with gpu
 
     def __post_init__(self):
         # resolved here, so that every reader of .streams, .ctx, ... sees a number; on a GPU
@@ -114,8 +134,6 @@ class Settings:
         if self.slide is None:
             object.__setattr__(self, "slide", default_slide(self.ctx))
         if self.engine is None:
-            from .session import resolve_engine
-
             object.__setattr__(self, "engine", resolve_engine(None, self.gpu))
 
     def validate(self) -> "Settings":
@@ -132,8 +150,6 @@ class Settings:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}")
         if self.coder not in CODERS:
             raise ValueError(f"coder must be one of {', '.join(CODERS)}")
-        from .session import ENGINES
-
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}")
         if self.engine == "exact" and self.gpu:

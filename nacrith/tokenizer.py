@@ -18,7 +18,8 @@ import re
 
 import numpy as np
 
-from .engine import L, LlamaModel
+from .engine import LlamaModel
+from .llama import L
 
 PIECE_BUFFER = 4096  # far above any real piece; checked per token below
 CHUNK = 1 << 16  # tokenize long text in pieces of about this many bytes, cut after a newline

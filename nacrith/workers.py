@@ -1,4 +1,4 @@
-"""Worker processes: several llama.cpp contexts coding blocks at once, on CPU cores or GPUs.
+"""Worker processes: several engine contexts coding blocks at once, on CPU cores or GPUs.
 
 Each worker is a process holding one model and its contexts on one device (a GPU chosen
 by ``main_gpu``, no layer splitting; or the CPU with its share of the cores). The parent
@@ -7,14 +7,15 @@ finished blocks in input order, so memory stays at a few blocks whatever the inp
 
 Blocks are independent and a block's streams always run together in one context, so the
 container does not depend on how many workers made it. On the CPU logits also do not depend
-on the thread count (attention modes "off" and "stable", see :mod:`nacrith.engine`), so a file may be
-decoded with any worker count; on CUDA, with any worker count on the same kind of GPU.
+on the thread count (the exact engine's never do; llama.cpp's with attention modes "off" and
+"stable", see :mod:`nacrith.engine`), so a file may be decoded with any worker count; on
+CUDA, with any worker count on the same kind of GPU.
 
 A worker may run several "lanes": threads with a context (and model) each, coding blocks
-side by side (``--workers PxL``: P processes of L lanes). llama.cpp releases the GIL while
-it decodes, so one lane's model step overlaps the other lanes' CPU work, and on a GPU the
+side by side (``--workers PxL``: P processes of L lanes). Both engines release the GIL
+while they compute a step, so one lane's model step overlaps the other lanes' CPU work, and on a GPU the
 kernels of one process's contexts may run at the same time, where those of different
-processes take turns (``bench/lanes.py`` measures both).
+processes take turns (``bench/experiments/lanes.py`` measures both).
 """
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 from . import container as fmt
-from .engine import default_threads
 from .errors import BackendMismatchError, ModelNotFoundError, WorkerError
+from .settings import default_threads
 
 IN_FLIGHT_PER_WORKER = 2
 FINAL_PROGRESS_WAIT = 5.0  # seconds the parent waits for a file's last progress messages (they come within milliseconds)
@@ -47,12 +48,12 @@ BYTES_PER_KV_CELL = 64 << 10  # where the model's header cannot be read: a bound
 # per CPU worker beside its KV cache: the model's pages, compute buffers, Python and the
 # ensemble's tables (up to ~420 MiB over a full 1 MiB text block:
 # bench/results/memory-cpu-v4-block.md). With SmolLM2-135M's KV cache at 16 streams x 1024
-# tokens (360 MiB) that reserves 1.0 GiB per worker, where README estimates a worker near 0.8 GiB.
+# tokens (360 MiB) that reserves 1.0 GiB per worker, where a worker measured near 0.8 GiB (bench/memory.py).
 CPU_MEMORY_MARGIN = 640 << 20
 # The part of that margin that grows with the model: its file (mapped) and, per vocabulary
 # entry, the ensemble's context bias table and its AdaGrad squares (256 rows of float32 each)
 # and each stream's int64 probability row. gemma3-270m (253 MB, 262,144 tokens) compressing
-# 30 KB peaked at 1238 MiB RSS against 658 MiB for SmolLM2-135M (/usr/bin/time, README "Models").
+# 30 KB peaked at 1238 MiB RSS against 658 MiB for SmolLM2-135M (/usr/bin/time, docs/benchmarks.md, "Models").
 ENSEMBLE_BYTES_PER_VOCAB_ENTRY = 2 * 256 * 4
 DEFAULT_MODEL_BYTES, DEFAULT_VOCAB = 98_362_432, 49_152  # SmolLM2-135M, whose figures the margin holds
 
@@ -84,6 +85,31 @@ def parse_workers(requested) -> tuple:
     if processes < 1 or lanes < 1:
         raise ValueError("workers and lanes must be at least 1")
     return processes, lanes
+
+
+@dataclass(frozen=True)
+class WorkerRequest:
+    """What a job asks of the workers: :func:`plan_workers`'s arguments, named.
+
+    Two files that make the same request get the same plan, so a pool kept from one file
+    serves the next (:func:`nacrith.reuse.planned_workers`).
+    """
+
+    workers: int | str = 1  # --workers: N, "auto" or "PxL"
+    gpu: bool = False
+    streams: int = 1  # lockstep streams per block (the widest block's, when decoding)
+    ctx: int = 0  # tokens in a stream's window
+    threads: int | None = None  # CPU threads per context; None: the cores shared out
+    gpu_ids: tuple | None = None  # which GPUs may be used; None: all
+    blocks: int | None = None  # blocks the job has, where known: no more contexts than that
+    model_only: bool = False  # no ensemble (lets "auto" run lanes on a GPU)
+    model_path: object = None  # the model file, for its KV cache size; None: the default model
+    gpu_model: str | None = None  # the GPU model a file was made on (decoding), else None
+
+    def plan(self) -> "WorkerPlan":
+        """:func:`plan_workers` of this request."""
+        return plan_workers(requested=self.workers, gpu=self.gpu, streams=self.streams, ctx=self.ctx, threads=self.threads, gpu_ids=self.gpu_ids,
+                            blocks=self.blocks, model_only=self.model_only, model_path=self.model_path, gpu_model=self.gpu_model)
 
 
 def plan_workers(requested, gpu: bool, streams: int, ctx: int, threads: int | None = None, gpu_ids=None, blocks: int | None = None,
@@ -134,8 +160,8 @@ def plan_workers(requested, gpu: bool, streams: int, ctx: int, threads: int | No
         devices = devices[: max(1, blocks)] if blocks is not None else devices
         return WorkerPlan(len(devices), threads or max(1, cores // (len(devices) * lanes)), devices, lanes, model)
     # CPU: one single-threaded process per core beats one process using every core (on 2
-    # cores, 2 x 1 thread measured 6-9% faster than 1 x 2 in bench/results/workers-cpu.json,
-    # 21-26% in an earlier run; 2 processes also beat 1 process of 2 lanes in
+    # cores, 2 x 1 thread measured 6-9% faster than 1 x 2 in bench/results/workers-cpu.json;
+    # 2 processes also beat 1 process of 2 lanes in
     # workers-cpu-v4.json: parts of the ensemble hold Python's GIL), as long as memory holds a
     # context per process.
     processes = min(cores, _processes_fitting_in_memory(streams, ctx, model_path)) if requested == "auto" else int(requested)
@@ -257,14 +283,14 @@ def _in_lanes(function, items: list) -> list:
 
 
 def _compress_job(blocks: list, settings) -> list:
-    from .pipeline import compress_block
+    from .blocks import compress_block
 
     progress = _progress if _worker["progress_queue"] is not None else None
     return _in_lanes(lambda data: compress_block(data, settings, _session, progress), blocks)
 
 
 def _decode_job(blocks: list, section) -> list:
-    from .pipeline import decode_block
+    from .blocks import decode_block
 
     progress = _progress if _worker["progress_queue"] is not None else None
     return _in_lanes(lambda block: decode_block(block, section, _session, progress), blocks)
@@ -285,7 +311,7 @@ class WorkerPool:
         context = multiprocessing.get_context("spawn")  # llama.cpp's threads do not survive fork
         self.plan = plan
         self.progress = progress
-        self.request: tuple = ()  # what plan_workers was asked for plan (see nacrith.reuse.planned_workers)
+        self.request: WorkerRequest | None = None  # what was asked for plan (see nacrith.reuse.planned_workers)
         self.progress_queue = context.Queue() if progress or reusable else None
         self.unreported_jobs = 0  # submitted jobs whose end has not come through progress_queue
         devices = context.Queue()

@@ -9,6 +9,19 @@ import pytest
 from nacrith import pipeline
 from nacrith.session import Session
 
+# Fixtures that load the default model: a test using one is marked `model` (see pyproject's markers).
+MODEL_FIXTURES = frozenset({"session", "llama_session", "roundtrip", "model_blob"})
+MODEL_MODULES = frozenset({"test_cli", "test_golden"})  # they run `nacrith` on text, or decode model containers
+
+
+def pytest_collection_modifyitems(items):
+    """Mark `model` every test that takes a fixture loading the default model, and the tests
+    of modules that run the model through the command line."""
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())) or item.module.__name__.rpartition(".")[2] in MODEL_MODULES:
+            item.add_marker(pytest.mark.model)
+
+
 # Small windows make short inputs slide, so tests cover the KV-cache shift cheaply.
 SMALL = dict(ctx=32, slide=8, min_stream_tokens=8)
 

@@ -41,6 +41,7 @@ def text_file(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_compress_then_decompress_files(text_file: Path):
     result = run("compress", text_file)
     assert result.returncode == 0, result.stderr
@@ -52,6 +53,7 @@ def test_compress_then_decompress_files(text_file: Path):
     assert text_file.read_bytes() == TEXT
 
 
+@pytest.mark.slow
 def test_gzip_style_shorthand_and_rm(text_file: Path):
     assert run(text_file, "--rm").returncode == 0
     assert not text_file.exists()
@@ -59,6 +61,7 @@ def test_gzip_style_shorthand_and_rm(text_file: Path):
     assert text_file.read_bytes() == TEXT and not Path(str(text_file) + ".nc").exists()
 
 
+@pytest.mark.slow
 def test_stdin_to_stdout_pipeline():
     packed = run("compress", "-", stdin=TEXT)
     assert packed.returncode == 0, packed.stderr
@@ -68,6 +71,7 @@ def test_stdin_to_stdout_pipeline():
     assert restored.returncode == 0 and restored.stdout == TEXT
 
 
+@pytest.mark.slow
 def test_output_option_and_stdout_flag(text_file: Path, tmp_path: Path):
     target = tmp_path / "custom.bin"
     assert run("compress", "-o", target, text_file).returncode == 0
@@ -75,6 +79,7 @@ def test_output_option_and_stdout_flag(text_file: Path, tmp_path: Path):
     assert result.returncode == 0 and result.stdout == TEXT
 
 
+@pytest.mark.slow
 def test_existing_output_needs_force(text_file: Path):
     packed = Path(str(text_file) + ".nc")
     packed.write_bytes(b"precious")
@@ -89,6 +94,7 @@ def test_missing_input_and_directory(tmp_path: Path):
     assert_one_line_error(run("compress", tmp_path), "is a directory")
 
 
+@pytest.mark.slow
 def test_test_command_decodes_and_writes_nothing(text_file: Path, tmp_path: Path):
     assert run("compress", text_file).returncode == 0
     packed = Path(str(text_file) + ".nc")
@@ -128,6 +134,7 @@ def test_test_command_decodes_and_writes_nothing(text_file: Path, tmp_path: Path
         pytest.fail("no damaged bit was found by decoding")
 
 
+@pytest.mark.slow
 def test_compressed_input_is_left_unless_forced(text_file: Path):
     packed = Path(str(text_file) + ".nc")
     assert run("compress", text_file).returncode == 0
@@ -160,6 +167,7 @@ def test_recursive_codes_the_files_below_a_folder(tmp_path: Path):
     assert_one_line_error(run(tree), "is a directory")  # no -r: refused as before
 
 
+@pytest.mark.slow
 def test_one_command_loads_the_model_once(monkeypatch, tmp_path: Path):
     """Several files in one command, and concatenated containers, share one loaded model
     (it was loaded again for each); every file is the same as when coded alone."""
@@ -303,6 +311,7 @@ def test_unwritable_output_names_the_output(text_file: Path, tmp_path: Path):
     assert not target.parent.exists()
 
 
+@pytest.mark.slow
 def test_output_modes(tmp_path: Path):
     """From standard input the output gets 0666 less the umask, as a shell's redirection would
     (it was 0600, a temporary file's); from a file, the file's own mode, as gzip keeps it."""
@@ -486,6 +495,7 @@ def test_unknown_suffix_on_decompress(text_file: Path):
     assert_one_line_error(run("-d", text_file), "unknown suffix")
 
 
+@pytest.mark.slow
 def test_corrupt_input_leaves_no_output(text_file: Path, tmp_path: Path):
     assert run("compress", text_file).returncode == 0
     packed = Path(str(text_file) + ".nc")
@@ -497,6 +507,7 @@ def test_corrupt_input_leaves_no_output(text_file: Path, tmp_path: Path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["story.txt", "story.txt.nc", "broken.txt.nc"])
 
 
+@pytest.mark.slow
 def test_truncated_and_foreign_input(text_file: Path, tmp_path: Path):
     assert run("compress", text_file).returncode == 0
     packed = Path(str(text_file) + ".nc").read_bytes()
@@ -543,6 +554,7 @@ def test_bad_command_line_is_one_line_with_a_help_hint(text_file: Path):
     assert bare.returncode == 2 and bare.stderr.startswith(b"Usage: nacrith") and b"\n  nacrith -d FILE.nc" in bare.stderr
 
 
+@pytest.mark.slow
 def test_info_text_and_json(text_file: Path):
     assert run("compress", text_file).returncode == 0
     packed = str(text_file) + ".nc"
@@ -562,6 +574,7 @@ def test_info_text_and_json(text_file: Path):
         assert (f"(--model {DEFAULT_MODEL})".encode() in human.stdout) == (expected is not None)
 
 
+@pytest.mark.slow
 def test_several_files_to_standard_output_decode_as_one(tmp_path: Path):
     """`nacrith -c a b > ab.nc` exited 0 with a file nacrith could not decode (data after
     the first trailer); now it decodes to a then b, as gzip's and zstd's do."""
@@ -590,6 +603,7 @@ def test_help_states_keep_semantics():
     assert b"Keep the input file (the default" in result.stdout
 
 
+@pytest.mark.slow
 def test_ensemble_flags_are_recorded(text_file: Path, tmp_path: Path):
     llm = tmp_path / "llm.nc"
     partial = tmp_path / "partial.nc"
@@ -627,6 +641,7 @@ def start_long_compression(folder: Path) -> subprocess.Popen:
     return subprocess.Popen([*NACRITH, source, "--workers", "2", "--block-size", "24000"], stderr=subprocess.PIPE, preexec_fn=default_hangup)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(__import__("signal"), "SIGHUP"), reason="POSIX signals")
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
 def test_termination_removes_partial_output_and_stops_workers(tmp_path: Path, signame: str):
@@ -653,6 +668,7 @@ def test_termination_removes_partial_output_and_stops_workers(tmp_path: Path, si
     assert [p.name for p in tmp_path.iterdir()] == ["long.txt"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker through /proc")
 def test_killed_worker_is_a_one_line_error(tmp_path: Path):
     """A worker process killed mid-way (as the kernel's OOM killer would): a one-line error

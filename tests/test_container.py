@@ -9,7 +9,7 @@ import pytest
 
 from nacrith import container as fmt
 from nacrith import compat, pipeline, reuse
-from nacrith.engine import default_attention
+from nacrith.attention import default_attention
 from nacrith.errors import (
     BackendMismatchError,
     ContainerError,
@@ -240,7 +240,7 @@ def test_unknown_attention_mode_is_refused(session, model_blob):
 
 
 def test_every_engine_attention_mode_has_a_code():
-    from nacrith.engine import ATTENTION_MODES
+    from nacrith.attention import ATTENTION_MODES
 
     assert set(fmt.ATTENTION_CODES) == set(ATTENTION_MODES)
 
@@ -252,6 +252,7 @@ def test_xz_in_a_version_1_file_is_refused(session):
         unpack(session, as_legacy(blob, 1))
 
 
+@pytest.mark.slow
 def test_damage_behind_valid_crcs_is_caught(session, model_blob):
     """Coded bytes changed and every CRC recomputed: an error, or (if the bit was unused) the original."""
     _, header_end = fmt.read_header(model_blob)
@@ -347,6 +348,7 @@ def test_file_of_another_gpu_model_is_refused_before_any_output(session, model_b
     assert planned == [None, "GPU A", None]
 
 
+@pytest.mark.slow
 def test_the_cpu_build_is_recorded_and_another_is_refused_up_front(session, model_blob, tmp_path):
     """A CPU file records the llama.cpp CPU build that made it: a build of other features
     (whose logits differ: an AVX2 and an AVX-512 build each failed the other's files, at the

@@ -26,6 +26,7 @@ TEXT = (
 ).encode() * 3
 
 
+@pytest.mark.slow
 def test_one_and_two_threads_agree(session):
     one = Session(engine="llama.cpp", threads=1)
     two = Session(engine="llama.cpp", threads=2)
@@ -43,20 +44,10 @@ def test_one_and_two_threads_agree(session):
 # Long enough for a stream to pass 256 tokens of KV cache, where llama.cpp's CPU
 # flash-attention kernel would split a lone sequence's keys among threads.
 LONG_TEXT = " ".join(f"line {i}: the {i % 7}th of {i % 13} gardens held {i * 37 % 101} roses." for i in range(60)).encode()
-LONG = dict(ctx=512, slide=128, streams=1, fallback=False)
-
-
-def test_threads_agree_past_256_tokens():
-    one = Session(engine="llama.cpp", threads=1)
-    two = Session(engine="llama.cpp", threads=2)
-    try:
-        assert len(one.tokenizer.encode(LONG_TEXT)) > 300
-        blob1 = pack(one, LONG_TEXT, **LONG)
-        assert pack(two, LONG_TEXT, **LONG) == blob1
-        assert unpack(two, blob1) == LONG_TEXT
-    finally:
-        one.close()
-        two.close()
+# A container-level test of threads past 256 tokens cannot reach the thread-dependent path:
+# a block's streams differ by at most one token, so no stream runs alone for long, and a
+# one-stream context runs no flash attention in the modes files use ("off", "stable"). The path is reached below at the level of
+# logits (stream 0 alone for many steps), where plain flash attention is shown to differ.
 
 
 def lone_tail_logits(session, n_streams: int, threads: int, attention: str, steps: int = 262, tail: int = 4) -> np.ndarray:
@@ -74,6 +65,7 @@ def lone_tail_logits(session, n_streams: int, threads: int, attention: str, step
     return np.array(rows)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention", ["off", "stable"])
 @pytest.mark.parametrize("n_streams", [1, 2])
 def test_cpu_attention_modes_are_thread_independent(session, n_streams, attention):
@@ -83,6 +75,7 @@ def test_cpu_attention_modes_are_thread_independent(session, n_streams, attentio
     assert np.array_equal(one, lone_tail_logits(session, n_streams, 2, attention))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_streams", [1, 2])
 def test_plain_flash_attention_depends_on_threads(session, n_streams):
     """Why "stable" exists: flash attention alone gives 1 and 2 threads different logits.
@@ -95,6 +88,7 @@ def test_plain_flash_attention_depends_on_threads(session, n_streams):
     assert not np.array_equal(one[258:], two[258:])  # a lone stream past 256 tokens
 
 
+@pytest.mark.slow
 def test_fresh_process_decodes(session, tmp_path):
     blob = pack(session, TEXT, fallback=False, streams=3, **SMALL)
     (tmp_path / "t.nc").write_bytes(blob)
@@ -104,12 +98,14 @@ def test_fresh_process_decodes(session, tmp_path):
     assert result.stdout == TEXT
 
 
+@pytest.mark.slow
 def test_same_input_same_container(session):
     first = pack(session, TEXT, fallback=False, **SMALL)
     pack(session, TEXT[::-1], fallback=False, **SMALL)  # other work in between
     assert pack(session, TEXT, fallback=False, **SMALL) == first
 
 
+@pytest.mark.slow
 def test_worker_processes_make_the_same_container(tmp_path):
     """Blocks coded in two worker processes: byte-identical to one process, and decodable either way."""
     import nacrith
@@ -127,6 +123,7 @@ def test_worker_processes_make_the_same_container(tmp_path):
         assert pipeline.decompress_stream(source, out, workers=2) == 2 * len(data) and out.getvalue() == data + data
 
 
+@pytest.mark.slow
 def test_files_coded_one_after_another_share_one_worker_pool(monkeypatch):
     """Inside reuse_sessions (the CLI's several FILES), files of the same worker plan are
     coded by the same processes, with the containers of fresh ones, each file's progress
@@ -166,6 +163,7 @@ def test_files_coded_one_after_another_share_one_worker_pool(monkeypatch):
     assert len(started) == 2 and reuse._reused is None
 
 
+@pytest.mark.slow
 def test_lanes_make_the_same_container():
     """Blocks coded side by side in the lanes (threads) of one or two processes: the same bytes."""
     import nacrith
@@ -178,6 +176,7 @@ def test_lanes_make_the_same_container():
     assert nacrith.decompress(one, workers="1x2") == data
 
 
+@pytest.mark.slow
 def test_256_streams_fit_with_a_companion(session):
     """256 streams is llama.cpp's limit: the companion borrows a finished stream's sequence."""
     tokens = np.asarray(session.tokenizer.encode(TEXT)[:3], np.int32)

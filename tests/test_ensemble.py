@@ -41,6 +41,7 @@ def code(session, data: bytes, config: EnsembleConfig, n_streams: int = 2):
     return same, results[0][1], len(coded)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("switches", list(itertools.product([False, True], repeat=len(PARTS))), ids=lambda s: "".join("1" if x else "0" for x in s))
 def test_every_combination_round_trips(session, switches):
     config = replace(EnsembleConfig(**EAGER_SKIP), **dict(zip(PARTS, switches)))
@@ -48,6 +49,7 @@ def test_every_combination_round_trips(session, switches):
     assert same
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mix", ["linear", "geometric"])
 @pytest.mark.parametrize("share", [True, False])
 def test_mixing_and_sharing_variants(session, mix, share):
@@ -67,12 +69,14 @@ def test_temperature_and_context_bias_round_trip(session, extra):
         assert np.count_nonzero(predictor.context_bias.any(axis=1)) > 1  # several buckets were used
 
 
+@pytest.mark.slow
 def test_skip_fires_on_repetitive_text(session):
     same, predictor, _ = code(session, REPETITIVE, EnsembleConfig(**EAGER_SKIP), n_streams=1)
     assert same
     assert predictor.skipped > 0.3 * predictor.steps
 
 
+@pytest.mark.slow
 def test_ensemble_helps_on_repetitive_text(session):
     _, _, llm_only = code(session, REPETITIVE, EnsembleConfig(ngram=False, match=False, bias=False, mixer=False, skip=False), n_streams=1)
     _, _, ensemble = code(session, REPETITIVE, EnsembleConfig(), n_streams=1)

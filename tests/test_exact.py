@@ -216,6 +216,7 @@ def test_a_streams_logits_do_not_depend_on_its_companions(tiny_weights):
         assert all(np.array_equal(a, b) and np.array_equal(a, c) for a, b, c in zip(alone, first, last)), name
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not kernel.available(), reason="the C kernel is not built")
 def test_the_default_model_agrees_for_a_few_hundred_tokens():
     from nacrith.model import locate
@@ -255,6 +256,7 @@ def _unpack(model, blob: bytes, implementation: str, monkeypatch, **options) -> 
     return pipeline.decompress(blob, model=str(model), **options)
 
 
+@pytest.mark.slow
 def test_containers_are_the_same_whatever_the_implementation(tiny_model, monkeypatch):
     blobs = {name: _pack(tiny_model, TEXT, name, monkeypatch, streams=4) for name in IMPLEMENTATIONS}
     first = blobs[IMPLEMENTATIONS[0]]

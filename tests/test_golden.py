@@ -24,7 +24,7 @@ import pytest
 from nacrith import container as fmt
 from nacrith import compat
 from nacrith import model as model_files
-from nacrith.engine import default_attention
+from nacrith.attention import default_attention
 from nacrith.errors import BackendMismatchError, ModelNotFoundError
 from nacrith.exact import kernel
 from nacrith.exact.reference import SPEC_VERSION
@@ -85,6 +85,7 @@ def skip_unless_decodable_here(blob: bytes):
         pytest.skip(str(exc))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("path", "entry"), [case for case in golden_cases() if not is_exact(case)])
 def test_golden_container_decodes_to_its_original(session, path, entry):
     blob = path.read_bytes()
@@ -93,6 +94,7 @@ def test_golden_container_decodes_to_its_original(session, path, entry):
     assert unpack(session, blob) == (GOLDEN / entry["original"]).read_bytes()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("implementation", EXACT_IMPLEMENTATIONS)
 @pytest.mark.parametrize(("path", "entry"), [case for case in golden_cases() if is_exact(case)])
 def test_exact_golden_container_decodes_with_every_implementation(monkeypatch, path, entry, implementation):
@@ -104,6 +106,7 @@ def test_exact_golden_container_decodes_with_every_implementation(monkeypatch, p
     assert pipeline.decompress(blob) == (GOLDEN / entry["original"]).read_bytes()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("path", "entry"), [case for case in golden_cases() if of_the_current_format(case)])
 def test_golden_container_of_the_current_format_is_what_nacrith_writes(session, path, entry):
     blob = path.read_bytes()

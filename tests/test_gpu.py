@@ -20,7 +20,7 @@ from nacrith import pipeline
 from nacrith.devices import gpus
 from nacrith.errors import BackendMismatchError, ContainerError
 
-pytestmark = pytest.mark.skipif(not gpus(), reason="no GPU visible to llama.cpp")
+pytestmark = [pytest.mark.gpu, pytest.mark.model, pytest.mark.skipif(not gpus(), reason="no GPU visible to llama.cpp")]
 
 CORPUS = Path(os.environ.get("NACRITH_CORPORA", Path(__file__).resolve().parent.parent / "corpora" / "data"))
 

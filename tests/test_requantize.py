@@ -85,6 +85,7 @@ def test_rewrite_refuses_a_tensor_type_it_cannot_size():
         requantize.rewrite_q4_1_as_q8_0(io.BytesIO(source), io.BytesIO())
 
 
+@pytest.mark.slow
 def test_rewrite_of_the_default_model_has_llama_cpps_own_q8_0_weights(tmp_path):
     """The same tensors, byte for byte, as llama.cpp's quantizer makes of the file (which
     orders keys and tensors its own way, so the files as a whole differ)."""
@@ -169,6 +170,7 @@ def test_derived_zoo_model_checks_its_source_and_its_result(tmp_path, monkeypatc
         model_files.resolve_model_path("fake-q8")
 
 
+@pytest.mark.slow
 def test_a_session_of_another_model_is_not_used_for_a_file(session):
     """The test suite's shared session runs the default model. Compressing with another
     ``model`` and that session, and decoding that file with it, load the other model

@@ -54,6 +54,7 @@ def test_text_is_coded_by_the_model(roundtrip):
     assert block.text_length >= 0.9 * block.raw_length
 
 
+@pytest.mark.slow
 def test_several_blocks_and_streams(roundtrip):
     data = (CASES["ascii"] + CASES["emoji and cjk"]) * 3
     blob = roundtrip(data, fallback=False, block_size=500, streams=3, **SMALL)
@@ -68,6 +69,7 @@ def test_window_slides(roundtrip):
     assert fmt.parse(blob).blocks[0].stream_tokens[0] > 4 * 16
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("level", [1, 9])
 def test_levels_decode_without_being_named(roundtrip, level):
     """The fastest and the smallest level: the container records the layout the level chose
@@ -96,6 +98,7 @@ def test_binary_takes_xz_when_smaller(roundtrip):
     assert len(blob) < len(zstandard.ZstdCompressor(level=19).compress(data))
 
 
+@pytest.mark.slow
 def test_binary_segments_take_xz_when_smaller(roundtrip):
     blob = roundtrip(PROSE * 2 + sparse_binary() + PROSE * 2, fallback=False)
     block = fmt.parse(blob).blocks[0]
@@ -121,6 +124,7 @@ def test_model_beats_zstd_on_prose(roundtrip):
     assert len(blob) < len(zstandard.ZstdCompressor(level=19).compress(NOVEL))
 
 
+@pytest.mark.slow
 def test_never_much_larger_than_zstd(roundtrip):
     """Repetitive text where zstd wins: the file falls back to a model-free container. (Prose
     repeated, the case here until format 5, is now the model's: 117 bytes against zstd's 194,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -221,13 +222,14 @@ def test_a_kept_pool_gives_its_plan_or_is_stopped_before_auto_plans(monkeypatch)
         pool.plan, pool.request, pool.close = plan, request, lambda: closed.append(plan)
         return pool
 
-    monkeypatch.setattr(workers, "plan_workers", lambda *request: asked.append(request) or workers.WorkerPlan(2, 1, (None, None)))
-    same = ("auto", False, 16, 1024, None, None, 3, False, None)
+    monkeypatch.setattr(workers, "plan_workers", lambda **request: asked.append(request) or workers.WorkerPlan(2, 1, (None, None)))
+    same = workers.WorkerRequest("auto", False, 16, 1024, None, None, 3, False, None)
     with reuse.reuse_sessions():
         reuse._reused["a pool"] = kept(workers.WorkerPlan(3, 1, (None,) * 3), same)
-        assert reuse.planned_workers(*same).processes == 3 and not asked and not closed
-        assert reuse.planned_workers(2, *same[1:]).processes == 2 and not closed and len(asked) == 1
-        assert reuse.planned_workers(*same[:6], 4, *same[7:]).processes == 2 and closed and not reuse._reused
+        assert reuse.planned_workers(same).processes == 3 and not asked and not closed
+        assert reuse.planned_workers(replace(same, workers=2)).processes == 2 and not closed and len(asked) == 1
+        assert asked[0]["requested"] == 2 and asked[0]["blocks"] == 3  # the request's fields, by name
+        assert reuse.planned_workers(replace(same, blocks=4)).processes == 2 and closed and not reuse._reused
     assert len(asked) == 2
 
 

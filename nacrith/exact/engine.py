@@ -123,7 +123,7 @@ class ExactContext:
         if ctx < 8 or ctx > model.n_ctx_train:
             raise ValueError(f"context length must be between 8 and {model.n_ctx_train}, got {ctx}")
         self.model, self.n_streams, self.ctx = model, n_streams, ctx
-        from ..engine import default_threads
+        from ..settings import default_threads
 
         threads = threads or default_threads()
         if model.torch is not None:

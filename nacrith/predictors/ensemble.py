@@ -7,7 +7,7 @@ the code length. By default all streams of a block share it (they are parallel c
 through the same document), which measured far better than one per stream.
 
 Two further parts, added in preset v2 (off in v1; together 0.3-1.1% fewer bits than v1 on
-every file replayed, see README): ``temperature_lr`` learns one shared scale ``T`` of
+every file replayed, docs/benchmarks.md): ``temperature_lr`` learns one shared scale ``T`` of
 the model's logits (``T * logits + bias``) by the gradient ``E_q[logit] - logit(token)`` of
 the model's own code length, and ``bias_hash`` adds a second bias table chosen by a hash of
 the previous token (``bias_hash`` tables of the vocabulary's size), moved by the same step.
@@ -17,7 +17,7 @@ each entry keeps the sum of its squared gradients ``G`` and moves by ``-lr * g /
 G)``, so a token's bias moves fast while it is rare in the text and settles once it is
 frequent, with separate rates for the two tables (``bias_lr``, ``context_bias_lr``).
 Replaying stored logits, that coded alice29 and asyoulik in 0.7% and 0.6% fewer bits than
-v3's fixed rate (README, "Ensemble ablation").
+v3's fixed rate (docs/benchmarks.md, "Ensemble ablation").
 
 The **mixer** then combines that distribution with the cheap predictors. Linear mixing
 (the default, as in the Nacrith paper)::

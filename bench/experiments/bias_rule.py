@@ -1,11 +1,11 @@
 """The bias tables' learning rule: preset v3's fixed-rate steps against AdaGrad settings.
 
-Replays the logits that ``bench/hidden_replay.py dump FILE`` stored (the default lockstep
+Replays the logits that ``bench/experiments/hidden_replay.py dump FILE`` stored (the default lockstep
 schedule) through the ensemble with each setting and reports the ideal code length in bits
 per byte (what the range coder gets to within a few bytes). Every setting is a preset
 with some fields changed, computed by nacrith's own code (C kernel where built). Results
 are appended to bench/results/bias-rule.json. Usage:
-    python bench/hidden_replay.py dump alice29.txt; python bench/hidden_replay.py dump asyoulik.txt
+    python bench/experiments/hidden_replay.py dump alice29.txt; python bench/experiments/hidden_replay.py dump asyoulik.txt
     python bench/bias_rule.py alice29.txt asyoulik.txt
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import append_results, replay_steps, stored_logits  # noqa: E402
 

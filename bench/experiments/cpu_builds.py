@@ -24,7 +24,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import RESULTS, ROOT, run_process, succeeded
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import RESULTS, ROOT, run_process, succeeded  # noqa: E402
 
 STEPS, STREAMS, WINDOW = 40, 4, 256
 

@@ -31,7 +31,7 @@ with and without ``NPY_DISABLE_CPU_FEATURES`` to see whether a preset's state de
 numpy's SIMD code (see README, "How it works").
 
 Results are appended to bench/results/hidden-replay.json. Usage:
-    python bench/hidden_replay.py dump asyoulik.txt [--dir /tmp/nacrith-replay]
+    python bench/experiments/hidden_replay.py dump asyoulik.txt [--dir /tmp/nacrith-replay]
     python bench/hidden_replay.py replay asyoulik.txt --mode linear --r 16 --lr 0.002
     python bench/hidden_replay.py replay asyoulik.txt --mode rows --top 8 --lr 0.05
     python bench/hidden_replay.py replay asyoulik.txt --mode argmax --r 256 --lr 0.3
@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import ROOT, append_results, replay_steps, stored_logits  # noqa: E402
 

@@ -4,14 +4,14 @@ The bias heads, the temperature and the mixer weights all start from zero (or th
 initial values) in every block. If part of what they learn were the same for every text
 (a miscalibration of the quantised model, say), a state learned once on other text could
 be shipped with nacrith as their starting point. This replays the logits that
-``bench/hidden_replay.py dump`` stored for two corpus files (ideal code length, default
+``bench/experiments/hidden_replay.py dump`` stored for two corpus files (ideal code length, default
 ensemble): the ensemble runs over SOURCE, and its final (or its step-averaged) state
 starts the run over TARGET.
 
 With SOURCE equal to TARGET the result is an upper bound that no shipped prior could
 reach (the state has seen the text it codes). Results are appended to
 bench/results/warmstart.json. Usage:
-    python bench/hidden_replay.py dump alice29.txt; python bench/hidden_replay.py dump asyoulik.txt
+    python bench/experiments/hidden_replay.py dump alice29.txt; python bench/experiments/hidden_replay.py dump asyoulik.txt
     python bench/warmstart.py alice29.txt asyoulik.txt
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import append_results, replay_steps, stored_logits  # noqa: E402
 

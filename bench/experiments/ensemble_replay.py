@@ -1,6 +1,6 @@
 """The ensemble's CPU cost per token without the model: C kernel passes against Python.
 
-Replays the first ``--tokens`` logits rows that ``bench/hidden_replay.py dump FILE`` stored
+Replays the first ``--tokens`` logits rows that ``bench/experiments/hidden_replay.py dump FILE`` stored
 (the default lockstep schedule, 16 streams for a Canterbury text) through the default
 ensemble and the int24 coder, all rows loaded in memory first, and times each call into
 nacrith's C kernel (``--paths``: the float64 rows handed to the coder, or the fused C step
@@ -9,7 +9,7 @@ per step); the rest of the wall time is the ensemble's Python (per-stream
 candidates, mixer, n-gram and match updates) and the loop. Prints the coded bytes' and
 the mixer weights' hashes, so two versions of the code can be checked for the same bits.
 Results are appended to bench/results/ensemble-replay.json. Usage:
-    python bench/hidden_replay.py dump asyoulik.txt
+    python bench/experiments/hidden_replay.py dump asyoulik.txt
     python bench/ensemble_replay.py asyoulik.txt --tokens 12000 --repeat 2 --paths both --tag ...
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import TimedKernels, append_results, replay_steps, stored_steps  # noqa: E402
 

@@ -1,7 +1,7 @@
 """The token n-gram tables' and the match index's update time and memory, alone, over a
 stored lockstep schedule.
 
-Replays the tokens of a ``bench/hidden_replay.py dump FILE`` in lockstep order (stream by
+Replays the tokens of a ``bench/experiments/hidden_replay.py dump FILE`` in lockstep order (stream by
 stream within each step, as the ensemble updates them) through one shared
 :class:`nacrith.predictors.ngram.NGramTables` of the default order, then through one shared
 :class:`nacrith.predictors.match.MatchIndex` with a :class:`~nacrith.predictors.match.MatchState`
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import append_results, machine, stored_logits  # noqa: E402
 

@@ -22,11 +22,11 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import RESULTS, file_parser, machine  # noqa: E402
 
-from nacrith.engine import default_threads  # noqa: E402
+from nacrith.settings import default_threads  # noqa: E402
 
 HASHED_ROWS = 8  # lane 0's first rows, hashed at every step
 

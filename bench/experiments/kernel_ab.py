@@ -2,7 +2,7 @@
 
 On a shared VM the speed of the same code drifts by up to 30% from one run to the next, so
 two builds timed in separate runs cannot be compared to a few percent. This replays the
-first ``--tokens`` stored logits rows (``bench/hidden_replay.py dump FILE``) through two
+first ``--tokens`` stored logits rows (``bench/experiments/hidden_replay.py dump FILE``) through two
 copies of the default ensemble and the int24 coder at once, encoding and then decoding, one with this checkout's
 kernel and one with the kernel at ``--other`` (a built ``_kernels*.so``, for instance from
 a ``git worktree`` of the commit to compare with), alternating the two at every lockstep
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import TimedKernels, append_results, machine, stored_steps  # noqa: E402
 

@@ -1,13 +1,13 @@
 """Does the ensemble's CPU side scale over lanes (threads of one process) as over processes?
 
-Replays stored logits rows (``bench/hidden_replay.py dump``) through the default ensemble
+Replays stored logits rows (``bench/experiments/hidden_replay.py dump``) through the default ensemble
 and the int24 coder (the fused C step, as a worker runs it; rows tagged before it ran the
-float64 rows), as ``bench/ensemble_replay.py`` does, once alone and then N copies at
+float64 rows), as ``bench/experiments/ensemble_replay.py`` does, once alone and then N copies at
 once: in N threads of this process (as a worker's lanes run; the C kernel's passes release
 Python's GIL, the ensemble's Python does not), and in N forked processes. Every copy codes
 the same rows, so every copy must give the same size. Appends to
 bench/results/ensemble-lanes.json. Usage:
-    python bench/hidden_replay.py dump bible.txt --streams 256 --bytes 240000
+    python bench/experiments/hidden_replay.py dump bible.txt --streams 256 --bytes 240000
     python bench/ensemble_lanes.py bible.txt.256s.240000b --tokens 6100 --copies 2 --repeat 2
 """
 from __future__ import annotations
@@ -20,12 +20,12 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import append_results, replay_steps, stored_steps  # noqa: E402
 
 from nacrith.coder import make_encoder  # noqa: E402
-from nacrith.engine import default_threads  # noqa: E402
+from nacrith.settings import default_threads  # noqa: E402
 from nacrith.predictors import EnsembleConfig, EnsemblePredictor  # noqa: E402
 
 _replay: dict = {}  # the rows and schedule, loaded before any copy starts (forked copies share them)
