@@ -10,6 +10,8 @@ SMOLLM2_VERSION := 0.1.2
 # PyTorch for the tests of the exact engine's torch implementation: the CPU build (this
 # version is a CPU wheel on the project's package mirror; elsewhere override TORCH_SPEC)
 TORCH_SPEC ?= torch==2.13.0
+# Ray for `--ray` (the cluster extra, nacrith[ray]); make test installs it so that its tests run
+RAY_SPEC ?= ray==2.60.0
 # llama.cpp's CPU code is built portable: with GGML_NATIVE off it uses the x86-64-v3 set (AVX2,
 # FMA, F16C, BMI2) whatever CPU builds it. A native build (pip's default) uses every feature of
 # the building CPU (AVX-512, say), and logits depend on them: files made with one build
@@ -27,7 +29,7 @@ define install_llama
 	$(PIP) install -q --no-deps --force-reinstall $(call llama_wheels,$(1))/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
 endef
 
-.PHONY: install install-native install-cuda install-gemma3 install-gpu install-torch-cpu demo test test-fast report corpora bench tradeoff levels clean
+.PHONY: install install-native install-cuda install-gemma3 install-gpu install-torch-cpu install-ray demo test test-fast report corpora bench bench-enwik tradeoff levels clean
 
 install: $(STAMP)
 
@@ -53,6 +55,10 @@ $(STAMP): pyproject.toml setup.py nacrith/_kernels.c nacrith/exact/_exact.c Make
 install-gpu: $(STAMP)
 	$(PIP) install -q -e '.[gpu]'
 
+# Ray, for `nacrith --ray ADDRESS|local` (blocks coded on a Ray cluster's actors).
+install-ray: $(STAMP)
+	$(PY) -c "import ray" 2>/dev/null || $(PIP) install -q "$(RAY_SPEC)"
+
 # The CPU build of PyTorch, for `make test` (the torch implementation's tests run on the CPU).
 install-torch-cpu: $(STAMP)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
@@ -77,15 +83,25 @@ install-gemma3: $(STAMP)
 corpora:
 	$(PYTHON) corpora/fetch.py
 
+# enwik8 (100 MB) or, with ENWIK=enwik9, enwik9 (1 GB): fetched where the network allows
+# (resumable, checked; corpora/large.tsv), then coded whole by bench/corpus.py. ENWIK_ARGS
+# passes it what the machine or cluster offers, e.g. "--ray auto", "--gpu --workers auto",
+# or "--bytes 1000000" (a prefix, for a small machine).
+ENWIK ?= enwik8
+ENWIK_ARGS ?=
+bench-enwik: install
+	$(PYTHON) corpora/fetch.py $(ENWIK)
+	$(PY) bench/corpus.py corpora/data/$(ENWIK) --tag $(ENWIK)$(if $(ENWIK_ARGS),-$(shell printf '%s' '$(ENWIK_ARGS)' | tr -c 'a-zA-Z0-9' '-' | tr -s '-' | sed 's/^-//;s/-$$//'),) $(ENWIK_ARGS)
+
 demo: install corpora
 	$(PY) bench/demo.py corpora/data/$(DEMO_FILE)
 
 # Every test (about 11 minutes on 2 cores).
-test: install install-torch-cpu
+test: install install-torch-cpu install-ray
 	$(PY) -m pytest -q tests
 
 # The tests not marked slow (under 2 minutes on 2 cores); markers: slow, model, gpu (pyproject.toml).
-test-fast: install install-torch-cpu
+test-fast: install install-torch-cpu install-ray
 	$(PY) -m pytest -q -m "not slow" tests
 
 # docs/benchmarks.md from bench/results.

@@ -135,23 +135,24 @@ class Compressed:
         return [len(block.stream_tokens) for block in self.parsed.blocks]
 
 
-def timed_compress(data: bytes, settings: pipeline.Settings, session=None, workers=1) -> Compressed:
+def timed_compress(data: bytes, settings: pipeline.Settings, session=None, workers=1, ray: str | None = None) -> Compressed:
     """Compress ``data`` through the pipeline (in ``session`` where given, else loading the
-    model, which the time then includes)."""
+    model, which the time then includes; on Ray actors with ``ray``)."""
     packed = io.BytesIO()
     began = time.perf_counter()
-    pipeline.compress_stream(io.BytesIO(data), packed, settings, session=session, workers=workers)
+    pipeline.compress_stream(io.BytesIO(data), packed, settings, session=session, workers=workers, ray=ray)
     seconds = time.perf_counter() - began
     blob = packed.getvalue()
     return Compressed(blob, fmt.parse(blob), seconds)
 
 
-def round_trip(data: bytes, settings: pipeline.Settings, workers=1) -> RoundTrip:
-    """Compress ``data`` and decompress the result through the pipeline (model loading included)."""
-    compressed = timed_compress(data, settings, workers=workers)
+def round_trip(data: bytes, settings: pipeline.Settings, workers=1, ray: str | None = None) -> RoundTrip:
+    """Compress ``data`` and decompress the result through the pipeline (model loading included;
+    on Ray actors with ``ray``)."""
+    compressed = timed_compress(data, settings, workers=workers, ray=ray)
     restored = io.BytesIO()
     began = time.perf_counter()
-    pipeline.decompress_to(compressed.blob, restored, threads=settings.threads, workers=workers)
+    pipeline.decompress_to(compressed.blob, restored, threads=settings.threads, workers=workers, ray=ray)
     decompress_s = time.perf_counter() - began
     return RoundTrip(compressed.blob, restored.getvalue() == data, compressed.seconds, decompress_s, compressed.tokens)
 

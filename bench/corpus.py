@@ -35,20 +35,21 @@ CLASSICAL = {
 }
 
 
-def classical_size(command: list[str], path: Path) -> int | None:
+def classical_size(command: list[str], data: bytes) -> int | None:
     if shutil.which(command[0]) is None:
         return None
-    with open(path, "rb") as source:
-        result = subprocess.run(command, stdin=source, capture_output=True, check=True)
+    result = subprocess.run(command, input=data, capture_output=True, check=True)
     return len(result.stdout)
 
 
-def measure(path: Path, settings: pipeline.Settings, workers) -> dict:
-    """Compress and decompress ``path`` through the pipeline (model loading included)."""
-    data = path.read_bytes()
-    trip = round_trip(data, settings, workers)
+def measure(path: Path, settings: pipeline.Settings, workers, nbytes: int | None = None, ray: str | None = None) -> dict:
+    """Compress and decompress ``path`` (its first ``nbytes``) through the pipeline (model
+    loading included; on Ray actors with ``ray``)."""
+    with open(path, "rb") as source:
+        data = source.read(nbytes if nbytes else -1)
+    trip = round_trip(data, settings, workers, ray)
     row = {
-        "file": path.name,
+        "file": path.name if not nbytes else f"{path.name}, first {len(data)} B",
         "size": len(data),
         "nacrith": len(trip.blob),
         "bpb": 8 * len(trip.blob) / len(data) if data else 0.0,
@@ -61,7 +62,7 @@ def measure(path: Path, settings: pipeline.Settings, workers) -> dict:
         "block_kinds": sorted(fmt.BLOCK_KINDS[block.kind] for block in fmt.parse(trip.blob).blocks),
     }
     for name, command in CLASSICAL.items():
-        row[name] = classical_size(command, path)
+        row[name] = classical_size(command, data)
     return row
 
 
@@ -95,7 +96,9 @@ def main() -> int:
     parser.add_argument("files", nargs="*", type=Path)
     parser.add_argument("--all", action="store_true", help="every Canterbury file from corpora/data")
     parser.add_argument("--tag", default="canterbury")
-    parser.add_argument("--workers", default="1")
+    parser.add_argument("--workers", default="1", help="worker processes, or with --ray the actors (default: one per cluster CPU)")
+    parser.add_argument("--bytes", type=int, default=None, help="only the first N bytes of each file (enwik8 and enwik9 on a small machine)")
+    parser.add_argument("--ray", default=None, metavar="ADDRESS|local|auto", help="code the blocks on a Ray cluster's actors (nacrith --ray)")
     add_settings_arguments(parser)
     args = parser.parse_args()
     files = list(args.files)
@@ -110,7 +113,7 @@ def main() -> int:
     workers = args.workers if args.workers == "auto" else int(args.workers)
     rows = []
     for path in files:
-        row = measure(path, settings, workers)
+        row = measure(path, settings, workers, args.bytes, args.ray)
         rows.append(row)
         print(f"{row['file']:>14} {row['size']:>9} -> {row['nacrith']:>8} {row['bpb']:.3f} bpb  "
               f"zstd {row['zstd -19 --long']}  c {row['compress_s']:.1f}s d {row['decompress_s']:.1f}s  exact {row['exact']}", flush=True)

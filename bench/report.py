@@ -169,6 +169,10 @@ SECTIONS = [
                {"workers": "workers", "processes": "processes", "lanes": "lanes", "threads each": "threads_each", "compress s": "compress_s",
                 "decompress s": "decompress_s", "bytes": "bytes", "restored": "exact"}),
     ]),
+    Section("Ray", "Does coding blocks on Ray actors cost time against local worker processes, and what does one actor code per second? "
+            "Whole processes, each starting its own local Ray instance.", [
+        Result("ray-cpu.md", "python bench/ray_scaling.py corpora/data/lcet10.txt --tag cpu"),
+    ]),
     Section("Many small files", "What does loading the model once for several files save?", [
         Result("many-files-cpu-after.json", "python bench/many_files.py corpora/data/alice29.txt --files 10 --bytes 200 --tag cpu-after",
                {"files": "files", "bytes each": "bytes_per_file", "compressed bytes": "compressed_bytes", "compress s (median)": "median_s.compress",

@@ -5,16 +5,27 @@ checkout, or the folder named by ``NACRITH_CORPORA``), else downloaded from the 
 Canterbury Corpus archives. Every file's size and SHA-256 are checked; a mismatch is an
 error and leaves no file behind.
 
-Usage: python corpora/fetch.py [NAME ...]   (default: every file in the manifest)
+The large files (``corpora/large.tsv``: enwik8 and enwik9, 100 MB and 1 GB) are fetched
+only when named. Their zip archive is downloaded to ``NAME.zip.part`` and resumed from where
+it stopped (an HTTP range request) when the command is run again; the member is unpacked
+to ``NAME.part`` while its size, SHA-1 (the published checksum) and SHA-256 are checked,
+and only a verified file is renamed to ``NAME``. A mismatch removes both ``.part`` files.
+``NACRITH_CORPORA_URL`` replaces the archives' folder URL (a mirror, or a test server).
+
+Usage: python corpora/fetch.py [NAME ...]   (default: every file in the manifest; enwik8 and enwik9 when named)
 """
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import os
+import shutil
 import sys
 import tarfile
+import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -80,15 +91,103 @@ def fetch(row: dict) -> Path:
     return target
 
 
+CHUNK = 1 << 20
+
+
+def read_large() -> list[dict]:
+    """corpora/large.tsv's rows: name, size, sha1, sha256, url, member."""
+    rows = []
+    for line in (HERE / "large.tsv").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, size, sha1, sha256, url, member = line.split("\t")
+            rows.append(dict(name=name, size=int(size), sha1=sha1, sha256=sha256, url=url, member=member))
+    return rows
+
+
+def download_resumable(url: str, part: Path, attempts: int = 5) -> None:
+    """Download ``url`` into ``part``, continuing what an earlier, interrupted run left there
+    (a range request; a server that ignores ranges sends the whole file again)."""
+    for attempt in range(attempts):
+        have = part.stat().st_size if part.exists() else 0
+        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                if have and response.status != 206:
+                    have = 0  # no ranges: start over
+                total = response.headers.get("Content-Length")
+                print(f"downloading {url}" + (f" from byte {have}" if have else "") + (f" ({int(total) + have} bytes)" if total else ""),
+                      file=sys.stderr)
+                with open(part, "ab" if have else "wb") as out:
+                    shutil.copyfileobj(response, out, CHUNK)
+                if total is not None and part.stat().st_size < have + int(total):
+                    raise http.client.IncompleteRead(b"", have + int(total) - part.stat().st_size)  # the connection closed early
+            return
+        except urllib.error.HTTPError as exc:
+            if exc.code == 416 and have:  # the range starts at the end: complete already
+                return
+            raise SystemExit(f"error: {url}: {exc}") from None
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+            if attempt == attempts - 1:
+                raise SystemExit(f"error: {url}: {getattr(exc, 'reason', exc)} ({part} is kept: run again to resume)") from None
+            print(f"interrupted ({getattr(exc, 'reason', exc)}); resuming", file=sys.stderr)
+
+
+def fetch_large(row: dict) -> Path:
+    """Make ``corpora/data/<name>`` hold the verified large file and return its path."""
+    target = DATA / row["name"]
+    if target.is_file() and target.stat().st_size == row["size"]:
+        return target  # verified when it was made (checking 1 GB again takes seconds per run)
+    DATA.mkdir(exist_ok=True)
+    local = find_local(row["name"])
+    archive = DATA / f"{row['name']}.zip.part"
+    unpacked = DATA / f"{row['name']}.part"
+    if local is None:
+        base = os.environ.get("NACRITH_CORPORA_URL")
+        url = f"{base.rstrip('/')}/{row['url'].rsplit('/', 1)[1]}" if base else row["url"]
+        download_resumable(url, archive)
+    try:
+        sha1, sha256, size = hashlib.sha1(), hashlib.sha256(), 0
+        with (open(local, "rb") if local else _member(archive, row["member"])) as source, open(unpacked, "wb") as out:
+            for chunk in iter(lambda: source.read(CHUNK), b""):
+                sha1.update(chunk)
+                sha256.update(chunk)
+                size += len(chunk)
+                out.write(chunk)
+        if (size, sha1.hexdigest(), sha256.hexdigest()) != (row["size"], row["sha1"], row["sha256"]):
+            raise SystemExit(f"error: {row['name']}: {size} bytes, sha1 {sha1.hexdigest()}, sha256 {sha256.hexdigest()};"
+                             f" want {row['size']} bytes, sha1 {row['sha1']}, sha256 {row['sha256']} (removed; run again to download anew)")
+    except BaseException:
+        unpacked.unlink(missing_ok=True)
+        archive.unlink(missing_ok=True)
+        raise
+    unpacked.replace(target)
+    archive.unlink(missing_ok=True)
+    return target
+
+
+def _member(archive: Path, member: str):
+    try:
+        opened = zipfile.ZipFile(archive)
+    except zipfile.BadZipFile:
+        raise SystemExit(f"error: {archive} is not a zip archive (removed; run again to download anew)") from None
+    try:
+        return opened.open(member)
+    except KeyError:
+        raise SystemExit(f"error: {member} is not in {archive}") from None
+
+
 def main(names: list[str]) -> None:
-    rows = read_manifest()
-    known = {row["name"] for row in rows}
+    rows, large = read_manifest(), {row["name"]: row for row in read_large()}
+    known = {row["name"] for row in rows} | set(large)
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise SystemExit(f"error: not in the manifest: {', '.join(unknown)}")
+        raise SystemExit(f"error: not in the manifests: {', '.join(unknown)}")
     for row in rows:
         if not names or row["name"] in names:
             print(f"ok  {fetch(row)}")
+    for name in names:
+        if name in large:
+            print(f"ok  {fetch_large(large[name])}")
 
 
 if __name__ == "__main__":

@@ -95,7 +95,8 @@ def _output_path(name: str, decompressing: bool, output: str | None, to_stdout: 
     return Path(name[: -len(SUFFIX)])
 
 
-def compress_one(name: str, settings: pipeline.Settings, workers, output: str | None, to_stdout: bool, force: bool, quiet: bool, verbose: bool, remove: bool) -> None:
+def compress_one(name: str, settings: pipeline.Settings, workers, output: str | None, to_stdout: bool, force: bool, quiet: bool, verbose: bool, remove: bool,
+                 ray: str | None = None) -> None:
     if name.endswith(SUFFIX) and output is None and not to_stdout and not force:  # gzip's guard against `nacrith *` run twice
         raise UsageError(f"{name}: already has the {SUFFIX} suffix; left unchanged (-f compresses it anyway)")
     target = output_for(name, False, output, to_stdout)
@@ -106,10 +107,11 @@ def compress_one(name: str, settings: pipeline.Settings, workers, output: str | 
     with source:
         with progress_bar(pipeline.remaining_size(source), quiet, "compress") as progress:
             with atomic_output(target, force, None if name == "-" else Path(name)) as out:
-                summary = pipeline.compress_stream(source, out, settings, progress, workers=workers)
+                summary = pipeline.compress_stream(source, out, settings, progress, workers=workers, ray=ray)
     if verbose or (not quiet and target is not None and sys.stderr.isatty()):
         bits = 8 * summary.compressed_size / summary.original_size if summary.original_size else 0.0
         click.echo(f"{name}: {summary.original_size} -> {summary.compressed_size} bytes, {bits:.3f} bits/byte", err=True)
+    report_cluster(ray, verbose)
     if remove:
         remove_input(name, target, quiet)
 
@@ -134,6 +136,7 @@ def decompress_one(name: str, model: str | None, threads: int | None, workers, g
                 size = pipeline.decode_members(members, out, progress, model=model, threads=threads, workers=workers, gpu_ids=gpu_ids, **overrides)
     if verbose:
         click.echo(f"{name}: {packed_size} -> {size} bytes", err=True)
+    report_cluster(overrides.get("ray"), verbose)
     if remove:
         remove_input(name, target, quiet)
 
@@ -168,6 +171,24 @@ def test_one(name: str, model: str | None, threads: int | None, workers, gpu_ids
             size = pipeline.decode_members(members, _Discard(), progress, model=model, threads=threads, workers=workers, gpu_ids=gpu_ids, **overrides)
     if verbose:
         click.echo(f"{name}: OK ({size} bytes)", err=True)
+    report_cluster(overrides.get("ray"), verbose)
+
+
+def workers_for(workers, ray: str | None):
+    """``--workers`` as given; with ``--ray`` and no ``--workers``, "auto" (an actor per
+    CPU of the cluster) rather than the local default of one process."""
+    if ray is not None and click.get_current_context().get_parameter_source("workers") == click.core.ParameterSource.DEFAULT:
+        return "auto"
+    return workers
+
+
+def report_cluster(ray: str | None, verbose: bool) -> None:
+    """With -v and --ray: each node's blocks and rate in the job just done."""
+    if ray is not None and verbose:
+        from .cluster import LAST_REPORT
+
+        for line in LAST_REPORT:
+            click.echo(line, err=True)
 
 
 def run_each(names: tuple[str, ...], output: str | None, action, recursive: bool = False, compressed: bool = False) -> None:
@@ -241,6 +262,9 @@ RUN_OPTIONS = [
     click.option("--workers", default="1", show_default=True, callback=lambda ctx, param, value: parse_workers(value), help="Worker processes (never more than the input's blocks), 'PxL' for P processes of L lanes (threads with a context each, coding blocks side by side), or 'auto': one per CPU core as memory allows; on GPUs, by free GPU memory, up to 8 processes per GPU, or 2 processes of 4 lanes when the model runs alone (--llm-only)."),
     click.option("--gpus", default="none", show_default=True, callback=lambda ctx, param, value: parse_gpus(value),
                  help="Compress on GPUs: 'all', a list like 0,1, or 'none' (on GPUs of one model: the first's). GPU-made files decode only on a GPU of the model they record (logits differ). Decompression uses the backend a file was made on; this only picks which GPUs."),
+    click.option("--ray", metavar="ADDRESS|local|auto", default=None,
+                 help="Code the blocks on a Ray cluster: 'local' starts Ray here, HOST:PORT joins a cluster, 'auto' the one RAY_ADDRESS names. "
+                      "--workers N then sets the actors (default: auto, one per CPU of the cluster, per GPU with --gpus). Same bytes as without Ray."),
 ]
 
 
@@ -329,8 +353,8 @@ def main_group():
 @click.option("--no-bias", is_flag=True, help="Ensemble without the adaptive bias head.")
 @click.option("--no-mixer", is_flag=True, help="Fixed mixing weights instead of learned ones.")
 @click.option("--no-skip", is_flag=True, help="Always use the model's logits (no confidence skip).")
-def compress_command(files, output, to_stdout, force, keep, remove, recursive, quiet, verbose, model, threads, workers, gpus, level, streams, ctx, slide, block_size, engine,
-                     llm_only, no_ngram, no_match, no_bias, no_mixer, no_skip):
+def compress_command(files, output, to_stdout, force, keep, remove, recursive, quiet, verbose, model, threads, workers, gpus, ray, level, streams, ctx, slide, block_size,
+                     engine, llm_only, no_ngram, no_match, no_bias, no_mixer, no_skip):
     """Compress FILES (or standard input) to FILE.nc.
 
     Decompression needs no options: the file records how it was made.
@@ -342,7 +366,8 @@ def compress_command(files, output, to_stdout, force, keep, remove, recursive, q
         settings.validate()
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
-    run_each(files, output, lambda name: compress_one(name, settings, workers, output, to_stdout, force, quiet, verbose, remove), recursive)
+    workers = workers_for(workers, ray)
+    run_each(files, output, lambda name: compress_one(name, settings, workers, output, to_stdout, force, quiet, verbose, remove, ray), recursive)
 
 
 def ensemble_config(no_ngram: bool, no_match: bool, no_bias: bool, no_mixer: bool, no_skip: bool):
@@ -365,6 +390,7 @@ def ensemble_config(no_ngram: bool, no_match: bool, no_bias: bool, no_mixer: boo
 @DEVICE_OVERRIDES
 def decompress_command(files, output, to_stdout, force, keep, remove, recursive, quiet, verbose, model, threads, workers, gpus, **overrides):
     """Restore FILES.nc (or standard input) to FILE."""
+    workers = workers_for(workers, overrides.get("ray"))
     run_each(files, output, lambda name: decompress_one(name, model, threads, workers, gpus or None, output, to_stdout, force, quiet, verbose, remove,
                                                         **overrides), recursive, compressed=True)
 
@@ -379,6 +405,7 @@ def test_command(files, recursive, quiet, verbose, model, threads, workers, gpus
     A full decode (as slow as decompressing), checked against the original's checksum.
     Silent on success unless -v; a failure is one line per file and exit status 1.
     """
+    workers = workers_for(workers, overrides.get("ray"))
     run_each(files, None, lambda name: test_one(name, model, threads, workers, gpus or None, quiet, verbose, **overrides), recursive, compressed=True)
 
 

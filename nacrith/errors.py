@@ -78,3 +78,8 @@ class UnsupportedModelError(NacrithError):
 
 class ModelFileError(NacrithError):
     """The model file cannot be read as a GGUF file (damaged or truncated); the message names it."""
+
+
+class ClusterError(NacrithError):
+    """A Ray cluster cannot run the job: Ray is not installed, the address cannot be reached,
+    the cluster lacks what the job needs, or its actors keep dying."""

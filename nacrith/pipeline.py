@@ -145,11 +145,14 @@ def remaining_size(source: BinaryIO) -> int | None:
     return None
 
 
-def compress_stream(source: BinaryIO, destination: BinaryIO, settings: Settings, progress: Progress | None = None, session=None, workers: int | str = 1) -> Summary:
+def compress_stream(source: BinaryIO, destination: BinaryIO, settings: Settings, progress: Progress | None = None, session=None, workers: int | str = 1,
+                    ray: str | None = None) -> Summary:
     """Compress everything ``source`` yields into ``destination``; memory stays at a few blocks.
 
     ``workers`` > 1 (or "auto") codes several blocks at once in worker processes; the
-    container is the same whatever the worker count.
+    container is the same whatever the worker count. ``ray`` ("local", "auto" or a cluster's
+    address) codes the blocks on Ray actors instead (:mod:`nacrith.cluster`; ``workers`` is
+    then the number of actors, "auto" for one per cluster CPU): the same container again.
     """
     settings.validate()
     if session is not None and settings.use_model and (session.info.sha256 != locate_model(settings.model).sha256 or session.engine != settings.engine):
@@ -158,30 +161,52 @@ def compress_stream(source: BinaryIO, destination: BinaryIO, settings: Settings,
     blocks = read_blocks(source, settings.block_size)
     size = remaining_size(source)
     n_blocks = None if size is None else max(1, -(-size // settings.block_size))
-    request = WorkerRequest(workers, settings.gpu, settings.streams, settings.ctx, settings.threads, settings.gpu_ids, n_blocks, settings.model_only,
-                            settings.model)
-    plan = planned_workers(request)
-    if plan.contexts <= 1 or session is not None:
-        factory = LocalSession(settings.model, settings.gpu, plan.threads if settings.threads is None else settings.threads, session, plan.devices[0],
-                               settings.engine)
-        for block in blocks:
-            writer.add(block, compress_block(block, settings, factory, progress))
+    if ray is not None:
+        gpu_model = _compress_on_ray(ray, blocks, writer, settings, progress, workers, n_blocks)
     else:
-        with worker_pool(plan, settings.model, progress, request, settings.engine) as pool:
-            for block, encoded in pool.compress(blocks, settings):
-                writer.add(block, encoded)
-    size = writer.finish(destination, lambda: model_section(settings, plan.gpu_model))
+        request = WorkerRequest(workers, settings.gpu, settings.streams, settings.ctx, settings.threads, settings.gpu_ids, n_blocks,
+                                settings.model_only, settings.model)
+        plan = planned_workers(request)
+        gpu_model = plan.gpu_model
+        if plan.contexts <= 1 or session is not None:
+            factory = LocalSession(settings.model, settings.gpu, plan.threads if settings.threads is None else settings.threads, session,
+                                   plan.devices[0], settings.engine)
+            for block in blocks:
+                writer.add(block, compress_block(block, settings, factory, progress))
+        else:
+            with worker_pool(plan, settings.model, progress, request, settings.engine) as pool:
+                for block, encoded in pool.compress(blocks, settings):
+                    writer.add(block, encoded)
+    size = writer.finish(destination, lambda: model_section(settings, gpu_model))
     return Summary(writer.total, size, writer.n_blocks, writer.model_used)
 
 
-def compress(data: bytes, progress: Progress | None = None, workers: int | str = 1, **options) -> bytes:
+def _compress_on_ray(address: str, blocks: Iterator[bytes], writer: "ContainerWriter", settings: Settings, progress: Progress | None,
+                     workers: int | str, n_blocks: int | None) -> str | None:
+    """Code ``blocks`` on Ray actors into ``writer``; returns the GPUs' model name with ``settings.gpu``."""
+    from . import cluster
+
+    threads = settings.threads or 1
+    with cluster.connect(address) as ray:
+        actors = cluster.actor_count(ray, workers, settings.gpu, threads, n_blocks)
+        sha256 = locate_model(settings.model).sha256 if settings.use_model else None
+        with cluster.RayPool(ray, actors, settings.model, sha256, settings.gpu, threads, settings.engine, progress) as pool:
+            gpu_model = pool.gpu_model() if settings.gpu else None
+            for block, encoded in pool.compress(blocks, settings):
+                writer.add(block, encoded)
+            cluster.LAST_REPORT[:] = pool.report()
+    return gpu_model
+
+
+def compress(data: bytes, progress: Progress | None = None, workers: int | str = 1, ray: str | None = None, **options) -> bytes:
     """Compress ``data`` into a nacrith container.
 
     Options are the fields of :class:`Settings` (``level``, ``streams``, ``ctx``, ``slide``,
-    ``block_size``, ``model``, ``threads``, ``gpu``, ``ensemble``, ...).
+    ``block_size``, ``model``, ``threads``, ``gpu``, ``ensemble``, ...); ``workers`` and
+    ``ray`` as :func:`compress_stream` takes them.
     """
     out = io.BytesIO()
-    compress_stream(io.BytesIO(bytes(data)), out, Settings(**options), progress, workers=workers)
+    compress_stream(io.BytesIO(bytes(data)), out, Settings(**options), progress, workers=workers, ray=ray)
     return out.getvalue()
 
 
@@ -190,7 +215,7 @@ def compress(data: bytes, progress: Progress | None = None, workers: int | str =
 
 def decode_parsed(parsed: fmt.Container, destination: BinaryIO, progress: Progress | None = None, model: str | None = None,
                   threads: int | None = None, session=None, workers: int | str = 1, gpu_ids=None, any_gpu_model: bool = False,
-                  any_cpu_build: bool = False) -> int:
+                  any_cpu_build: bool = False, ray: str | None = None) -> int:
     """Decode a container parsed with :func:`nacrith.container.parse` into ``destination``.
 
     Everything is validated before the first byte is written except the final checksum:
@@ -199,13 +224,16 @@ def decode_parsed(parsed: fmt.Container, destination: BinaryIO, progress: Progre
     (:class:`BackendMismatchError`), unless ``any_gpu_model``: then on the first GPU's
     model, the checksum alone telling whether its logits were the same. ``any_cpu_build``
     does the same for a CPU file of another llama.cpp CPU build (:func:`check_decodable`).
+    ``ray``: decode the model blocks on Ray actors (:func:`compress_stream`).
     """
-    return _decode_checked(parsed, check_decodable(parsed, model, any_cpu_build), destination, progress, threads, session, workers, gpu_ids, any_gpu_model)
+    return _decode_checked(parsed, check_decodable(parsed, model, any_cpu_build), destination, progress, threads, session, workers, gpu_ids,
+                           any_gpu_model, ray, model)
 
 
 def _decode_checked(parsed: fmt.Container, model_path, destination: BinaryIO, progress: Progress | None, threads: int | None, session,
-                    workers: int | str, gpu_ids, any_gpu_model: bool) -> int:
-    """:func:`decode_parsed` once :func:`check_decodable` has passed and given ``model_path``."""
+                    workers: int | str, gpu_ids, any_gpu_model: bool, ray: str | None = None, model: str | None = None) -> int:
+    """:func:`decode_parsed` once :func:`check_decodable` has passed and given ``model_path``
+    (``model``: what the caller named, for Ray's nodes to find theirs)."""
     section = parsed.header.model
     gpu = section is not None and section.backend_kind == "cuda"
     engine = engine_of(section.engine) if section is not None else "llama.cpp"
@@ -218,6 +246,11 @@ def _decode_checked(parsed: fmt.Container, model_path, destination: BinaryIO, pr
     digest = hashlib.sha256()
     model_blocks = sum(block.kind == fmt.MODEL for block in parsed.blocks)
     model_only = section is not None and model_alone(section.predictor)
+    if ray is not None and model_blocks:
+        _decode_on_ray(ray, parsed, model, digest, destination, progress, threads, workers, gpu, engine)
+        if digest.digest()[: fmt.CHECKSUM_BYTES] != parsed.trailer.checksum:
+            raise CorruptError("checksum mismatch: the restored data differs from the original (damaged file, or different logits on this machine)")
+        return parsed.trailer.total_length
     request = WorkerRequest(workers, gpu, max((len(b.stream_tokens) for b in parsed.blocks), default=1), section.ctx if section else 0, threads,
                             gpu_ids, max(1, model_blocks), model_only, model_path, section.gpu_model if gpu and not any_gpu_model else None)
     plan = planned_workers(request)
@@ -237,15 +270,33 @@ def _decode_checked(parsed: fmt.Container, model_path, destination: BinaryIO, pr
     return parsed.trailer.total_length
 
 
+def _decode_on_ray(address: str, parsed: fmt.Container, model: str | None, digest, destination: BinaryIO, progress: Progress | None,
+                   threads: int | None, workers: int | str, gpu: bool, engine: str) -> None:
+    """Decode ``parsed``'s blocks on Ray actors into ``destination``, feeding ``digest``."""
+    from . import cluster
+
+    section = parsed.header.model
+    threads = threads or 1
+    with cluster.connect(address) as ray:
+        actors = cluster.actor_count(ray, workers, gpu, threads, sum(block.kind == fmt.MODEL for block in parsed.blocks))
+        with cluster.RayPool(ray, actors, model, section.sha256, gpu, threads, engine, progress) as pool:
+            if gpu and pool.gpu_model() != section.gpu_model and section.gpu_model is not None:
+                raise BackendMismatchError(f"this file was made on a {section.gpu_model} GPU; the Ray cluster's are {pool.gpu_model()}")
+            for data in pool.decode(parsed.blocks, section):
+                digest.update(data)
+                destination.write(data)
+            cluster.LAST_REPORT[:] = pool.report()
+
+
 def decode_members(members: list[fmt.Container], destination: BinaryIO, progress: Progress | None = None, model: str | None = None,
                    threads: int | None = None, session=None, workers: int | str = 1, gpu_ids=None, any_gpu_model: bool = False,
-                   any_cpu_build: bool = False) -> int:
+                   any_cpu_build: bool = False, ray: str | None = None) -> int:
     """Decode the containers :func:`nacrith.container.parse_members` found, one after another,
     into ``destination`` (the concatenation of their originals); returns the total size.
     Each is checked with :func:`check_decodable` before the first is decoded."""
     model_paths = [check_decodable(member, model, any_cpu_build) for member in members]
     with reuse_sessions():  # one model load for all the containers, not one each
-        return sum(_decode_checked(member, model_path, destination, progress, threads, session, workers, gpu_ids, any_gpu_model)
+        return sum(_decode_checked(member, model_path, destination, progress, threads, session, workers, gpu_ids, any_gpu_model, ray, model)
                    for member, model_path in zip(members, model_paths))
 
 
@@ -304,23 +355,24 @@ def temporary_file_errors():
 
 def decompress_stream(source: BinaryIO, destination: BinaryIO, progress: Progress | None = None, model: str | None = None,
                       threads: int | None = None, session=None, workers: int | str = 1, gpu_ids=None, any_gpu_model: bool = False,
-                      any_cpu_build: bool = False) -> int:
+                      any_cpu_build: bool = False, ray: str | None = None) -> int:
     """Decode the container (or concatenated containers) read from ``source`` into
     ``destination``, memory bounded as :func:`parsed_stream` says; returns the size."""
     with parsed_stream(source) as (members, _):
-        return decode_members(members, destination, progress, model, threads, session, workers, gpu_ids, any_gpu_model, any_cpu_build)
+        return decode_members(members, destination, progress, model, threads, session, workers, gpu_ids, any_gpu_model, any_cpu_build, ray)
 
 
 def decompress_to(blob, destination: BinaryIO, progress: Progress | None = None, model: str | None = None,
                   threads: int | None = None, session=None, workers: int | str = 1, gpu_ids=None, any_gpu_model: bool = False,
-                  any_cpu_build: bool = False) -> int:
+                  any_cpu_build: bool = False, ray: str | None = None) -> int:
     """Decode the container (or concatenated containers) in the bytes-like ``blob`` into
     ``destination``; returns the size. The options are :func:`decode_parsed`'s."""
-    return decode_members(fmt.parse_members(blob), destination, progress, model, threads, session, workers, gpu_ids, any_gpu_model, any_cpu_build)
+    return decode_members(fmt.parse_members(blob), destination, progress, model, threads, session, workers, gpu_ids, any_gpu_model, any_cpu_build,
+                          ray)
 
 
 def decompress(blob: bytes, progress: Progress | None = None, model: str | None = None, threads: int | None = None, workers: int | str = 1,
-               any_gpu_model: bool = False, any_cpu_build: bool = False) -> bytes:
+               any_gpu_model: bool = False, any_cpu_build: bool = False, ray: str | None = None) -> bytes:
     """Restore the original bytes from a nacrith container (several concatenated ones give
     the concatenation of their originals).
 
@@ -328,7 +380,8 @@ def decompress(blob: bytes, progress: Progress | None = None, model: str | None 
     the one the container names. ``any_gpu_model`` and ``any_cpu_build``: decode a file made
     on another GPU model, or by another llama.cpp CPU build, instead of refusing it up front
     (:func:`decode_parsed`); the checksum then tells whether the logits were the same.
+    ``ray``: decode on Ray actors (:func:`compress_stream`).
     """
     out = io.BytesIO()
-    decompress_to(blob, out, progress, model, threads, workers=workers, any_gpu_model=any_gpu_model, any_cpu_build=any_cpu_build)
+    decompress_to(blob, out, progress, model, threads, workers=workers, any_gpu_model=any_gpu_model, any_cpu_build=any_cpu_build, ray=ray)
     return out.getvalue()
