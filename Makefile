@@ -10,6 +10,9 @@ SMOLLM2_VERSION := 0.1.2
 # PyTorch for the tests of the exact engine's torch implementation: the CPU build (this
 # version is a CPU wheel on the project's package mirror; elsewhere override TORCH_SPEC)
 TORCH_SPEC ?= torch==2.13.0
+# Triton, whose interpreter (TRITON_INTERPRET=1) runs the GPU decoder's kernel on the CPU in
+# the tests (PyTorch's CUDA builds bring Triton themselves)
+TRITON_SPEC ?= triton==3.9.0
 # Ray for `--ray` (the cluster extra, nacrith[ray]); make test installs it so that its tests run
 RAY_SPEC ?= ray==2.60.0
 # llama.cpp's CPU code is built portable: with GGML_NATIVE off it uses the x86-64-v3 set (AVX2,
@@ -59,9 +62,11 @@ install-gpu: $(STAMP)
 install-ray: $(STAMP)
 	$(PY) -c "import ray" 2>/dev/null || $(PIP) install -q "$(RAY_SPEC)"
 
-# The CPU build of PyTorch, for `make test` (the torch implementation's tests run on the CPU).
+# The CPU build of PyTorch and Triton, for `make test` (the torch implementation's tests run
+# on the CPU, the Triton kernel in Triton's interpreter).
 install-torch-cpu: $(STAMP)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
+	$(PY) -c "import triton" 2>/dev/null || $(PIP) install -q --no-deps "$(TRITON_SPEC)"
 
 # llama.cpp built for every feature of this CPU: faster (1.16-1.5x on an AVX-512 CPU), but its CPU
 # files decode only with a build of the same features (docs/compatibility.md). Until `make clean`.

@@ -152,7 +152,9 @@ def round_trip(data: bytes, settings: pipeline.Settings, workers=1, ray: str | N
     compressed = timed_compress(data, settings, workers=workers, ray=ray)
     restored = io.BytesIO()
     began = time.perf_counter()
-    pipeline.decompress_to(compressed.blob, restored, threads=settings.threads, workers=workers, ray=ray)
+    # an exact engine's file decodes on the GPUs where it was made on them (a llama.cpp file picks its own backend)
+    gpu_ids = (settings.gpu_ids or ()) if settings.gpu and settings.engine == "exact" else None
+    pipeline.decompress_to(compressed.blob, restored, threads=settings.threads, workers=workers, gpu_ids=gpu_ids, ray=ray)
     decompress_s = time.perf_counter() - began
     return RoundTrip(compressed.blob, restored.getvalue() == data, compressed.seconds, decompress_s, compressed.tokens)
 

@@ -47,36 +47,39 @@ mkdir -p corpora/data && for f in "$G"/corpora/*; do ln -sf "$f" corpora/data/; 
 
 left() { echo $(( ${1} - ($(date +%s) - BEGAN) )); }
 step() { echo "== [$(( $(date +%s) - BEGAN )) s] $*" | tee -a "$OUT/run.log"; "$@" 2>&1 | grep -v -e '^ggml_cuda_init' -e '^  Device 0' | tee -a "$OUT/run.log"; }
-# tests/test_golden.py: do the portable CPU build's files decode on this CUDA build's CPU side? (-rs says why not)
-step timeout 180 python3 -m pytest -q -s -rs tests/test_gpu.py tests/test_golden.py
+# --- the exact engine first (what only a GPU can show): its integers on this GPU ---------
+# GPU-made containers decode on the CPU and CPU-made ones on the GPU (model alone and default
+# ensemble), the Triton decoder compiled against the numpy decoder, the device rows' tests
+step timeout 200 python3 -m pytest -q -rs tests/test_gpu_exact.py tests/test_device_rows.py tests/test_triton_step.py
+# the PyTorch step's logits digest against the C kernel's (4e3c95... on the development
+# machine: bench/gpu_exact.py --print-expect), batch invariance, and steps per second, eager
+# and as a CUDA graph, at 1024-4096 streams
+EXPECT=4e3c9518721a288ec7242039399b5da97c8a7873062aaceb537e64b8da651095
+step timeout 120 python3 bench/gpu_exact.py --expect $EXPECT --streams 1024,4096 --eager-streams 1024 --steps 8 --out "$OUT"
+# the same with the fused Triton kernels (nacrith/exact/triton_step.py); exit 0 only if every digest matched
+FUSED=0
+echo "== [$(( $(date +%s) - BEGAN )) s] fused kernels" | tee -a "$OUT/run.log"
+NACRITH_EXACT_TRITON=1 timeout 150 python3 bench/gpu_exact.py --expect $EXPECT --streams 1024,4096 --eager-streams 1024 --steps 8 \
+  --out "$OUT" --name gpu-exact-fused 2>&1 | tee -a "$OUT/run.log" && [ "${PIPESTATUS[0]}" = 0 ] && FUSED=1
+# the exact engine end to end, model alone, 300 KB of bible.txt at 1024 streams (same bytes as the CPU: bpb),
+# with the fused kernels where their digests matched
+[ "$(left 360)" -gt 60 ] && NACRITH_EXACT_TRITON=$FUSED step timeout "$(left 360)" python3 bench/throughput.py corpora/data/bible.txt \
+  --bytes 300000 --gpu --engine exact --streams 1024 --workers 1 --llm-only --tag gpu-exact
+# the same with steps of all streams replayed from a CUDA graph (NACRITH_EXACT_GRAPH=1)
+[ "$(left 420)" -gt 45 ] && NACRITH_EXACT_TRITON=$FUSED NACRITH_EXACT_GRAPH=1 step timeout "$(left 420)" python3 bench/throughput.py \
+  corpora/data/bible.txt --bytes 300000 --gpu --engine exact --streams 1024 --workers 1 --llm-only --tag gpu-exact
+# --- llama.cpp's CUDA path, while time is left -----------------------------------------
 # the card's short name (h100, h200, ...) tags the results that a later run would overwrite
 CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | awk '{print tolower($2)}')
 CARD=${CARD:-gpu}
 BIBLE=corpora/data/bible.txt
-# The ensemble's fused C step alone on this host's CPU, 256 synthetic streams, in 1, 8 and 16
-# processes at once: how far its cores and memory keep the ensemble's pace (fused-step.json;
-# about 120-160 us per token on one core of the 2-core dev VM at 16 streams)
-for P in 1 8 16; do
-  step timeout 60 python3 bench/experiments/fused_step.py --streams 256 --calls 12 --processes $P --tag "gpu-$CARD host, $P processes"
-done
+# why the CUDA path codes more bits than the CPU path (+6.4% with the model alone on an H200):
+# bits per byte of both, same settings, and the logits' differences (cpu_vs_gpu.py)
+[ "$(left 480)" -gt 45 ] && step timeout "$(left 480)" python3 bench/cpu_vs_gpu.py $BIBLE --bytes 40000 --streams 256 --llm-only --tag "gpu-$CARD-llm-only"
+# tests/test_gpu.py and tests/test_golden.py (do the portable CPU build's files decode on this CUDA build's CPU side? -rs says why not)
+[ "$(left 500)" -gt 60 ] && step timeout "$(left 500)" python3 -m pytest -q -s -rs tests/test_gpu.py tests/test_golden.py
 # Model only, 3 MB, `auto` (2 processes of 4 lanes: 96-100% of raw, 168-176 KB/s on an H200
 # in throughput-gpu.json, where 8 processes of one lane reached 90%, 79 KB/s)
-step timeout 120 python3 bench/throughput.py $BIBLE --bytes 3000000 --gpu --streams 256 --workers auto --llm-only --tag gpu
-# bits per byte of the model alone, CPU against GPU, same settings (the ensemble's: +0.74% on the H200)
-[ "$(left 260)" -gt 45 ] && step timeout "$(left 260)" python3 bench/cpu_vs_gpu.py $BIBLE --bytes 40000 --streams 256 --llm-only --tag "gpu-$CARD-llm-only"
-# The default ensemble on 2 MB (8 blocks of 250 KB: twice the steps of the 1 MB runs, so
-# model loading and start-up weigh less): 2 processes of 4 lanes (the ensemble's Python, ~30
-# of ~160-170 us per token with the fused C step in ensemble-replay.json, is what lanes share
-# a GIL for; ensemble-lanes.json), then `auto` (8 processes of one lane). At the 1 MB runs' 9.8k
-# tokens/s each takes about 150 s.
-[ "$(left 400)" -gt 100 ] && step timeout "$(left 400)" python3 bench/throughput.py $BIBLE --bytes 2000000 --gpu --streams 256 --workers 2x4 --tag gpu
-[ "$(left 565)" -gt 110 ] && step timeout "$(left 565)" python3 bench/throughput.py $BIBLE --bytes 2000000 --gpu --streams 256 --workers auto --tag gpu
-# raw decode of layouts (lanes-gpu*.json), only if time is left
-[ "$(left 585)" -gt 20 ] && step timeout "$(left 585)" python3 bench/experiments/lanes.py $BIBLE --gpu --streams 256 --steps 64 --ctx 256 --layouts 1x1,1x4,2x4,8x1 --tag "gpu-$CARD"
-# raw decode with the Q4_1 file itself (--model smollm2-135m, the default of the earlier GPU
-# runs), against the layouts above, only if time is left
-if [ "$(left 590)" -gt 25 ] && [ -f "$G/model.gguf" ]; then
-  NACRITH_MODEL=$G/model.gguf step timeout "$(left 595)" python3 bench/experiments/lanes.py $BIBLE --gpu --streams 256 --steps 64 --ctx 256 --layouts 1x1,2x4 --tag "gpu-$CARD-q4_1"
-fi
-cp bench/results/*gpu* bench/results/fused-step.json "$OUT/" 2>/dev/null
+[ "$(left 590)" -gt 100 ] && step timeout "$(left 590)" python3 bench/throughput.py $BIBLE --bytes 3000000 --gpu --streams 256 --workers auto --llm-only --tag gpu
+cp bench/results/*gpu* "$OUT/" 2>/dev/null
 echo "done in $(( $(date +%s) - BEGAN )) s" | tee -a "$OUT/run.log"

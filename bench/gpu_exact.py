@@ -13,7 +13,11 @@ the same on every machine) runs
    1024-token windows (positions 1-16 and 897-912), and from the CUDA graph (whole windows)
    at ``--streams``: tokens per second.
 
-Usage: python bench/gpu_exact.py [--expect HEX] [--streams 256,1024,2048,4096] [--eager-streams 1024] [--out FOLDER]
+With ``NACRITH_EXACT_TRITON=1`` the GPU step uses the fused Triton kernels
+(:mod:`nacrith.exact.triton_step`). Exits 1 where a digest differs or a stream's logits
+depend on its companions.
+
+Usage: python bench/gpu_exact.py [--expect HEX] [--streams 256,1024,2048,4096] [--eager-streams 1024] [--out FOLDER] [--name NAME]
        python bench/gpu_exact.py --print-expect     (on the development machine: the C kernel)
 """
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import platform
 import sys
 import time
@@ -65,6 +70,7 @@ def main() -> None:
     parser.add_argument("--eager-streams", default="1024")
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--name", default="gpu-exact", help="the results file in --out: NAME.json")
     args = parser.parse_args()
     weights = tiny.random_weights(tiny.smollm2_shape(), 1)
     if args.print_expect:
@@ -77,7 +83,8 @@ def main() -> None:
     from nacrith.exact.torch_engine import TorchContext, TorchModel
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    result = {"machine": f"{platform.machine()}; {torch.cuda.get_device_name(0)}; torch {torch.__version__}", "date": time.strftime("%Y-%m-%d")}
+    result = {"machine": f"{platform.machine()}; {torch.cuda.get_device_name(0)}; torch {torch.__version__}", "date": time.strftime("%Y-%m-%d"),
+              "fused_kernels": os.environ.get("NACRITH_EXACT_TRITON") == "1"}
     gpu = TorchModel(weights, "cuda")
     began = time.perf_counter()
     result["digest_gpu"] = digest(TorchContext(gpu, STREAMS, CTX))
@@ -139,7 +146,9 @@ def main() -> None:
     result["rates"] = rates
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "gpu-exact.json").write_text(json.dumps(result, indent=1))
+        (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    if not (result["gpu_equals_cpu"] and result["gpu_equals_expect"] and result["batch_invariant"]):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +39,10 @@ def raw_decode(data: bytes, settings, main_gpu: int) -> tuple[int, float]:
     streams = pipeline.lockstep_streams(pipeline.text_tokens(data, session.tokenizer), settings)
     lengths = [len(stream) for stream in streams]
     context = session.context(len(lengths), settings.ctx)
+    # the exact engine's PyTorch logits stay on their device, as the model-only predictor takes them
+    on_device = getattr(context, "device_logits", None) is not None and session.llama.backend == "cuda" and settings.model_only
+    if on_device:
+        context.device_logits = True
     tokens, starts = np.concatenate(streams), np.cumsum([0] + lengths[:-1])
     context.reset()
     previous = np.full(len(lengths), session.llama.bos, np.int32)
@@ -51,7 +56,10 @@ def raw_decode(data: bytes, settings, main_gpu: int) -> tuple[int, float]:
                 context.slide(stream, KEEP, settings.slide)
             position -= settings.slide
         logits = context.step(previous[:running], np.full(running, position, np.int32))
-        logits.max()  # read every logit, as the predictor must
+        if on_device:
+            logits._weights()[1].sum().item()  # the int24 weights of every row, as the coder needs them (and a sync)
+        else:
+            logits.max()  # read every logit, as the predictor must
         previous[:running] = tokens[starts[:running] + step]
         position += 1
     return sum(lengths), time.perf_counter() - began
@@ -82,7 +90,8 @@ def main() -> int:
 
     settings = settings_from_arguments(args, fallback=False)
     # "auto" resolves as nacrith's command line resolves it; each context then gets one block
-    plan = plan_workers(args.workers, settings.gpu, settings.streams, settings.ctx, settings.threads, model_only=settings.model_only)
+    plan = plan_workers(args.workers, settings.gpu, settings.streams, settings.ctx, settings.threads, model_only=settings.model_only,
+                        engine=settings.engine)
     processes, lanes = plan.processes, plan.lanes
     parts = slices(data, processes * lanes)
     settings = replace(settings, block_size=len(parts[0]))
@@ -110,6 +119,8 @@ def main() -> int:
         "processes": processes,
         "lanes": lanes,
         "backend": settings.backend,
+        "engine": settings.engine,
+        "exact_options": " ".join(f"{name}=1" for name in ("NACRITH_EXACT_TRITON", "NACRITH_EXACT_GRAPH") if os.environ.get(name) == "1"),
         "predictor": settings.predictor_name,
         "raw_tok_s": raw_rate,
         "raw_wall_s": raw_wall,

@@ -591,11 +591,8 @@ typedef struct {
     Py_ssize_t written;
 } Encoder;
 
-/* Code symbol s of a quantised row of cols entries. */
-static void encode_symbol(Encoder *e, const Quant *q, long s, long cols) {
-    uint64_t prefix = row_sum(q, 0, s);
-    uint64_t left = left_of(prefix, s, q);
-    uint64_t right = s == cols - 1 ? TOTAL : left_of(prefix + row_sum(q, s, s + 1), s + 1, q);
+/* Code the interval [left, right) of 2^24 (0 <= left < right <= 2^24). */
+static void encode_interval(Encoder *e, uint64_t left, uint64_t right) {
     uint64_t scale = e->range >> PRECISION;
     e->range = scale * (right - left);
     uint64_t new_lower = e->lower + scale * left;
@@ -621,6 +618,14 @@ static void encode_symbol(Encoder *e, const Quant *q, long s, long cols) {
             e->first_inverted = word;
         }
     }
+}
+
+/* Code symbol s of a quantised row of cols entries. */
+static void encode_symbol(Encoder *e, const Quant *q, long s, long cols) {
+    uint64_t prefix = row_sum(q, 0, s);
+    uint64_t left = left_of(prefix, s, q);
+    uint64_t right = s == cols - 1 ? TOTAL : left_of(prefix + row_sum(q, s, s + 1), s + 1, q);
+    encode_interval(e, left, right);
 }
 
 /* An encoder from the state array a Python coder keeps (lower, range, inverted words,
@@ -729,6 +734,38 @@ static PyObject *int24_encode(PyObject *self, PyObject *args) {
     Py_END_ALLOW_THREADS
 done:
     return end_call((Py_buffer *[]){&probs, &totals, &symbols, &state, &out}, error, written);
+}
+
+/* int24_encode_intervals(lefts, rights, state, out) -> words written: code the intervals
+ * [lefts[i], rights[i]) of 2^24 (int64 each, already quantised, e.g. on a GPU) in order;
+ * state and out as for int24_encode. */
+static PyObject *int24_encode_intervals(PyObject *self, PyObject *args) {
+    Py_buffer lefts, rights, state, out;
+    if (!PyArg_ParseTuple(args, "y*y*w*w*", &lefts, &rights, &state, &out))
+        return NULL;
+    const char *error = NULL;
+    Py_ssize_t written = 0, rows = lefts.len / (Py_ssize_t)sizeof(int64_t);
+    if (lefts.len != rows * (Py_ssize_t)sizeof(int64_t) || rights.len != lefts.len || state.len != 4 * (Py_ssize_t)sizeof(uint64_t) ||
+        out.len < (rows + (Py_ssize_t)((uint64_t *)state.buf)[2]) * (Py_ssize_t)sizeof(uint32_t)) {
+        error = "int24_encode_intervals: buffer sizes do not match";
+        goto done;
+    }
+    const int64_t *l = (const int64_t *)lefts.buf, *r = (const int64_t *)rights.buf;
+    uint64_t *st = (uint64_t *)state.buf;
+    Encoder e = encoder_open(st, (uint32_t *)out.buf);
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < rows; i++) {
+        if (l[i] < 0 || r[i] <= l[i] || (uint64_t)r[i] > TOTAL) {
+            error = "int24_encode_intervals: an interval is empty or outside [0, 2^24)";
+            break;
+        }
+        encode_interval(&e, (uint64_t)l[i], (uint64_t)r[i]);
+    }
+    encoder_save(&e, st);
+    written = e.written;
+    Py_END_ALLOW_THREADS
+done:
+    return end_call((Py_buffer *[]){&lefts, &rights, &state, &out, &(Py_buffer){0}}, error, written);
 }
 
 /* int24_decode(rows, totals, state, words, out, cols) -> symbols decoded (fewer than the
@@ -1185,6 +1222,7 @@ static PyMethodDef methods[] = {
     {"ensemble_int24", ensemble_int24, METH_VARARGS, "One ensemble step, mixed, range-coded and learned stream by stream (see nacrith.predictors.ensemble)."},
     {"exp2_weight_rows", exp2_weight_rows, METH_VARARGS, "Logit rows to int24 weight rows and totals (see nacrith.coder)."},
     {"int24_encode", int24_encode, METH_VARARGS, "Range-code one symbol per probability row (see nacrith.coder)."},
+    {"int24_encode_intervals", int24_encode_intervals, METH_VARARGS, "Range-code quantised intervals of 2^24 (see nacrith.coder)."},
     {"int24_decode", int24_decode, METH_VARARGS, "Decode one symbol per probability row (see nacrith.coder)."},
     {"scores_exp2_rows", scores_exp2_rows, METH_VARARGS, "Biased, scaled logit rows to exp2 probability rows (see nacrith.predictors.ensemble)."},
     {"learn_bias", learn_bias, METH_VARARGS, "One gradient step of the bias tables per stream (see nacrith.predictors.ensemble)."},

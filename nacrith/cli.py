@@ -261,7 +261,7 @@ RUN_OPTIONS = [
     click.option("--threads", type=click.IntRange(min=1), help="CPU threads per worker (default: the cores shared among workers)."),
     click.option("--workers", default="1", show_default=True, callback=lambda ctx, param, value: parse_workers(value), help="Worker processes (never more than the input's blocks), 'PxL' for P processes of L lanes (threads with a context each, coding blocks side by side), or 'auto': one per CPU core as memory allows; on GPUs, by free GPU memory, up to 8 processes per GPU, or 2 processes of 4 lanes when the model runs alone (--llm-only)."),
     click.option("--gpus", default="none", show_default=True, callback=lambda ctx, param, value: parse_gpus(value),
-                 help="Compress on GPUs: 'all', a list like 0,1, or 'none' (on GPUs of one model: the first's). GPU-made files decode only on a GPU of the model they record (logits differ). Decompression uses the backend a file was made on; this only picks which GPUs."),
+                 help="Run on GPUs: 'all', a list like 0,1, or 'none'. With --engine exact (PyTorch with CUDA, `make install-gpu`) on any GPUs, and its files decode anywhere; decompressing, it runs an exact file on these GPUs. With llama.cpp (the default with --gpus) on GPUs of one model, the first's; its files decode only on a GPU of that model, which decompression then uses (this picks which)."),
     click.option("--ray", metavar="ADDRESS|local|auto", default=None,
                  help="Code the blocks on a Ray cluster: 'local' starts Ray here, HOST:PORT joins a cluster, 'auto' the one RAY_ADDRESS names. "
                       "--workers N then sets the actors (default: auto, one per CPU of the cluster, per GPU with --gpus). Same bytes as without Ray."),
@@ -346,7 +346,7 @@ def main_group():
 @click.option("--block-size", type=click.IntRange(min=1), default=DEFAULT_BLOCK_SIZE, show_default=True, help="Bytes per independently coded block.")
 @click.option("--engine", type=click.Choice(["llama.cpp", "exact"]), default=None,
               help="What runs the model: 'exact' (integer arithmetic: files decode on any machine) or 'llama.cpp' (files decode only "
-                   "with the same llama.cpp build and backend; what --gpus runs).  [default: exact; llama.cpp with --gpus]")
+                   "with the same llama.cpp build and backend).  [default: exact; llama.cpp with --gpus]")
 @click.option("--llm-only", is_flag=True, help="The language model alone, no ensemble.")
 @click.option("--no-ngram", is_flag=True, help="Ensemble without the token n-gram model.")
 @click.option("--no-match", is_flag=True, help="Ensemble without the long-range match model.")
@@ -391,7 +391,7 @@ def ensemble_config(no_ngram: bool, no_match: bool, no_bias: bool, no_mixer: boo
 def decompress_command(files, output, to_stdout, force, keep, remove, recursive, quiet, verbose, model, threads, workers, gpus, **overrides):
     """Restore FILES.nc (or standard input) to FILE."""
     workers = workers_for(workers, overrides.get("ray"))
-    run_each(files, output, lambda name: decompress_one(name, model, threads, workers, gpus or None, output, to_stdout, force, quiet, verbose, remove,
+    run_each(files, output, lambda name: decompress_one(name, model, threads, workers, gpus, output, to_stdout, force, quiet, verbose, remove,
                                                         **overrides), recursive, compressed=True)
 
 
@@ -406,7 +406,7 @@ def test_command(files, recursive, quiet, verbose, model, threads, workers, gpus
     Silent on success unless -v; a failure is one line per file and exit status 1.
     """
     workers = workers_for(workers, overrides.get("ray"))
-    run_each(files, None, lambda name: test_one(name, model, threads, workers, gpus or None, quiet, verbose, **overrides), recursive, compressed=True)
+    run_each(files, None, lambda name: test_one(name, model, threads, workers, gpus, quiet, verbose, **overrides), recursive, compressed=True)
 
 
 def predictor_parts(settings: dict) -> list[str] | None:

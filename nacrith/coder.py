@@ -216,6 +216,25 @@ def _kernel_rows(rows) -> tuple[np.ndarray, np.ndarray | None, int]:
     return rows, None, rows.shape[1]
 
 
+def encode_intervals_into(lefts: np.ndarray, rights: np.ndarray, state: np.ndarray, out: np.ndarray, use_kernel: bool | None = None) -> int:
+    """Code the intervals ``[lefts[i], rights[i])`` of 2^24 (int64) in order from an int24
+    encoder's ``state`` (uint64[4], updated) into ``out`` (uint32, room for
+    ``len(lefts) + state[2]`` words); returns the words written. What a
+    :class:`CodedRows` whose intervals are computed elsewhere (a GPU) calls."""
+    use_kernel = _kernels is not None if use_kernel is None else use_kernel
+    if use_kernel:
+        return _kernels.int24_encode_intervals(lefts, rights, state, out)
+    if (lefts < 0).any() or (rights <= lefts).any() or (rights > TOTAL).any():
+        raise ValueError("an interval is empty or outside [0, 2^24)")
+    encoder = Int24Encoder(use_kernel=False)
+    encoder._state[:] = state
+    encoder._encode_numpy(zip(lefts.tolist(), rights.tolist()))
+    state[:] = encoder._state
+    words = encoder._words[0]
+    out[: len(words)] = words
+    return len(words)
+
+
 class Int24Encoder:
     """nacrith's range encoder; the C kernel where it is built, else the numpy reference."""
 
@@ -243,10 +262,23 @@ class Int24Encoder:
             written = _kernels.int24_encode(rows, totals, symbols, self._state, out, cols)
             self._words.append(out[:written])
             return
+        self._encode_numpy(_interval(prefix, scale, symbol) for symbol, (prefix, scale) in zip(symbols.tolist(), _quantised(probabilities)))
+
+    def encode_intervals(self, lefts: np.ndarray, rights: np.ndarray) -> None:
+        """Append symbols already quantised to their intervals ``[lefts[i], rights[i])`` of
+        2^24 (what :func:`interval` gives; computed elsewhere, e.g. on a GPU by
+        :mod:`nacrith.exact.device_rows`): the same words as :meth:`encode` of their rows."""
+        lefts, rights = np.ascontiguousarray(lefts, np.int64), np.ascontiguousarray(rights, np.int64)
+        if lefts.shape != rights.shape or lefts.ndim != 1:
+            raise ValueError("one right end per left end")
+        out = np.empty(len(lefts) + int(self._state[2]), np.uint32)
+        self._words.append(out[:encode_intervals_into(lefts, rights, self._state, out, self.use_kernel)])
+
+    def _encode_numpy(self, intervals) -> None:
+        """The numpy reference: code each (left, right) of ``intervals`` in turn."""
         lower, range_, inverted, first = (int(v) for v in self._state)
         words: list[int] = []
-        for symbol, (prefix, scale) in zip(symbols.tolist(), _quantised(probabilities)):
-            left, right = _interval(prefix, scale, symbol)
+        for left, right in intervals:
             unit = range_ >> PRECISION
             range_ = unit * (right - left)
             new_lower = (lower + unit * left) & _MASK64

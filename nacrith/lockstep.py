@@ -53,6 +53,8 @@ class Lockstep:
         self.coder = coder  # the range coder's name (nacrith.coder.CODERS)
         if hasattr(predictor, "use_int24_rows"):  # a predictor with a faster way to the int24 coder
             predictor.use_int24_rows(coder == "int24")
+        if hasattr(context, "device_logits"):  # the exact engine's PyTorch logits coded where they are
+            context.device_logits = coder == "int24" and getattr(predictor, "takes_device_logits", False)
         self.context = context
         self.bos = bos
         self.ctx = ctx

@@ -165,7 +165,7 @@ def compress_stream(source: BinaryIO, destination: BinaryIO, settings: Settings,
         gpu_model = _compress_on_ray(ray, blocks, writer, settings, progress, workers, n_blocks)
     else:
         request = WorkerRequest(workers, settings.gpu, settings.streams, settings.ctx, settings.threads, settings.gpu_ids, n_blocks,
-                                settings.model_only, settings.model)
+                                settings.model_only, settings.model, engine=settings.engine)
         plan = planned_workers(request)
         gpu_model = plan.gpu_model
         if plan.contexts <= 1 or session is not None:
@@ -191,7 +191,7 @@ def _compress_on_ray(address: str, blocks: Iterator[bytes], writer: "ContainerWr
         actors = cluster.actor_count(ray, workers, settings.gpu, threads, n_blocks)
         sha256 = locate_model(settings.model).sha256 if settings.use_model else None
         with cluster.RayPool(ray, actors, settings.model, sha256, settings.gpu, threads, settings.engine, progress) as pool:
-            gpu_model = pool.gpu_model() if settings.gpu else None
+            gpu_model = pool.gpu_model() if settings.gpu and settings.engine != "exact" else None
             for block, encoded in pool.compress(blocks, settings):
                 writer.add(block, encoded)
             cluster.LAST_REPORT[:] = pool.report()
@@ -224,7 +224,8 @@ def decode_parsed(parsed: fmt.Container, destination: BinaryIO, progress: Progre
     (:class:`BackendMismatchError`), unless ``any_gpu_model``: then on the first GPU's
     model, the checksum alone telling whether its logits were the same. ``any_cpu_build``
     does the same for a CPU file of another llama.cpp CPU build (:func:`check_decodable`).
-    ``ray``: decode the model blocks on Ray actors (:func:`compress_stream`).
+    ``ray``: decode the model blocks on Ray actors (:func:`compress_stream`). The exact
+    engine's files decode on the CPU, or on GPUs where ``gpu_ids`` is given (``()``: all).
     """
     return _decode_checked(parsed, check_decodable(parsed, model, any_cpu_build), destination, progress, threads, session, workers, gpu_ids,
                            any_gpu_model, ray, model)
@@ -235,8 +236,10 @@ def _decode_checked(parsed: fmt.Container, model_path, destination: BinaryIO, pr
     """:func:`decode_parsed` once :func:`check_decodable` has passed and given ``model_path``
     (``model``: what the caller named, for Ray's nodes to find theirs)."""
     section = parsed.header.model
-    gpu = section is not None and section.backend_kind == "cuda"
     engine = engine_of(section.engine) if section is not None else "llama.cpp"
+    # llama.cpp's GPU files decode on GPUs; the exact engine's files anywhere, on GPUs where asked (gpu_ids not None)
+    gpu = section is not None and (section.backend_kind == "cuda" or (engine == "exact" and gpu_ids is not None))
+    gpu_ids = gpu_ids or None  # () asks for every GPU
     if session is not None and parsed.uses_model and session.engine != engine:
         session = None  # a session of another engine: load the file's own
     if session is not None and parsed.uses_model and session.backend != section.backend_kind:
@@ -252,7 +255,8 @@ def _decode_checked(parsed: fmt.Container, model_path, destination: BinaryIO, pr
             raise CorruptError("checksum mismatch: the restored data differs from the original (damaged file, or different logits on this machine)")
         return parsed.trailer.total_length
     request = WorkerRequest(workers, gpu, max((len(b.stream_tokens) for b in parsed.blocks), default=1), section.ctx if section else 0, threads,
-                            gpu_ids, max(1, model_blocks), model_only, model_path, section.gpu_model if gpu and not any_gpu_model else None)
+                            gpu_ids, max(1, model_blocks), model_only, model_path,
+                            section.gpu_model if gpu and engine != "exact" and not any_gpu_model else None, engine)
     plan = planned_workers(request)
     if plan.contexts <= 1 or model_blocks <= 1 or session is not None:
         factory = LocalSession(model_path, gpu, plan.threads if threads is None else threads, session, plan.devices[0], engine)
@@ -372,7 +376,7 @@ def decompress_to(blob, destination: BinaryIO, progress: Progress | None = None,
 
 
 def decompress(blob: bytes, progress: Progress | None = None, model: str | None = None, threads: int | None = None, workers: int | str = 1,
-               any_gpu_model: bool = False, any_cpu_build: bool = False, ray: str | None = None) -> bytes:
+               any_gpu_model: bool = False, any_cpu_build: bool = False, ray: str | None = None, gpu_ids=None) -> bytes:
     """Restore the original bytes from a nacrith container (several concatenated ones give
     the concatenation of their originals).
 
@@ -380,8 +384,10 @@ def decompress(blob: bytes, progress: Progress | None = None, model: str | None 
     the one the container names. ``any_gpu_model`` and ``any_cpu_build``: decode a file made
     on another GPU model, or by another llama.cpp CPU build, instead of refusing it up front
     (:func:`decode_parsed`); the checksum then tells whether the logits were the same.
-    ``ray``: decode on Ray actors (:func:`compress_stream`).
+    ``ray``: decode on Ray actors (:func:`compress_stream`). ``gpu_ids``: decode an exact
+    engine's file on these GPUs (``()``: all; :func:`decode_parsed`).
     """
     out = io.BytesIO()
-    decompress_to(blob, out, progress, model, threads, workers=workers, any_gpu_model=any_gpu_model, any_cpu_build=any_cpu_build, ray=ray)
+    decompress_to(blob, out, progress, model, threads, workers=workers, gpu_ids=gpu_ids, any_gpu_model=any_gpu_model, any_cpu_build=any_cpu_build,
+                  ray=ray)
     return out.getvalue()

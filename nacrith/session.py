@@ -33,13 +33,9 @@ class Session:
         self.info = model_files.locate(model_path)
         self.engine = engine
         if engine == "exact":
-            if gpu:
-                from .errors import EngineError
-
-                raise EngineError("the exact engine runs on the CPU (--gpus needs --engine llama.cpp)")
             from .exact.engine import ExactModel
 
-            self.llama = ExactModel(self.info.path, self.info.sha256, threads)
+            self.llama = ExactModel(self.info.path, self.info.sha256, threads, device=f"cuda:{main_gpu}" if gpu else "cpu")
             self._vocab = LlamaModel(self.info.path, vocab_only=True)
             self.tokenizer = Tokenizer(self._vocab)
         else:

@@ -24,7 +24,7 @@ DEFAULT_ENGINE = "exact"  # bits within 0.3% of llama.cpp's, files that decode o
 
 def resolve_engine(engine: str | None, gpu: bool = False) -> str:
     """``engine``, or the default where it is None: :data:`DEFAULT_ENGINE`, or llama.cpp with
-    ``gpu`` (the one engine that runs on GPUs)."""
+    ``gpu`` (its CUDA path is the measured GPU path; ``exact`` runs on GPUs through PyTorch)."""
     if engine is not None:
         return engine
     return "llama.cpp" if gpu else DEFAULT_ENGINE
@@ -152,8 +152,6 @@ class Settings:
             raise ValueError(f"coder must be one of {', '.join(CODERS)}")
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}")
-        if self.engine == "exact" and self.gpu:
-            raise ValueError("the exact engine runs on the CPU: --gpus needs --engine llama.cpp")
         if self.engine == "exact" and self.attention not in (None, "off"):
             raise ValueError("the exact engine has one attention: --attention applies to --engine llama.cpp")
         return self

@@ -105,20 +105,24 @@ class WorkerRequest:
     model_only: bool = False  # no ensemble (lets "auto" run lanes on a GPU)
     model_path: object = None  # the model file, for its KV cache size; None: the default model
     gpu_model: str | None = None  # the GPU model a file was made on (decoding), else None
+    engine: str | None = None  # the engine the workers run (None: the default for gpu)
 
     def plan(self) -> "WorkerPlan":
         """:func:`plan_workers` of this request."""
         return plan_workers(requested=self.workers, gpu=self.gpu, streams=self.streams, ctx=self.ctx, threads=self.threads, gpu_ids=self.gpu_ids,
-                            blocks=self.blocks, model_only=self.model_only, model_path=self.model_path, gpu_model=self.gpu_model)
+                            blocks=self.blocks, model_only=self.model_only, model_path=self.model_path, gpu_model=self.gpu_model,
+                            engine=self.engine)
 
 
 def plan_workers(requested, gpu: bool, streams: int, ctx: int, threads: int | None = None, gpu_ids=None, blocks: int | None = None,
-                 model_only: bool = False, model_path=None, gpu_model: str | None = None) -> WorkerPlan:
+                 model_only: bool = False, model_path=None, gpu_model: str | None = None, engine: str | None = None) -> WorkerPlan:
     """Resolve ``--workers N|PxL|auto`` for the CPU or the GPUs (``gpu_ids``: which ones, None for all).
 
-    The GPUs used are all of one model, since logits differ between GPU models:
+    llama.cpp's GPUs are all of one model, since its logits differ between GPU models:
     ``gpu_model`` (a file's, when decoding), else the first GPU's; the others are left out.
-    A ``gpu_model`` that no GPU here has is refused (:class:`BackendMismatchError`).
+    A ``gpu_model`` that no GPU here has is refused (:class:`BackendMismatchError`). The
+    exact engine (``engine``) runs on every GPU PyTorch sees, of any model: its integers
+    are the same on all of them.
 
     ``blocks``, when known, caps the contexts: a worker or lane without a block would only
     take CPU threads from the others. ``model_only`` (no ensemble) lets ``auto`` on a GPU
@@ -135,20 +139,28 @@ def plan_workers(requested, gpu: bool, streams: int, ctx: int, threads: int | No
         lanes = max(1, min(lanes, blocks))
         blocks = -(-blocks // lanes)  # the processes that the lanes leave work for
     if gpu:
-        from .devices import gpus
         from .errors import EngineError
+        from .settings import resolve_engine
 
+        exact = resolve_engine(engine, True) == "exact"
+        if exact:
+            from .exact.torch_engine import cuda_devices as gpus
+        else:
+            from .devices import gpus
         found = [device for device in gpus() if gpu_ids is None or device.index in gpu_ids]
         if not found:
-            raise EngineError("no GPU visible to llama.cpp" + ("" if gpu_ids is None else f" among {sorted(gpu_ids)}") + " (see `make install-cuda`)")
-        model = gpu_model or found[0].description
-        if not any(device.description == model for device in found):
+            raise EngineError(f"no GPU visible to {'PyTorch' if exact else 'llama.cpp'}" + ("" if gpu_ids is None else f" among {sorted(gpu_ids)}")
+                              + f" (see `make {'install-gpu' if exact else 'install-cuda'}`)")
+        model = None if exact else gpu_model or found[0].description  # exact: any GPU model, the same integers everywhere
+        if model is not None and not any(device.description == model for device in found):
             names = ", ".join(sorted({device.description for device in found}))
             here = "this machine has" if gpu_ids is None else f"GPUs {','.join(map(str, sorted(gpu_ids)))} are"
             raise BackendMismatchError(f"this file was made on a {model} GPU; logits differ between GPU models, and {here} {names}"
                                        " (--any-gpu-model tries anyway: the checksum tells whether it decoded)")
-        found = [device for device in found if device.description == model]
-        if requested == "auto":
+        found = [device for device in found if model is None or device.description == model]
+        if requested == "auto" and exact:  # one process per GPU: the batch of its streams is the GPU's work
+            devices = tuple(device.index for device in found)
+        elif requested == "auto":
             per_context = kv_cell_bytes(model_path) * streams * max(ctx, 1) + GPU_MEMORY_MARGIN
             most = MODEL_ONLY_GPU_LAYOUT[0] if auto_gpu_lanes else MAX_PROCESSES_PER_GPU
             per_gpu = [max(1, min(most, device.free_bytes // (per_context * lanes))) for device in found]

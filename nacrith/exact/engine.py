@@ -13,10 +13,14 @@ Which implementation computes the integers (all give the same ones):
 * ``avx2`` / ``vnni``: one SIMD path of the C kernel, where the CPU has it;
 * ``reference``: the numpy reference (:mod:`nacrith.exact.reference`), slow;
 * ``torch``: the PyTorch implementation (:mod:`nacrith.exact.torch_engine`) on the CPU,
-  where PyTorch is installed (``pip install 'nacrith[gpu]'``).
+  where PyTorch is installed (``pip install 'nacrith[gpu]'``); on a GPU (``device``
+  ``cuda:N``, what ``--gpus`` gives) it is the one that runs.
 
 ``NACRITH_EXACT_IMPL`` chooses one; by default ``simd``, or ``reference`` where the C
-kernel was not built.
+kernel was not built. On a GPU, ``NACRITH_EXACT_TRITON=1`` fuses the step's integer
+primitives into Triton kernels (:mod:`nacrith.exact.triton_step`) and
+``NACRITH_EXACT_GRAPH=1`` replays steps of every stream from a CUDA graph over the whole
+window; both give the same integers and are off until measured.
 """
 from __future__ import annotations
 
@@ -75,10 +79,16 @@ class ExactModel:
     """A Llama-architecture GGUF model loaded for the exact engine (weights converted once
     into nacrith's cache, see :func:`nacrith.exact.weights.load_cached`)."""
 
-    backend = "cpu"
+    def __init__(self, path, sha256: bytes, threads: int | None = None, implementation: str | None = None, device: str = "cpu"):
+        if device != "cpu":  # a GPU: the PyTorch implementation, whatever NACRITH_EXACT_IMPL says
+            from .torch_engine import cuda_devices
 
-    def __init__(self, path, sha256: bytes, threads: int | None = None, implementation: str | None = None):
+            index = int(device.partition(":")[2] or 0)
+            if index >= len(cuda_devices()):
+                raise EngineError(f"no CUDA GPU {index} (PyTorch sees {len(cuda_devices())})")
+            implementation = "torch"
         self.implementation = chosen_implementation(implementation)
+        self.backend = "cpu" if device == "cpu" else "cuda"
         try:
             self.weights = load_cached(path, sha256)
         except GGUFFormatError as exc:
@@ -96,7 +106,7 @@ class ExactModel:
         if self.implementation == "torch":
             from .torch_engine import TorchModel
 
-            self.torch = TorchModel(self.weights, "cpu")
+            self.torch = TorchModel(self.weights, device)
 
     @property
     def description(self) -> str:
@@ -136,6 +146,10 @@ class ExactContext:
             self.impl = kernel.KernelContext(model.kernel, n_streams, ctx, threads, model.simd)
         self.lengths = np.zeros(n_streams, np.int64)
         self._scale = np.float32(2.0 ** -F)
+        # set by the lockstep coder when its predictor codes the model's rows as they are
+        # (the model alone, int24 coder): step() then leaves the PyTorch implementation's
+        # logits on its device (nacrith.exact.device_rows)
+        self.device_logits = False
 
     def reset(self) -> None:
         """Forget every stream's tokens."""
@@ -146,9 +160,29 @@ class ExactContext:
         """Feed ``tokens[i]`` at ``positions[i]`` to stream ``i``; float32 logits of the streams
         with ``want_logits`` true (all when None), in stream order: the engine's integers
         converted to float32 (exact below 2^24, correctly rounded above: the same on every
-        machine) times 2^-14."""
-        logits = self.impl.step(tokens, positions, want_logits)
+        machine) times 2^-14. With :attr:`device_logits` and the PyTorch implementation, a
+        :class:`~nacrith.exact.device_rows.DeviceLogits` of the integers instead, left on
+        the device, which the int24 coder codes there."""
         n = len(tokens)
+        if self.model.torch is not None and self.model.backend == "cuda" and want_logits is None and n == self.n_streams \
+                and os.environ.get("NACRITH_EXACT_GRAPH") == "1":
+            # every stream: replayed from a CUDA graph over the whole window (the same integers)
+            logits = self.impl.step_graph(tokens, positions)
+            self.lengths[:n] = np.maximum(self.lengths[:n], np.asarray(positions, np.int64) + 1)
+            if self.device_logits:
+                from .device_rows import DeviceLogits
+
+                return DeviceLogits(self.model.torch.torch, logits)
+            return logits.cpu().numpy().astype(np.float32) * self._scale
+        if self.device_logits and self.model.torch is not None:
+            from .device_rows import DeviceLogits
+
+            logits = self.impl.step_tensor(tokens, positions, want_logits)
+            self.lengths[:n] = np.maximum(self.lengths[:n], np.asarray(positions, np.int64) + 1)
+            if logits is None:
+                return np.empty((0, self.model.n_vocab), np.float32)
+            return DeviceLogits(self.model.torch.torch, logits)
+        logits = self.impl.step(tokens, positions, want_logits)
         self.lengths[:n] = np.maximum(self.lengths[:n], np.asarray(positions, np.int64) + 1)
         out = logits.astype(np.float32)
         out *= self._scale

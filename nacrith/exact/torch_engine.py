@@ -13,6 +13,7 @@ says so in one line where it is missing.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
 
 import numpy as np
 
@@ -32,6 +33,32 @@ def require_torch():
     except ImportError:
         raise EngineError("the exact engine's PyTorch implementation needs PyTorch: pip install 'nacrith[gpu]' (or make install-gpu)") from None
     return torch
+
+
+class CudaDevice(NamedTuple):
+    """A GPU PyTorch sees, as :func:`cuda_devices` lists it (the fields of
+    :class:`nacrith.devices.Device` that the worker plan reads)."""
+
+    index: int
+    name: str
+    description: str
+    free_bytes: int
+    total_bytes: int
+
+
+def cuda_devices() -> list[CudaDevice]:
+    """The CUDA GPUs PyTorch sees, with their free memory; :class:`EngineError` where
+    PyTorch is missing or has no CUDA (the exact engine runs on GPUs through PyTorch)."""
+    torch = require_torch()
+    if not torch.cuda.is_available():
+        raise EngineError("--gpus with the exact engine needs PyTorch with CUDA and a GPU it sees "
+                          f"(torch {torch.__version__} here{'' if torch.version.cuda else ', a CPU build'}; make install-gpu)")
+    found = []
+    for index in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(index)
+        name = torch.cuda.get_device_name(index)
+        found.append(CudaDevice(index, name, name, free, total))
+    return found
 
 
 def rnd(torch, value, shift):
@@ -95,6 +122,10 @@ class TorchModel:
         torch = require_torch()
         self.torch, self.weights, self.hyper = torch, weights, weights.hyper
         self.device = torch.device(device)
+        if self.device.type == "cuda":
+            # the attention's float32 products are exact only in full float32: never TF32
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
 
         def tensor(array, dtype=None):
             array = np.asarray(array)
@@ -135,6 +166,13 @@ class TorchContext:
         self.k_exp = torch.zeros(shape, dtype=torch.int64, device=device)
         self.v_exp = torch.zeros(shape, dtype=torch.int64, device=device)
         self._graph = None
+        from . import triton_step
+
+        # fused Triton kernels for the norm, the quantisations and the products' epilogue
+        # (NACRITH_EXACT_TRITON=1 on a GPU, or in Triton's interpreter): the same integers
+        power_of_two = h.head_dim & (h.head_dim - 1) == 0
+        self.fused = triton_step if triton_step.enabled(torch.device(device)) and power_of_two else None
+        self._split = None  # (q, hi, lo) of the last product's input
 
     def step_graph(self, tokens, positions):
         """:meth:`step` for all ``n_streams`` streams over the whole window, replayed from a
@@ -169,17 +207,28 @@ class TorchContext:
 
     # --- operations ---------------------------------------------------------------------
 
-    def _matmul(self, q, k, w):
-        """``reference.matmul``: q int64 [n, n_in] (|q| <= 8191), k [n] -> int64 [n, n_out] at F."""
+    def _matmul(self, q, k, w, residual=None):
+        """``reference.matmul``: q int64 [n, n_in] (|q| <= 8191), k [n] -> int64 [n, n_out] at F;
+        with ``residual``, ``sat32(residual + product)``. The int8 halves of the last ``q``
+        are kept for the next product of the same ``q`` (a layer's q, k and v; gate and up)."""
         torch = self.torch
         n = q.shape[0]
         rows = max(n, MIN_INT_MM_ROWS) if q.is_cuda else n
-        hi = torch.zeros((rows, q.shape[1]), dtype=torch.int8, device=q.device)
-        lo = torch.zeros_like(hi)
-        hi[:n] = (q >> 7).to(torch.int8)
-        lo[:n] = (q & 127).to(torch.int8)
+        if self._split is not None and self._split[0] is q:
+            hi, lo = self._split[1:]
+        elif self.fused is not None:
+            hi, lo = self.fused.split(torch, q, rows)
+        else:
+            hi = torch.zeros((rows, q.shape[1]), dtype=torch.int8, device=q.device)
+            lo = torch.zeros_like(hi)
+            hi[:n] = (q >> 7).to(torch.int8)
+            lo[:n] = (q & 127).to(torch.int8)
+        self._split = (q, hi, lo)
+        if self.fused is not None:
+            return self.fused.matmul_epilogue(torch, torch._int_mm(hi, w["w"])[:n], torch._int_mm(lo, w["w"])[:n], w["m"], w["e"], k, residual)
         acc = 128 * torch._int_mm(hi, w["w"])[:n].long() + torch._int_mm(lo, w["w"])[:n].long()
-        return sat32(torch, rnd(torch, acc * w["m"], w["e"] - k.unsqueeze(1) - F))
+        product = sat32(torch, rnd(torch, acc * w["m"], w["e"] - k.unsqueeze(1) - F))
+        return product if residual is None else sat32(torch, residual + product)
 
     def _rms_scale(self, x):
         torch, n = self.torch, x.shape[-1]
@@ -200,9 +249,23 @@ class TorchContext:
 
     def _norm_quantize(self, x, gain):
         G, bits = gain
+        if self.fused is not None:
+            return self.fused.norm_quantize(self.torch, x, G, bits, self.model.eps_m, self.model.eps_e)
         c, k_norm = self._rms_scale(x)
         q, t = quantize(self.torch, x * G * c.unsqueeze(1), ACT_BITS)
         return q, t - F - bits + k_norm
+
+    def _quantize(self, values, bits: int):
+        """:func:`quantize`, in one fused kernel where :attr:`fused` is on."""
+        if self.fused is not None:
+            return self.fused.quantize(self.torch, values, bits)
+        return quantize(self.torch, values, bits)
+
+    def _rope_streams(self, x, cos, sin):
+        """:meth:`_rope` of [n, heads, head_dim] with each stream's own cos and sin rows."""
+        if self.fused is not None:
+            return self.fused.rope(self.torch, x, cos, sin)
+        return self._rope(x, cos, sin)
 
     def _rope(self, x, cos, sin):
         n_rot = self.h.n_rot
@@ -252,35 +315,41 @@ class TorchContext:
         valid = cells.unsqueeze(0) <= positions.unsqueeze(1)  # [n, length]
         for index, layer in enumerate(m.layers):
             q, k = self._norm_quantize(x, layer["attn_norm"])
-            query = self._rope(self._matmul(q, k, layer["attn_q"]).view(n, h.n_head, h.head_dim), cos, sin)
-            key = self._rope(self._matmul(q, k, layer["attn_k"]).view(n, h.n_head_kv, h.head_dim), cos, sin)
+            query = self._rope_streams(self._matmul(q, k, layer["attn_q"]).view(n, h.n_head, h.head_dim), cos, sin)
+            key = self._rope_streams(self._matmul(q, k, layer["attn_k"]).view(n, h.n_head_kv, h.head_dim), cos, sin)
             value = self._matmul(q, k, layer["attn_v"]).view(n, h.n_head_kv, h.head_dim)
-            k8, kt = quantize(torch, key, KV_BITS)
-            v8, vt = quantize(torch, value, KV_BITS)
+            k8, kt = self._quantize(key, KV_BITS)
+            v8, vt = self._quantize(value, KV_BITS)
             self.k[index, streams, :, positions] = k8.to(torch.int8)
             self.v[index, streams, :, positions] = v8.to(torch.int8)
             self.k_exp[index, streams, :, positions] = kt - F
             self.v_exp[index, streams, :, positions] = vt - F
-            out = self._attend(index, query, n, length, valid, group)
-            q, t = quantize(torch, out.reshape(n, h.n_embd), ACT_BITS)
-            x = sat32(torch, x + self._matmul(q, t - F, layer["attn_output"]))
+            out = self._attend(index, query, n, length, valid, group, positions)
+            q, t = self._quantize(out.reshape(n, h.n_embd), ACT_BITS)
+            x = self._matmul(q, t - F, layer["attn_output"], residual=x)
             q, k = self._norm_quantize(x, layer["ffn_norm"])
             gate = self._matmul(q, k, layer["ffn_gate"])
             up = self._matmul(q, k, layer["ffn_up"])
-            index_s = torch.clamp(rnd(torch, gate, F - tables.SIGMOID_STEP_BITS), -tables.SIGMOID_RANGE, tables.SIGMOID_RANGE)
-            silu = rnd(torch, gate * m.sigmoid[index_s + tables.SIGMOID_RANGE], 30)
-            q, t = quantize(torch, silu * up, ACT_BITS)
-            x = sat32(torch, x + self._matmul(q, t - 2 * F, layer["ffn_down"]))
+            if self.fused is not None:
+                q, t = self.fused.silu_quantize(torch, gate, up, m.sigmoid)
+            else:
+                index_s = torch.clamp(rnd(torch, gate, F - tables.SIGMOID_STEP_BITS), -tables.SIGMOID_RANGE, tables.SIGMOID_RANGE)
+                silu = rnd(torch, gate * m.sigmoid[index_s + tables.SIGMOID_RANGE], 30)
+                q, t = quantize(torch, silu * up, ACT_BITS)
+            x = self._matmul(q, t - 2 * F, layer["ffn_down"], residual=x)
         if isinstance(rows, str):
             return None
         q, k = self._norm_quantize(x if rows is None else x[rows], m.output_norm)
         return self._matmul(q, k, m.output)
 
-    def _attend(self, index, query, n, length, valid, group):
+    def _attend(self, index, query, n, length, valid, group, positions):
         """Attention of every stream's query heads over its cells (reference._attend, batched):
         int64 [n, n_head, head_dim] at F."""
         torch, h = self.torch, self.h
-        qq, qt = quantize(torch, query, ACT_BITS)  # [n, H, hd], [n, H]
+        qq, qt = self._quantize(query, ACT_BITS)  # [n, H, hd], [n, H]
+        if self.fused is not None:
+            return self.fused.attend(torch, qq, qt, self.k[index], self.k_exp[index], self.v[index], self.v_exp[index], positions, length,
+                                     self.model.exp2, self.model.kq)
         q_exp = (qt - F).view(n, h.n_head_kv, group, 1)
         keys = self.k[index, :n, :, :length].float().transpose(-1, -2)  # [n, kv, hd, L]
         k_exp = self.k_exp[index, :n, :, :length].unsqueeze(2)  # [n, kv, 1, L]

@@ -170,6 +170,9 @@ class LLMPredictor:
     """The model alone: every stream uses its logits at every step."""
 
     settings = {"llm": "exp2-q64"}
+    # takes a step's logits as the exact engine's device rows (nacrith.exact.device_rows),
+    # which the int24 coder codes on the device with the same integers as these rows
+    takes_device_logits = True
 
     def __init__(self, n_vocab: int, n_streams: int, threads: int = 1):
         self.table = LogitTable(n_vocab, n_streams, threads)
@@ -184,6 +187,10 @@ class LLMPredictor:
         return None
 
     def probabilities(self, logits: np.ndarray, running: int):
+        from ..coder import CodedRows
+
+        if isinstance(logits, CodedRows):  # the exact engine's logits on its device
+            return logits
         if self.weight_rows:
             return self.table.weight_rows(logits)
         return self.table.probabilities(logits)
