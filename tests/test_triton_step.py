@@ -136,3 +136,29 @@ def test_the_fused_kernels_are_off_unless_asked(monkeypatch):
     monkeypatch.setenv("NACRITH_EXACT_TRITON", "1")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not triton_step.enabled(torch.device("cpu")) and triton_step.enabled(torch.device("cuda"))
+
+
+PIPELINE = r"""
+import os, sys
+from nacrith import pipeline
+from nacrith.exact import tiny
+model = str(tiny.write_tiny_llama(sys.argv[1], seed=3))
+text = b"the rain in spain stays mainly in the plain; the hen is in the inn. "
+options = dict(model=model, ctx=16, slide=4, min_stream_tokens=8, fallback=False, engine="exact", streams=3, ensemble=None)
+os.environ["NACRITH_EXACT_IMPL"] = "simd" if os.environ.get("HAVE_KERNEL") == "1" else "reference"
+expected = pipeline.compress(text, **options)
+os.environ["NACRITH_EXACT_IMPL"] = "torch"  # the fused step, the device rows and the Triton decoder
+made = pipeline.compress(text, **options)
+assert made == expected, "another container"
+assert pipeline.decompress(made, model=model) == text
+print("pipeline ok")
+"""
+
+
+@pytest.mark.slow
+def test_the_model_alone_through_every_kernel_makes_the_c_kernel_s_container(tmp_path):
+    from nacrith.exact import kernel
+
+    result = _run(PIPELINE, str(tmp_path / "tiny.gguf"), HAVE_KERNEL="1" if kernel.available() else "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pipeline ok" in result.stdout
