@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, file_parser, add_settings_arguments, machine, round_trip, settings_from_arguments  # noqa: E402
 
+from nacrith import container as fmt  # noqa: E402
 from nacrith import pipeline  # noqa: E402
 
 
@@ -114,6 +115,7 @@ def main() -> int:
         "bytes": len(data),
         "tokens": trip.tokens,
         "streams": settings.streams,
+        "streams_used": max((len(block.stream_tokens) for block in fmt.parse(trip.blob).blocks), default=0),
         "ctx": settings.ctx,
         "workers": args.workers,
         "processes": processes,
