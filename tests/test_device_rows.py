@@ -229,6 +229,30 @@ def test_decoding_an_exact_file_on_gpus_without_cuda_is_one_line(tiny_model, tmp
     assert pipeline.decompress(packed.read_bytes(), model=str(tiny_model)) == TEXT  # without --gpus: the CPU
 
 
+@pytest.mark.parametrize("ensemble", ["model alone", "default"])
+def test_the_gpu_path_on_a_stand_in_device_makes_the_cpu_s_container(tiny_model, monkeypatch, ensemble):
+    """--gpus with the exact engine, every step of it (plan, session, model, contexts,
+    device rows, header) with a stand-in GPU that is the CPU: the CPU's container, and
+    decoding "on the GPU" (gpu_ids=()) restores it."""
+    from nacrith.exact import torch_engine
+
+    monkeypatch.setattr(torch_engine, "cuda_devices", lambda: [torch_engine.CudaDevice(0, "Stand-in", "Stand-in", 1 << 34, 1 << 34)])
+    real, asked = torch_engine.TorchModel.__init__, []
+
+    def stand_in(self, weights, device="cpu"):
+        asked.append(device)
+        real(self, weights, "cpu")
+
+    monkeypatch.setattr(torch_engine.TorchModel, "__init__", stand_in)
+    monkeypatch.delenv("NACRITH_EXACT_IMPL", raising=False)
+    options = dict(OPTIONS, streams=3, **({} if ensemble == "model alone" else {"ensemble": pipeline.Settings().ensemble}))
+    on_cpu = pipeline.compress(TEXT, model=str(tiny_model), **options)
+    assert asked == []  # the C kernel
+    assert pipeline.compress(TEXT, model=str(tiny_model), gpu=True, **options) == on_cpu
+    assert pipeline.decompress(on_cpu, model=str(tiny_model), gpu_ids=()) == TEXT
+    assert asked == ["cuda:0", "cuda:0"]  # compressing and decoding asked for the GPU
+
+
 def test_the_plan_takes_gpus_of_any_model_for_the_exact_engine(monkeypatch):
     from nacrith import workers
     from nacrith.errors import EngineError
