@@ -7,7 +7,8 @@ stream, so the chain runs on the GPU, in one Triton program per call: for each r
 it computes the quantile from the decoder's state (the same 64-bit arithmetic as
 ``decode_symbol`` in ``nacrith/_kernels.c``), finds the symbol ``s`` with
 ``left(s) <= quantile < left(s + 1)`` in two vector probes (every ``STEP``-th ``left``, then
-the ``STEP`` values after the last one not above the quantile; ``left`` is increasing),
+the ``STEP`` values after the last one not above the quantile; ``left`` is increasing, so
+``left(s + 1)`` is the least left above the quantile in either probe, or 2^24),
 narrows the state and reads the next coded word where the range fell below 2^32. The
 ``left`` values are those of :mod:`nacrith.exact.device_rows`: ``trunc(float64(C_s) * scale)
 + s`` from the exact prefix sums, one correctly rounded multiplication each, so the symbols
@@ -55,14 +56,17 @@ if triton is not None:
             q = tl.where(good, quantile, tl.zeros_like(quantile)).to(tl.int64)
             inside = coarse < n
             lefts = (tl.load(row + coarse, mask=inside, other=0).to(tl.float64) * scale).to(tl.int64) + coarse
-            start = (tl.sum(((lefts <= q) & inside).to(tl.int64)) - 1) * STEP
+            below = (lefts <= q) & inside
+            start = (tl.sum(below.to(tl.int64)) - 1) * STEP
+            # the next probe's left, where one is above the quantile (else left(n) = 2^24)
+            right = tl.min(tl.where(inside & ~below, lefts, total.to(tl.int64)), axis=0)
             columns = start + fine
             inside = columns < n
             lefts = (tl.load(row + columns, mask=inside, other=0).to(tl.float64) * scale).to(tl.int64) + columns
-            s = start + tl.sum(((lefts <= q) & inside).to(tl.int64)) - 1
-            left = (tl.load(row + s).to(tl.float64) * scale).to(tl.int64) + s
-            right = (tl.load(row + s + 1).to(tl.float64) * scale).to(tl.int64) + s + 1
-            right = tl.where(s + 1 == n, total.to(tl.int64), right)
+            below = (lefts <= q) & inside
+            s = start + tl.sum(below.to(tl.int64)) - 1
+            left = tl.max(tl.where(below, lefts, -1), axis=0)  # left(s): the largest left not above the quantile
+            right = tl.minimum(right, tl.min(tl.where(inside & ~below, lefts, total.to(tl.int64)), axis=0))
             new_lower = lower + unit * left.to(tl.uint64)
             new_range = unit * (right - left).to(tl.uint64)
             renorm = new_range < low_limit
