@@ -82,8 +82,10 @@ STEP = r"""
 import hashlib, os, sys, numpy as np, torch
 from nacrith.exact import kernel, reference, tiny
 from nacrith.exact import weights as W
+from nacrith.exact import triton_step
 from nacrith.exact.torch_engine import TorchContext, TorchModel
 device = os.environ.get("CHECK_DEVICE", "cpu")
+triton_step.ATTEND_CELLS = int(os.environ.get("ATTEND_CELLS", triton_step.ATTEND_CELLS))
 weights = W.load(tiny.write_tiny_llama(sys.argv[1], seed=3))
 CTX, STEPS, SLIDE = (int(value) for value in sys.argv[2:5])
 def run(context, streams=3, steps=STEPS, ctx=CTX, slide=SLIDE):
@@ -119,9 +121,9 @@ def test_each_fused_kernel_gives_the_tensor_operations_integers():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("window", [(16, 20, 4), (72, 80, 16)], ids=["one block of cells", "three blocks of cells"])
-def test_a_step_with_the_fused_kernels_gives_the_c_kernel_s_logits(tmp_path, window):
-    result = _run(STEP, str(tmp_path / "tiny.gguf"), *map(str, window))
+@pytest.mark.parametrize("window, cells", [((16, 20, 4), 32), ((20, 26, 4), 8)], ids=["one block of cells", "three blocks of cells"])
+def test_a_step_with_the_fused_kernels_gives_the_c_kernel_s_logits(tmp_path, window, cells):
+    result = _run(STEP, str(tmp_path / "tiny.gguf"), *map(str, window), ATTEND_CELLS=str(cells))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step ok" in result.stdout
 

@@ -41,6 +41,9 @@ except ImportError:  # PyTorch's CPU build comes without Triton
     triton = tl = None
 
 
+ATTEND_CELLS = 32  # cells per block of the attention kernel's passes (the tests take 8: several blocks in a short window)
+
+
 def enabled(device) -> bool:
     """Whether the step uses these kernels on ``device``: ``NACRITH_EXACT_TRITON=1``, Triton
     installed, and a CUDA device (or Triton's interpreter, on the CPU)."""
@@ -291,7 +294,7 @@ def attend(torch, qq, qt, k, k_exp, v, v_exp, positions, length: int, exp2, kq: 
     if n:
         _attend_kernel[(n, n_kv)](qq.contiguous(), (qt - F).contiguous(), k, k_exp, v, v_exp, positions, exp2, out, length, ctx, n_kv, kq,
                                   G=group, BLOCK_G=max(1, 1 << (group - 1).bit_length()), HD=head_dim,
-                                  BLOCK_L=32, F_=F, SCORE_BITS_=SCORE_BITS, SCORE_LIMIT_=SCORE_LIMIT, PROB_BITS_=PROB_BITS, LOG2E_=LOG2E)
+                                  BLOCK_L=ATTEND_CELLS, F_=F, SCORE_BITS_=SCORE_BITS, SCORE_LIMIT_=SCORE_LIMIT, PROB_BITS_=PROB_BITS, LOG2E_=LOG2E)
     return out
 
 
