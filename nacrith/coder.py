@@ -226,13 +226,70 @@ def encode_intervals_into(lefts: np.ndarray, rights: np.ndarray, state: np.ndarr
         return _kernels.int24_encode_intervals(lefts, rights, state, out)
     if (lefts < 0).any() or (rights <= lefts).any() or (rights > TOTAL).any():
         raise ValueError("an interval is empty or outside [0, 2^24)")
-    encoder = Int24Encoder(use_kernel=False)
-    encoder._state[:] = state
-    encoder._encode_numpy(zip(lefts.tolist(), rights.tolist()))
-    state[:] = encoder._state
-    words = encoder._words[0]
+    words = _encode_numpy(state, zip(lefts.tolist(), rights.tolist()))
     out[: len(words)] = words
     return len(words)
+
+
+def _encode_numpy(state: np.ndarray, intervals) -> np.ndarray:
+    """The numpy reference encoder: code each (left, right) of ``intervals`` in turn from the
+    encoder's ``state`` (updated); the words written, as uint32."""
+    lower, range_, inverted, first = (int(v) for v in state)
+    words: list[int] = []
+    for left, right in intervals:
+        unit = range_ >> PRECISION
+        range_ = unit * (right - left)
+        new_lower = (lower + unit * left) & _MASK64
+        if inverted and (new_lower + range_) & _MASK64 > new_lower:  # the carry is settled
+            words += _carry_words(first, inverted, new_lower < lower)
+            inverted = 0
+        lower = new_lower
+        if range_ < _LOW_LIMIT:
+            range_ <<= 32
+            word, lower = lower >> 32, (lower << 32) & _MASK64
+            if inverted:
+                inverted += 1
+            elif (lower + range_) & _MASK64 > lower:
+                words.append(word)
+            else:
+                inverted, first = 1, word
+    state[:] = (lower, range_, inverted, first)
+    return np.asarray(words, np.uint32)
+
+
+def decode_rows_into(rows, state: np.ndarray, words: np.ndarray, out: np.ndarray, use_kernel: bool | None = None) -> int:
+    """Decode one symbol per row of ``rows`` (float64 rows or :class:`WeightRows`) into
+    ``out`` (int32) from an int24 decoder's ``state`` (uint64[4], updated) and its coded
+    ``words``; returns the symbols decoded (fewer than the rows: invalid data). The C
+    kernel where it is built, else the numpy reference."""
+    use_kernel = _kernels is not None if use_kernel is None else use_kernel
+    if use_kernel:
+        rows, totals, cols = _kernel_rows(rows)
+        return _kernels.int24_decode(rows, totals, state, words, out, cols)
+    return _decode_numpy(rows, state, words, out)
+
+
+def _decode_numpy(rows, state: np.ndarray, words: np.ndarray, out: np.ndarray) -> int:
+    """The numpy reference decoder (:func:`decode_rows_into`)."""
+    lower, range_, point, next_word = (int(v) for v in state)
+    for i, (prefix, scale) in enumerate(_quantised(rows)):
+        lefts = _lefts(prefix, scale)
+        unit = range_ >> PRECISION
+        quantile = ((point - lower) & _MASK64) // unit
+        if quantile >= TOTAL:
+            return i
+        symbol = int(np.searchsorted(lefts, quantile, side="right")) - 1
+        left, right = int(lefts[symbol]), int(lefts[symbol + 1])
+        lower = (lower + unit * left) & _MASK64
+        range_ = unit * (right - left)
+        if range_ < _LOW_LIMIT:
+            lower, range_, point = (lower << 32) & _MASK64, range_ << 32, (point << 32) & _MASK64
+            if next_word < len(words):
+                point |= int(words[next_word])
+                next_word += 1
+        out[i] = symbol
+        state[:] = (lower, range_, point, next_word)
+    return len(out)
 
 
 class Int24Encoder:
@@ -262,7 +319,8 @@ class Int24Encoder:
             written = _kernels.int24_encode(rows, totals, symbols, self._state, out, cols)
             self._words.append(out[:written])
             return
-        self._encode_numpy(_interval(prefix, scale, symbol) for symbol, (prefix, scale) in zip(symbols.tolist(), _quantised(probabilities)))
+        intervals = (_interval(prefix, scale, symbol) for symbol, (prefix, scale) in zip(symbols.tolist(), _quantised(probabilities)))
+        self._words.append(_encode_numpy(self._state, intervals))
 
     def encode_intervals(self, lefts: np.ndarray, rights: np.ndarray) -> None:
         """Append symbols already quantised to their intervals ``[lefts[i], rights[i])`` of
@@ -273,30 +331,6 @@ class Int24Encoder:
             raise ValueError("one right end per left end")
         out = np.empty(len(lefts) + int(self._state[2]), np.uint32)
         self._words.append(out[:encode_intervals_into(lefts, rights, self._state, out, self.use_kernel)])
-
-    def _encode_numpy(self, intervals) -> None:
-        """The numpy reference: code each (left, right) of ``intervals`` in turn."""
-        lower, range_, inverted, first = (int(v) for v in self._state)
-        words: list[int] = []
-        for left, right in intervals:
-            unit = range_ >> PRECISION
-            range_ = unit * (right - left)
-            new_lower = (lower + unit * left) & _MASK64
-            if inverted and (new_lower + range_) & _MASK64 > new_lower:  # the carry is settled
-                words += _carry_words(first, inverted, new_lower < lower)
-                inverted = 0
-            lower = new_lower
-            if range_ < _LOW_LIMIT:
-                range_ <<= 32
-                word, lower = lower >> 32, (lower << 32) & _MASK64
-                if inverted:
-                    inverted += 1
-                elif (lower + range_) & _MASK64 > lower:
-                    words.append(word)
-                else:
-                    inverted, first = 1, word
-        self._state[:] = (lower, range_, inverted, first)
-        self._words.append(np.asarray(words, np.uint32))
 
     def finish(self) -> bytes:
         """The compressed bytes (little-endian 32-bit words), sealed as constriction seals them."""
@@ -334,32 +368,8 @@ class Int24Decoder:
             return symbols
         if isinstance(probabilities, CodedRows):
             decoded = probabilities.int24_decode(self._state, self._words, symbols)
-        elif self.use_kernel:
-            rows, totals, cols = _kernel_rows(probabilities)
-            decoded = _kernels.int24_decode(rows, totals, self._state, self._words, symbols, cols)
         else:
-            decoded = self._decode_numpy(probabilities, symbols)
+            decoded = decode_rows_into(probabilities, self._state, self._words, symbols, self.use_kernel)
         if decoded < len(symbols):
             raise CorruptError("corrupt container: range decoder found invalid data")
         return symbols
-
-    def _decode_numpy(self, probabilities, symbols: np.ndarray) -> int:
-        lower, range_, point, next_word = (int(v) for v in self._state)
-        for i, (prefix, scale) in enumerate(_quantised(probabilities)):
-            lefts = _lefts(prefix, scale)
-            unit = range_ >> PRECISION
-            quantile = ((point - lower) & _MASK64) // unit
-            if quantile >= TOTAL:
-                return i
-            symbol = int(np.searchsorted(lefts, quantile, side="right")) - 1
-            left, right = int(lefts[symbol]), int(lefts[symbol + 1])
-            lower = (lower + unit * left) & _MASK64
-            range_ = unit * (right - left)
-            if range_ < _LOW_LIMIT:
-                lower, range_, point = (lower << 32) & _MASK64, range_ << 32, (point << 32) & _MASK64
-                if next_word < len(self._words):
-                    point |= int(self._words[next_word])
-                    next_word += 1
-            symbols[i] = symbol
-            self._state[:] = (lower, range_, point, next_word)
-        return len(symbols)

@@ -120,9 +120,9 @@ for n, rows in ((283, 7), (3001, 12)):
         for k, step_logits in enumerate(logits):
             w, totals = D.weights(torch, torch.as_tensor(step_logits, device=device))
             got, want = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
-            count = T.decode(torch, w, D.scales(torch, totals, n), ours._state, ours._words, got)
+            count = T.decode(torch, D.prefix_sums(torch, w), D.scales(torch, totals, n), ours._state, ours._words, got)
             rows_ = coder.WeightRows(w.cpu().numpy().astype(np.uint32), totals.cpu().numpy().astype(np.uint64))
-            expected = theirs._decode_numpy(rows_, want)
+            expected = coder._decode_numpy(rows_, theirs._state, theirs._words, want)
             assert count == expected, (n, k, count, expected)
             assert np.array_equal(got[:count], want[:count]) and np.array_equal(ours._state, theirs._state), (n, k)
             if data is blob:

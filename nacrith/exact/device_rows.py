@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..coder import TOTAL, CodedRows, WeightRows, _kernels, encode_intervals_into
+from ..coder import TOTAL, CodedRows, WeightRows, decode_rows_into, encode_intervals_into
 from ..predictors.llm import _SCALE, LIMIT, STEPS_PER_BIT
 from .reference import F
 
@@ -66,12 +66,17 @@ def intervals(torch, w, totals, symbols):
     return lefts, rights
 
 
+def prefix_sums(torch, w):
+    """``C_0..C_n`` of every row (int64 [rows, n + 1]): exact prefix sums of the weights."""
+    prefix = torch.zeros((w.shape[0], w.shape[1] + 1), dtype=torch.int64, device=w.device)
+    prefix[:, 1:] = torch.cumsum(w, dim=1)
+    return prefix
+
+
 def lefts_table(torch, w, totals):
     """``left(0..n)`` of every row (int64 [rows, n + 1]): the quantisation as a table (tests)."""
     n = w.shape[1]
-    prefix = torch.zeros((w.shape[0], n + 1), dtype=torch.int64, device=w.device)
-    prefix[:, 1:] = torch.cumsum(w, dim=1)
-    lefts = (prefix.to(torch.float64) * scales(torch, totals, n).unsqueeze(1)).to(torch.int64) + torch.arange(n + 1, device=w.device)
+    lefts = (prefix_sums(torch, w).to(torch.float64) * scales(torch, totals, n).unsqueeze(1)).to(torch.int64) + torch.arange(n + 1, device=w.device)
     lefts[:, n] = TOTAL
     return lefts
 
@@ -110,18 +115,6 @@ class DeviceLogits(CodedRows):
 
         # on a GPU the Triton kernel; on the CPU the C coder, or the kernel in Triton's interpreter (tests)
         if triton_decode.available() and (w.device.type == "cuda" or triton_decode.interpreted()):
-            return triton_decode.decode(self.torch, w, scales(self.torch, totals, w.shape[1]), state, words, out)
+            return triton_decode.decode(self.torch, prefix_sums(self.torch, w), scales(self.torch, totals, w.shape[1]), state, words, out)
         rows = WeightRows(w.to(self.torch.int32).cpu().numpy().view(np.uint32), totals.cpu().numpy().astype(np.uint64))
-        return _host_decode(rows, state, words, out)
-
-
-def _host_decode(rows: WeightRows, state: np.ndarray, words: np.ndarray, out: np.ndarray) -> int:
-    """Decode one symbol per weight row on the host (the C coder, else numpy), from and into
-    the decoder's ``state``; returns the symbols decoded."""
-    if _kernels is not None:
-        return _kernels.int24_decode(rows.weights, rows.totals, state, words, out, rows.weights.shape[1])
-    from ..coder import Int24Decoder
-
-    decoder = Int24Decoder.__new__(Int24Decoder)
-    decoder.use_kernel, decoder._words, decoder._state = False, words, state
-    return decoder._decode_numpy(rows, out)
+        return decode_rows_into(rows, state, words, out)

@@ -83,9 +83,9 @@ class ExactModel:
         if device != "cpu":  # a GPU: the PyTorch implementation, whatever NACRITH_EXACT_IMPL says
             from .torch_engine import cuda_devices
 
-            index = int(device.partition(":")[2] or 0)
-            if index >= len(cuda_devices()):
-                raise EngineError(f"no CUDA GPU {index} (PyTorch sees {len(cuda_devices())})")
+            index, seen = int(device.partition(":")[2] or 0), len(cuda_devices())
+            if index >= seen:
+                raise EngineError(f"no CUDA GPU {index} (PyTorch sees {seen})")
             implementation = "torch"
         self.implementation = chosen_implementation(implementation)
         self.backend = "cpu" if device == "cpu" else "cuda"
@@ -164,26 +164,23 @@ class ExactContext:
         :class:`~nacrith.exact.device_rows.DeviceLogits` of the integers instead, left on
         the device, which the int24 coder codes there."""
         n = len(tokens)
-        if self.model.torch is not None and self.model.backend == "cuda" and want_logits is None and n == self.n_streams \
-                and os.environ.get("NACRITH_EXACT_GRAPH") == "1":
-            # every stream: replayed from a CUDA graph over the whole window (the same integers)
-            logits = self.impl.step_graph(tokens, positions)
-            self.lengths[:n] = np.maximum(self.lengths[:n], np.asarray(positions, np.int64) + 1)
-            if self.device_logits:
-                from .device_rows import DeviceLogits
-
-                return DeviceLogits(self.model.torch.torch, logits)
-            return logits.cpu().numpy().astype(np.float32) * self._scale
-        if self.device_logits and self.model.torch is not None:
+        on_torch = self.model.torch is not None
+        # every stream on a GPU: replayed from a CUDA graph over the whole window (the same integers)
+        graph = on_torch and self.model.backend == "cuda" and want_logits is None and n == self.n_streams \
+            and os.environ.get("NACRITH_EXACT_GRAPH") == "1"
+        if graph or (on_torch and self.device_logits):
+            logits = self.impl.step_graph(tokens, positions) if graph else self.impl.step_tensor(tokens, positions, want_logits)
+        else:
+            logits = self.impl.step(tokens, positions, want_logits)
+        self.lengths[:n] = np.maximum(self.lengths[:n], np.asarray(positions, np.int64) + 1)
+        if logits is None:  # (step_tensor) no stream wanted logits
+            return np.empty((0, self.model.n_vocab), np.float32)
+        if on_torch and self.device_logits:
             from .device_rows import DeviceLogits
 
-            logits = self.impl.step_tensor(tokens, positions, want_logits)
-            self.lengths[:n] = np.maximum(self.lengths[:n], np.asarray(positions, np.int64) + 1)
-            if logits is None:
-                return np.empty((0, self.model.n_vocab), np.float32)
             return DeviceLogits(self.model.torch.torch, logits)
-        logits = self.impl.step(tokens, positions, want_logits)
-        self.lengths[:n] = np.maximum(self.lengths[:n], np.asarray(positions, np.int64) + 1)
+        if not isinstance(logits, np.ndarray):
+            logits = logits.cpu().numpy()
         out = logits.astype(np.float32)
         out *= self._scale
         return out

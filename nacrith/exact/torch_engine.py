@@ -168,8 +168,8 @@ class TorchContext:
         self._graph = None
         from . import triton_step
 
-        # fused Triton kernels for the norm, the quantisations and the products' epilogue
-        # (NACRITH_EXACT_TRITON=1 on a GPU, or in Triton's interpreter): the same integers
+        # the fused Triton kernels of nacrith.exact.triton_step (NACRITH_EXACT_TRITON=1 on a
+        # GPU, or in Triton's interpreter; heads of a power-of-two width): the same integers
         power_of_two = h.head_dim & (h.head_dim - 1) == 0
         self.fused = triton_step if triton_step.enabled(torch.device(device)) and power_of_two else None
         self._split = None  # (q, hi, lo) of the last product's input

@@ -118,16 +118,14 @@ def step_for(n: int) -> int:
     return step
 
 
-def decode(torch, w, scale, state: np.ndarray, words: np.ndarray, out: np.ndarray) -> int:
-    """Decode one symbol per row of int24 weights ``w`` (int64 [rows, n], on the kernel's
-    device) whose rows' ``scale`` (float64 per row) is
-    :func:`nacrith.exact.device_rows.scales`' from the decoder's ``state`` (uint64[4],
-    updated) and ``words`` (uint32) into ``out`` (int32); returns the symbols decoded
-    (fewer: invalid data)."""
-    rows, n = w.shape
-    device = w.device
-    prefix = torch.zeros((rows, n + 1), dtype=torch.int64, device=device)
-    prefix[:, 1:] = torch.cumsum(w, dim=1)
+def decode(torch, prefix, scale, state: np.ndarray, words: np.ndarray, out: np.ndarray) -> int:
+    """Decode one symbol per row of int24 weights, given as their exact prefix sums
+    ``prefix`` (int64 [rows, n + 1], :func:`nacrith.exact.device_rows.prefix_sums`, on the
+    kernel's device) and each row's ``scale`` (float64, :func:`nacrith.exact.device_rows.scales`),
+    from the decoder's ``state`` (uint64[4], updated) and ``words`` (uint32) into ``out``
+    (int32); returns the symbols decoded (fewer: invalid data)."""
+    rows, n = prefix.shape[0], prefix.shape[1] - 1
+    device = prefix.device
     state_t = torch.as_tensor(state.view(np.int64).copy(), device=device)
     symbols = torch.zeros(rows, dtype=torch.int32, device=device)
     count = torch.zeros(1, dtype=torch.int64, device=device)
