@@ -31,7 +31,7 @@ from common import RESULTS, ROOT, machine  # noqa: E402
 from nacrith import pipeline  # noqa: E402
 from nacrith.coder import make_encoder  # noqa: E402
 from nacrith.lockstep import Lockstep  # noqa: E402
-from nacrith.predictors import EnsembleConfig, EnsemblePredictor, LLMPredictor  # noqa: E402
+from nacrith.predictors import EnsembleConfig, make_predictor, predictor_settings  # noqa: E402
 from nacrith.predictors.ensemble import PRESETS  # noqa: E402
 from nacrith.session import Session  # noqa: E402
 
@@ -50,6 +50,7 @@ CONFIGS = {
     "v2": PRESETS["v2"],
     "v3 (previous default)": PRESETS["v3"],
     "all (default)": EnsembleConfig(),
+    "v5 (integer)": PRESETS["v5"],
 }
 
 
@@ -80,7 +81,8 @@ class Tee:
         for name, predictor in self.predictors.items():
             rows = logits[self.wants[name]]
             began = time.perf_counter()
-            self.rows[name] = predictor.probabilities(rows, running).copy()
+            rows = predictor.probabilities(rows, running)
+            self.rows[name] = rows.copy() if isinstance(rows, np.ndarray) else rows  # the integer ensemble's WeightRows are new each step
             self.seconds[name] += time.perf_counter() - began
         return np.ones((running, logits.shape[1]))
 
@@ -98,7 +100,7 @@ def measure_file(session: Session, path: Path, limit: int | None, settings: pipe
     streams = pipeline.lockstep_streams(tokens, settings)
     lengths = [len(stream) for stream in streams]
     vocab = session.llama.n_vocab
-    predictors = {name: (LLMPredictor(vocab, len(lengths)) if config is None else EnsemblePredictor(vocab, len(lengths), config, session.tokenizer.pieces)) for name, config in configs.items()}
+    predictors = {name: make_predictor(predictor_settings(config), vocab, len(lengths), session.tokenizer.pieces) for name, config in configs.items()}
     tee = Tee(predictors, None)
     context = session.context(len(lengths), settings.ctx)
     began = time.perf_counter()

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from nacrith import container as fmt  # noqa: E402
 from nacrith import pipeline  # noqa: E402
-from nacrith.predictors import EnsembleConfig  # noqa: E402
+from nacrith.predictors.ensemble import PRESETS  # noqa: E402
 from nacrith.predictors.ensemble import PARTS  # noqa: E402
 from nacrith.attention import ATTENTION_MODES  # noqa: E402
 from nacrith.settings import DEFAULT_GPU_STREAMS  # noqa: E402
@@ -54,6 +54,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--llm-only", action="store_true")
+    parser.add_argument("--preset", choices=("v4", "v5"), default="v4", help="the ensemble's preset (v5: integer arithmetic, on the GPU with --gpu --engine exact)")
     parser.add_argument("--attention", choices=ATTENTION_MODES, default=None, help="default: the backend's (nacrith.engine.default_attention)")
     parser.add_argument("--engine", choices=("exact", "llama.cpp"), default=None, help="default: nacrith's (exact; llama.cpp with --gpu)")
     for part in PARTS:
@@ -65,7 +66,7 @@ def settings_from_arguments(args: argparse.Namespace, **overrides) -> pipeline.S
     slide = args.slide if args.slide is not None else (defaults.slide if args.ctx == defaults.ctx else args.ctx // 4)
     ensemble = None
     if not args.llm_only:
-        ensemble = replace(defaults.ensemble or EnsembleConfig(), **{part: False for part in PARTS if getattr(args, f"no_{part}")})
+        ensemble = replace(PRESETS[args.preset], **{part: False for part in PARTS if getattr(args, f"no_{part}")})
     values = dict(streams=args.streams, ctx=args.ctx, slide=slide, block_size=args.block_size, threads=args.threads, gpu=args.gpu, ensemble=ensemble,
                   attention=args.attention, engine=args.engine)
     values.update(overrides)

@@ -1218,7 +1218,229 @@ static PyObject *ensemble_int24(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(result);
 }
 
+/* ---- preset v5: the integer ensemble's head (nacrith/predictors/integer.py is the reference) ----
+ * Integers only: the same results on every machine, whatever the order of the sums. */
+
+/* floor(v / 2^s), without relying on >> of a negative value */
+static inline int64_t floor_shift(int64_t v, int s) { return v >= 0 ? v >> s : ~((~v) >> s); }
+
+/* floor(a / b) for b > 0 */
+static inline int64_t floor_div(int64_t a, int64_t b) {
+    int64_t q = a / b;
+    return (a % b != 0 && a < 0) ? q - 1 : q;
+}
+
+/* floor(num / den) for num >= 0, den > 0, given inv = 1.0 / den: the double quotient,
+ * corrected to the exact integer (a 64-bit division costs ten times as much) */
+static inline int64_t div_by(int64_t num, int64_t den, double inv) {
+    int64_t q = (int64_t)((double)num * inv);
+    while (q > 0 && q * den > num)
+        q--;
+    while ((q + 1) * den <= num)
+        q++;
+    return q;
+}
+
+/* floor(sqrt(v)) for 0 <= v < 2^62: the double root, corrected to the exact integer */
+static inline int64_t isqrt64(int64_t v) {
+    int64_t r = (int64_t)sqrt((double)v);
+    while (r * r > v)
+        r--;
+    while ((r + 1) * (r + 1) <= v)
+        r++;
+    return r;
+}
+
+/* An optional int64 buffer argument (None: buf NULL, len 0). 0 on success. */
+static int optional_buffer(PyObject *object, Py_buffer *view, int writable) {
+    memset(view, 0, sizeof(*view));
+    if (object == Py_None)
+        return 0;
+    return PyObject_GetBuffer(object, view, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE);
+}
+
+static int rows_in_range(const Py_buffer *indices, Py_ssize_t count, Py_ssize_t limit) {
+    if (indices->len != count * (Py_ssize_t)sizeof(int64_t))
+        return 0;
+    const int64_t *index = (const int64_t *)indices->buf;
+    for (Py_ssize_t k = 0; k < count; k++)
+        if (index[k] < 0 || index[k] >= limit)
+            return 0;
+    return 1;
+}
+
+/* integer_rows(logits, cols, tau, b1, r1, b2, r2, a, wanted, w, p, rows): steps 1-4 for the
+ * m fed streams. logits, w, p: int64 m x cols; b1, b2: int64 tables x cols or None, r1, r2
+ * their rows per fed stream (int64 m); a: int64 m; wanted: each fed stream's row of rows
+ * (int64 running x cols, holding c0, to which (p * a) >> 16 is added). */
+static PyObject *integer_rows(PyObject *self, PyObject *args) {
+    Py_buffer logits, a, wanted, w, p, rows, b1, r1, b2, r2;
+    Py_ssize_t cols;
+    long long tau;
+    PyObject *o_b1, *o_r1, *o_b2, *o_r2;
+    if (!PyArg_ParseTuple(args, "y*nLOOOOy*y*w*w*w*", &logits, &cols, &tau, &o_b1, &o_r1, &o_b2, &o_r2, &a, &wanted, &w, &p, &rows))
+        return NULL;
+    int got = optional_buffer(o_b1, &b1, 0) == 0;
+    got = got && optional_buffer(o_r1, &r1, 0) == 0;
+    got = got && optional_buffer(o_b2, &b2, 0) == 0;
+    got = got && optional_buffer(o_r2, &r2, 0) == 0;
+    Py_ssize_t m = cols > 0 ? logits.len / (Py_ssize_t)sizeof(int64_t) / cols : 0;
+    Py_ssize_t running = cols > 0 ? rows.len / (Py_ssize_t)sizeof(int64_t) / cols : 0;
+    Py_ssize_t size = m * cols * (Py_ssize_t)sizeof(int64_t);
+    int ok = got && cols > 0 && logits.len == size && w.len == size && p.len == size && a.len == m * (Py_ssize_t)sizeof(int64_t)
+             && rows.len == running * cols * (Py_ssize_t)sizeof(int64_t) && rows_in_range(&wanted, m, running)
+             && (b1.buf == NULL || (b1.len % (cols * (Py_ssize_t)sizeof(int64_t)) == 0 && rows_in_range(&r1, m, b1.len / (cols * (Py_ssize_t)sizeof(int64_t)))))
+             && (b2.buf == NULL || (b2.len % (cols * (Py_ssize_t)sizeof(int64_t)) == 0 && rows_in_range(&r2, m, b2.len / (cols * (Py_ssize_t)sizeof(int64_t)))));
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t j = 0; j < m; j++) {
+            const int64_t *L = (const int64_t *)logits.buf + j * cols;
+            const int64_t *B1 = b1.buf ? (const int64_t *)b1.buf + ((const int64_t *)r1.buf)[j] * cols : NULL;
+            const int64_t *B2 = b2.buf ? (const int64_t *)b2.buf + ((const int64_t *)r2.buf)[j] * cols : NULL;
+            int64_t *W = (int64_t *)w.buf + j * cols, *P = (int64_t *)p.buf + j * cols;
+            int64_t *R = (int64_t *)rows.buf + ((const int64_t *)wanted.buf)[j] * cols;
+            int64_t best = INT64_MIN, total = 0, weight = ((const int64_t *)a.buf)[j];
+            for (Py_ssize_t i = 0; i < cols; i++) {  /* W holds the scores until their maximum is known */
+                int64_t score = floor_shift(L[i] * (int64_t)tau, 16);
+                if (B1)
+                    score += floor_shift(B1[i], 8);
+                if (B2)
+                    score += floor_shift(B2[i], 8);
+                W[i] = score;
+                best = score > best ? score : best;
+            }
+            for (Py_ssize_t i = 0; i < cols; i++) {
+                int64_t distance = best - W[i];
+                distance = distance < ((int64_t)1 << 36) ? distance : ((int64_t)1 << 36);
+                int64_t level = (distance * 24204406) >> 32;
+                level = level < LIMIT ? level : LIMIT;
+                int64_t shift = level >> 6;
+                W[i] = ((128 - (level & 63)) << 23) >> (shift < 31 ? shift : 31);
+                total += W[i];
+            }
+            double inv = 1.0 / (double)total;
+            for (Py_ssize_t i = 0; i < cols; i++) {
+                P[i] = W[i] ? div_by(W[i] << 30, total, inv) : 0;
+                R[i] += (P[i] * weight) >> 16;
+            }
+        }
+        Py_END_ALLOW_THREADS
+    }
+    Py_buffer *all[] = {&logits, &a, &wanted, &w, &p, &rows, &b1, &r1, &b2, &r2};
+    for (int k = 0; k < 10; k++)
+        if (all[k]->obj)
+            PyBuffer_Release(all[k]);
+    if (!got)
+        return NULL;
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "integer_rows: buffer sizes or indices do not match");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* integer_learn(rows, totals, cols, wanted, symbols, table, sums, table_rows, lr): steps 5-6
+ * on one table. rows: the step's R (int64 running x cols), totals: T (int64 running);
+ * wanted, symbols, table_rows: per fed stream (int64 m); table, sums: int64 k x cols. */
+static PyObject *integer_learn(PyObject *self, PyObject *args) {
+    Py_buffer rows, totals, wanted, symbols, table, sums, table_rows;
+    Py_ssize_t cols;
+    long long lr;
+    if (!PyArg_ParseTuple(args, "y*y*ny*y*w*w*y*L", &rows, &totals, &cols, &wanted, &symbols, &table, &sums, &table_rows, &lr))
+        return NULL;
+    Py_ssize_t running = cols > 0 ? rows.len / (Py_ssize_t)sizeof(int64_t) / cols : 0;
+    Py_ssize_t m = wanted.len / (Py_ssize_t)sizeof(int64_t);
+    Py_ssize_t k = cols > 0 ? table.len / (Py_ssize_t)sizeof(int64_t) / cols : 0;
+    int ok = cols > 0 && rows.len == running * cols * (Py_ssize_t)sizeof(int64_t) && totals.len == running * (Py_ssize_t)sizeof(int64_t)
+             && rows_in_range(&wanted, m, running) && rows_in_range(&symbols, m, cols) && rows_in_range(&table_rows, m, k)
+             && table.len == k * cols * (Py_ssize_t)sizeof(int64_t) && sums.len == table.len;
+    for (Py_ssize_t j = 0; ok && j < m; j++)
+        ok = ((const int64_t *)totals.buf)[((const int64_t *)wanted.buf)[j]] > 0;
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        const int64_t *fed = (const int64_t *)wanted.buf, *x = (const int64_t *)symbols.buf, *at = (const int64_t *)table_rows.buf;
+        int64_t *B = (int64_t *)table.buf, *Q = (int64_t *)sums.buf;
+        /* squares; their cap; the steps; the tables' clamp. g is 0 where R << 20 < T (but at
+         * the token): those entries change in no pass, and are skipped */
+        for (int pass = 0; pass < 4; pass++)
+            for (Py_ssize_t j = 0; j < m; j++) {
+                const int64_t *R = (const int64_t *)rows.buf + fed[j] * cols;
+                int64_t T = ((const int64_t *)totals.buf)[fed[j]];
+                double inv = 1.0 / (double)T;
+                int64_t *b = B + at[j] * cols, *q = Q + at[j] * cols;
+                for (Py_ssize_t i = 0; i < cols; i++) {
+                    if ((R[i] << 20) < T && i != x[j])
+                        continue;
+                    if (pass == 1) {
+                        q[i] = q[i] < ((int64_t)1 << 60) ? q[i] : ((int64_t)1 << 60);
+                        continue;
+                    }
+                    if (pass == 3) {
+                        b[i] = b[i] < -((int64_t)1 << 30) ? -((int64_t)1 << 30) : b[i] > ((int64_t)1 << 30) ? ((int64_t)1 << 30) : b[i];
+                        continue;
+                    }
+                    int64_t g = div_by(R[i] << 20, T, inv) - (i == x[j] ? ((int64_t)1 << 20) : 0);
+                    if (pass == 0)
+                        q[i] += (g * g) >> 20;
+                    else
+                        b[i] -= floor_div(g * (int64_t)lr, isqrt64(((int64_t)1 << 20) + q[i]));
+                }
+            }
+        Py_END_ALLOW_THREADS
+    }
+    Py_buffer *all[] = {&rows, &totals, &wanted, &symbols, &table, &sums, &table_rows};
+    for (int j = 0; j < 7; j++)
+        PyBuffer_Release(all[j]);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "integer_learn: buffer sizes or indices do not match");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* integer_temperature(logits, w, cols, symbols) -> sum over the m fed streams of
+ * D[x] - sum((w >> 8) * D) // max(1, sum(w >> 8)), D = min(max(L) - L, 2^20): step 7's gradient. */
+static PyObject *integer_temperature(PyObject *self, PyObject *args) {
+    Py_buffer logits, w, symbols;
+    Py_ssize_t cols;
+    if (!PyArg_ParseTuple(args, "y*y*ny*", &logits, &w, &cols, &symbols))
+        return NULL;
+    Py_ssize_t m = cols > 0 ? logits.len / (Py_ssize_t)sizeof(int64_t) / cols : 0;
+    int ok = cols > 0 && logits.len == m * cols * (Py_ssize_t)sizeof(int64_t) && w.len == logits.len && rows_in_range(&symbols, m, cols);
+    int64_t grad = 0;
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t j = 0; j < m; j++) {
+            const int64_t *L = (const int64_t *)logits.buf + j * cols, *W = (const int64_t *)w.buf + j * cols;
+            int64_t best = INT64_MIN, dot = 0, mass = 0;
+            for (Py_ssize_t i = 0; i < cols; i++)
+                best = L[i] > best ? L[i] : best;
+            for (Py_ssize_t i = 0; i < cols; i++) {
+                int64_t distance = best - L[i];
+                distance = distance < ((int64_t)1 << 20) ? distance : ((int64_t)1 << 20);
+                dot += (W[i] >> 8) * distance;
+                mass += W[i] >> 8;
+            }
+            int64_t own = best - L[((const int64_t *)symbols.buf)[j]];
+            own = own < ((int64_t)1 << 20) ? own : ((int64_t)1 << 20);
+            grad += own - dot / (mass > 1 ? mass : 1);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&logits);
+    PyBuffer_Release(&w);
+    PyBuffer_Release(&symbols);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "integer_temperature: buffer sizes or indices do not match");
+        return NULL;
+    }
+    return PyLong_FromLongLong(grad);
+}
+
 static PyMethodDef methods[] = {
+    {"integer_rows", integer_rows, METH_VARARGS, "Preset v5's rows of the fed streams (see nacrith.predictors.integer)."},
+    {"integer_learn", integer_learn, METH_VARARGS, "Preset v5's step on one bias table (see nacrith.predictors.integer)."},
+    {"integer_temperature", integer_temperature, METH_VARARGS, "Preset v5's temperature gradient (see nacrith.predictors.integer)."},
     {"ensemble_int24", ensemble_int24, METH_VARARGS, "One ensemble step, mixed, range-coded and learned stream by stream (see nacrith.predictors.ensemble)."},
     {"exp2_weight_rows", exp2_weight_rows, METH_VARARGS, "Logit rows to int24 weight rows and totals (see nacrith.coder)."},
     {"int24_encode", int24_encode, METH_VARARGS, "Range-code one symbol per probability row (see nacrith.coder)."},

@@ -23,7 +23,7 @@ import click
 
 from . import container as fmt
 from . import pipeline, reuse
-from .predictors import EnsembleConfig
+from .predictors.ensemble import PRESETS
 from .predictors import ensemble_config as recorded_ensemble
 from .errors import NacrithError, UsageError
 from .files import ReaderGone, atomic_output, check_target, is_terminal, open_input, writes_in_place
@@ -348,18 +348,24 @@ def main_group():
               help="What runs the model: 'exact' (integer arithmetic: files decode on any machine) or 'llama.cpp' (files decode only "
                    "with the same llama.cpp build and backend).  [default: exact; llama.cpp with --gpus]")
 @click.option("--llm-only", is_flag=True, help="The language model alone, no ensemble.")
+@click.option("--preset", type=click.Choice(["v4", "v5"]), default=None,
+              help="The ensemble's arithmetic: v4 (float, the C kernel on a CPU) or v5 (integers: with --gpus --engine exact the "
+                   "ensemble runs on the GPU; slower on a CPU). Files of either decode on any machine.  "
+                   "[default: v5 with --gpus --engine exact, else v4]")
 @click.option("--no-ngram", is_flag=True, help="Ensemble without the token n-gram model.")
 @click.option("--no-match", is_flag=True, help="Ensemble without the long-range match model.")
 @click.option("--no-bias", is_flag=True, help="Ensemble without the adaptive bias head.")
 @click.option("--no-mixer", is_flag=True, help="Fixed mixing weights instead of learned ones.")
 @click.option("--no-skip", is_flag=True, help="Always use the model's logits (no confidence skip).")
 def compress_command(files, output, to_stdout, force, keep, remove, recursive, quiet, verbose, model, threads, workers, gpus, ray, level, streams, ctx, slide, block_size,
-                     engine, llm_only, no_ngram, no_match, no_bias, no_mixer, no_skip):
+                     engine, llm_only, preset, no_ngram, no_match, no_bias, no_mixer, no_skip):
     """Compress FILES (or standard input) to FILE.nc.
 
     Decompression needs no options: the file records how it was made.
     """
-    ensemble = None if llm_only else ensemble_config(no_ngram, no_match, no_bias, no_mixer, no_skip)
+    if preset is None:
+        preset = "v5" if gpus is not None and engine == "exact" else "v4"
+    ensemble = None if llm_only else ensemble_config(no_ngram, no_match, no_bias, no_mixer, no_skip, preset)
     settings = pipeline.Settings(model=model, level=level, streams=streams, ctx=ctx, slide=slide, block_size=block_size, threads=threads, ensemble=ensemble,
                                  gpu=gpus is not None, gpu_ids=gpus or None, engine=engine)
     try:
@@ -370,9 +376,9 @@ def compress_command(files, output, to_stdout, force, keep, remove, recursive, q
     run_each(files, output, lambda name: compress_one(name, settings, workers, output, to_stdout, force, quiet, verbose, remove, ray), recursive)
 
 
-def ensemble_config(no_ngram: bool, no_match: bool, no_bias: bool, no_mixer: bool, no_skip: bool):
-    """The default ensemble with the parts named switched off (None if nothing is left)."""
-    base = pipeline.Settings().ensemble or EnsembleConfig()
+def ensemble_config(no_ngram: bool, no_match: bool, no_bias: bool, no_mixer: bool, no_skip: bool, preset: str = "v4"):
+    """The ``preset``'s ensemble with the parts named switched off (None if nothing is left)."""
+    base = PRESETS[preset]
     config = replace(
         base,
         ngram=base.ngram and not no_ngram,

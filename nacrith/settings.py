@@ -150,6 +150,8 @@ class Settings:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}")
         if self.coder not in CODERS:
             raise ValueError(f"coder must be one of {', '.join(CODERS)}")
+        if self.ensemble is not None and self.ensemble.arithmetic == "integer" and self.coder != "int24" and not self.model_only:
+            raise ValueError("the integer ensemble (preset v5) codes with the int24 coder only")
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}")
         if self.engine == "exact" and self.attention not in (None, "off"):
@@ -189,7 +191,7 @@ class Settings:
         if self.model_only:
             return "llm-only"
         config = self.ensemble
-        return "llm+" + "+".join(config.parts) + ("" if config.mix == "geometric" else f" ({config.mix})")
+        return "llm+" + "+".join(config.parts) + (" (integer)" if config.arithmetic == "integer" else "" if config.mix == "geometric" else f" ({config.mix})")
 
     def describe(self) -> dict:
         """The settings as a JSON-ready dict."""

@@ -229,7 +229,7 @@ def test_decoding_an_exact_file_on_gpus_without_cuda_is_one_line(tiny_model, tmp
     assert pipeline.decompress(packed.read_bytes(), model=str(tiny_model)) == TEXT  # without --gpus: the CPU
 
 
-@pytest.mark.parametrize("ensemble", ["model alone", "default"])
+@pytest.mark.parametrize("ensemble", ["model alone", "default", "v5"])
 def test_the_gpu_path_on_a_stand_in_device_makes_the_cpu_s_container(tiny_model, monkeypatch, ensemble):
     """--gpus with the exact engine, every step of it (plan, session, model, contexts,
     device rows, header) with a stand-in GPU that is the CPU: the CPU's container, and
@@ -245,7 +245,10 @@ def test_the_gpu_path_on_a_stand_in_device_makes_the_cpu_s_container(tiny_model,
 
     monkeypatch.setattr(torch_engine.TorchModel, "__init__", stand_in)
     monkeypatch.delenv("NACRITH_EXACT_IMPL", raising=False)
-    options = dict(OPTIONS, streams=3, **({} if ensemble == "model alone" else {"ensemble": pipeline.Settings().ensemble}))
+    from nacrith.predictors.ensemble import PRESETS
+
+    chosen = {"model alone": {}, "default": {"ensemble": pipeline.Settings().ensemble}, "v5": {"ensemble": PRESETS["v5"]}}[ensemble]
+    options = dict(OPTIONS, streams=3, **chosen)
     on_cpu = pipeline.compress(TEXT, model=str(tiny_model), **options)
     assert asked == []  # the C kernel
     assert pipeline.compress(TEXT, model=str(tiny_model), gpu=True, **options) == on_cpu

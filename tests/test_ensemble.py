@@ -108,14 +108,16 @@ def test_presets_are_frozen():
         "skip_min_trials": 32, "share": True,
         # fields added after v1 are off in it, so v1 files decode as they were made
         "temperature_lr": 0.0, "bias_hash": 0, "mixer_exp": "numpy",
-        "bias_rule": "sgd", "context_bias_lr": 0.16, "bias_eps": 1.0,
+        "bias_rule": "sgd", "context_bias_lr": 0.16, "bias_eps": 1.0, "arithmetic": "float",
     }
     assert PRESETS["v1"].to_dict() == v1
     v2 = {**v1, "temperature_lr": 1e-4, "bias_hash": 256}
     assert PRESETS["v2"].to_dict() == v2
     v3 = {**v2, "mixer_exp": "portable"}
     assert PRESETS["v3"].to_dict() == v3
-    assert PRESETS["v4"].to_dict() == {**v3, "bias_rule": "adagrad", "bias_lr": 0.5, "context_bias_lr": 0.3}
+    v4 = {**v3, "bias_rule": "adagrad", "bias_lr": 0.5, "context_bias_lr": 0.3}
+    assert PRESETS["v4"].to_dict() == v4
+    assert PRESETS["v5"].to_dict() == {**v4, "arithmetic": "integer"}
     assert predictor_settings(EnsembleConfig()) == {"llm": "exp2-q64", "ensemble": "v4"}
     assert ensemble_config({"llm": "exp2-q64", "ensemble": "v3"}) == PRESETS["v3"]
     assert ensemble_config({"llm": "exp2-q64", "ensemble": "v2"}) == PRESETS["v2"]  # old files keep np.exp

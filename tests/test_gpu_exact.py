@@ -1,7 +1,8 @@
 """The exact engine on a GPU (skipped where PyTorch sees no CUDA GPU; run by bench/gpu.sh on
 the GPU machine): the GPU computes the CPU's integers, so containers made on either are the
 same bytes and decode on the other, with the model alone (the distribution and the range
-decoder's search on the GPU) and with the default ensemble (logits copied to the host)."""
+decoder's search on the GPU), with the default ensemble (logits copied to the host) and with
+preset v5 (the integer ensemble's rows and learning on the GPU)."""
 from __future__ import annotations
 
 import os
@@ -24,10 +25,12 @@ def text(size: int) -> bytes:
     return path.read_bytes()[:size] if path.exists() else (b"The quick brown fox jumps over the lazy dog. " * (size // 45 + 1))[:size]
 
 
-@pytest.mark.parametrize("ensemble", ["model alone", "default"])
+@pytest.mark.parametrize("ensemble", ["model alone", "default", "v5"])
 def test_gpu_and_cpu_make_the_same_container_and_decode_each_other_s(ensemble):
+    from nacrith.predictors.ensemble import PRESETS
+
     data = text(6_000)
-    options = dict(LAYOUT, **({"ensemble": None} if ensemble == "model alone" else {}))
+    options = dict(LAYOUT, **({"ensemble": None} if ensemble == "model alone" else {"ensemble": PRESETS["v5"]} if ensemble == "v5" else {}))
     on_gpu = nacrith.compress(data, gpu=True, **options)
     on_cpu = nacrith.compress(data, **options)
     assert on_gpu == on_cpu

@@ -81,21 +81,20 @@ def lefts_table(torch, w, totals):
     return lefts
 
 
-class DeviceLogits(CodedRows):
-    """A step's rows as integer logits on the exact engine's device; the int24 coder hands
-    them its state (:class:`~nacrith.coder.CodedRows`) and only intervals or symbols cross."""
+class DeviceRows(CodedRows):
+    """A step's integer weight rows ``w`` (int64 [rows, n], each row's prefix sums below
+    2^53) and totals on a PyTorch device; the int24 coder hands them its state
+    (:class:`~nacrith.coder.CodedRows`) and only intervals or symbols cross to the host.
+    The same integers and bytes as :class:`~nacrith.coder.WeightRows` of them."""
 
-    def __init__(self, torch, logits):
+    def __init__(self, torch, w=None, totals=None):
         self.torch = torch
-        self.logits = logits
-        self._w = self._totals = None
+        self._w, self._totals = w, totals
 
     def __len__(self) -> int:
-        return len(self.logits)
+        return len(self._weights()[1])
 
     def _weights(self):
-        if self._w is None:
-            self._w, self._totals = weights(self.torch, self.logits)
         return self._w, self._totals
 
     def int24_encode(self, symbols: np.ndarray, state: np.ndarray, out: np.ndarray) -> int:
@@ -116,5 +115,22 @@ class DeviceLogits(CodedRows):
         # on a GPU the Triton kernel; on the CPU the C coder, or the kernel in Triton's interpreter (tests)
         if triton_decode.available() and (w.device.type == "cuda" or triton_decode.interpreted()):
             return triton_decode.decode(self.torch, prefix_sums(self.torch, w), scales(self.torch, totals, w.shape[1]), state, words, out)
-        rows = WeightRows(w.to(self.torch.int32).cpu().numpy().view(np.uint32), totals.cpu().numpy().astype(np.uint64))
+        rows = WeightRows(w.cpu().numpy().astype(np.uint32), totals.cpu().numpy().astype(np.uint64))
         return decode_rows_into(rows, state, words, out)
+
+
+class DeviceLogits(DeviceRows):
+    """A step's rows as integer logits on the exact engine's device: :class:`DeviceRows` of
+    their int24 weights (:func:`weights`), computed when first coded."""
+
+    def __init__(self, torch, logits):
+        super().__init__(torch)
+        self.logits = logits
+
+    def __len__(self) -> int:
+        return len(self.logits)
+
+    def _weights(self):
+        if self._w is None:
+            self._w, self._totals = weights(self.torch, self.logits)
+        return self._w, self._totals

@@ -24,7 +24,11 @@ def predictor_settings(config: EnsembleConfig | None) -> dict:
     """
     if config is None or config.llm_only:
         return dict(LLM_ONLY)
-    name, preset = DEFAULT_PRESET, PRESETS[DEFAULT_PRESET]
+
+    # the default preset, or v5 for the integer arithmetic (never recorded as a change of a
+    # float preset, which an older nacrith would reject as an unknown setting, not preset)
+    name = "v5" if config.arithmetic == "integer" else DEFAULT_PRESET
+    preset = PRESETS[name]
     changed = {f.name: getattr(config, f.name) for f in fields(config) if getattr(config, f.name) != getattr(preset, f.name)}
     return {**LLM_ONLY, "ensemble": name, **({"set": changed} if changed else {})}
 
@@ -58,6 +62,10 @@ def make_predictor(settings: dict, n_vocab: int, n_streams: int, pieces: list[by
     config = ensemble_config(settings)
     if config is None:
         return LLMPredictor(n_vocab, n_streams, threads)
+    if config.arithmetic == "integer":
+        from .integer import IntegerEnsemblePredictor
+
+        return IntegerEnsemblePredictor(n_vocab, n_streams, config, pieces, threads)
     return EnsemblePredictor(n_vocab, n_streams, config, pieces, threads)
 
 

@@ -148,6 +148,7 @@ class EnsembleConfig:
     bias_rule: str = "adagrad"  # the bias tables' step: "adagrad" (per-entry rates) or "sgd" (presets v1-v3)
     context_bias_lr: float = 0.3  # the previous-token tables' learning rate (sgd presets: bias_lr)
     bias_eps: float = 1.0  # adagrad: step = lr * g / sqrt(bias_eps + sum of g^2 so far)
+    arithmetic: str = "float"  # "integer" (preset v5): the full-vocabulary part in integers (nacrith.predictors.integer)
 
     @property
     def llm_only(self) -> bool:
@@ -168,9 +169,12 @@ class EnsembleConfig:
         if unknown:
             raise ValueError(f"unknown predictor settings: {', '.join(sorted(unknown))}")
         config = cls(**values)
-        for name, allowed in (("mix", ("linear", "geometric")), ("mixer_exp", ("portable", "numpy")), ("bias_rule", ("adagrad", "sgd"))):
+        for name, allowed in (("mix", ("linear", "geometric")), ("mixer_exp", ("portable", "numpy")), ("bias_rule", ("adagrad", "sgd")),
+                              ("arithmetic", ("float", "integer"))):
             if getattr(config, name) not in allowed:  # a file from a newer nacrith, or a damaged header
                 raise ValueError(f"unknown predictor setting {name}={getattr(config, name)!r}")
+        if config.arithmetic == "integer" and (config.mix, config.bias_rule, config.bias_eps, config.mixer_exp) != ("linear", "adagrad", 1.0, "portable"):
+            raise ValueError("the integer ensemble needs mix=linear, bias_rule=adagrad, bias_eps=1 and mixer_exp=portable")
         return config
 
 
@@ -204,7 +208,10 @@ PRESETS = {
 # past gradients: rare tokens learn fast, frequent ones settle) and their own rates: 0.4-0.7%
 # fewer bits than v3 on every file of the ablation but xargs.1 (equal)
 PRESETS["v4"] = replace(PRESETS["v3"], bias_rule="adagrad", bias_lr=0.5, context_bias_lr=0.3, bias_eps=1.0)
-DEFAULT_PRESET = "v4"  # what EnsembleConfig() equals, and the name new containers record
+# v4's parts with the full-vocabulary arithmetic (rows, bias tables, temperature) in integers,
+# which a GPU computes as exactly as a CPU (nacrith.predictors.integer); bias_eps is 1 there
+PRESETS["v5"] = replace(PRESETS["v4"], arithmetic="integer")
+DEFAULT_PRESET = "v4"  # what EnsembleConfig() equals
 
 
 def token_classes(pieces: list[bytes] | None, n_vocab: int) -> np.ndarray:
