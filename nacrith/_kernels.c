@@ -1230,24 +1230,21 @@ static inline int64_t floor_div(int64_t a, int64_t b) {
     return (a % b != 0 && a < 0) ? q - 1 : q;
 }
 
-/* floor(num / den) for num >= 0, den > 0, given inv = 1.0 / den: the double quotient,
- * corrected to the exact integer (a 64-bit division costs ten times as much) */
+/* floor(num / den) for 0 <= num < 2^53, den > 0, given inv = 1.0 / den: the double
+ * quotient (relative error below 2^-52, so within 1), corrected to the exact integer (a
+ * 64-bit division costs ten times as much) */
 static inline int64_t div_by(int64_t num, int64_t den, double inv) {
-    int64_t q = (int64_t)((double)num * inv);
-    while (q > 0 && q * den > num)
-        q--;
-    while ((q + 1) * den <= num)
-        q++;
+    int64_t q = (int64_t)((double)num * inv);  /* within 1 of the quotient for num < 2^53 */
+    q -= q * den > num;
+    q += (q + 1) * den <= num;
     return q;
 }
 
 /* floor(sqrt(v)) for 0 <= v < 2^62: the double root, corrected to the exact integer */
 static inline int64_t isqrt64(int64_t v) {
-    int64_t r = (int64_t)sqrt((double)v);
-    while (r * r > v)
-        r--;
-    while ((r + 1) * (r + 1) <= v)
-        r++;
+    int64_t r = (int64_t)sqrt((double)v);  /* within 1 of the root */
+    r -= r * r > v;
+    r += (r + 1) * (r + 1) <= v;
     return r;
 }
 
@@ -1339,9 +1336,20 @@ static PyObject *integer_rows(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* floor(a / b) for b > 0 and |a| < 2^52, given inv = 1.0 / b: the double quotient, corrected */
+static inline int64_t floor_div_by(int64_t a, int64_t b, double inv) {
+    int64_t q = (int64_t)((double)a * inv);  /* truncated: within 2 of the floor for |a| < 2^52 */
+    q -= q * b > a;
+    q -= q * b > a;
+    q += (q + 1) * b <= a;
+    return q;
+}
+
 /* integer_learn(rows, totals, cols, wanted, symbols, table, sums, table_rows, lr): steps 5-6
  * on one table. rows: the step's R (int64 running x cols), totals: T (int64 running);
- * wanted, symbols, table_rows: per fed stream (int64 m); table, sums: int64 k x cols. */
+ * wanted, symbols, table_rows: per fed stream (int64 m); table, sums: int64 k x cols.
+ * g is 0 where R << 20 < T (but at the token), and those entries change in no pass: each
+ * stream's other entries and their g are listed once, in the first pass. */
 static PyObject *integer_learn(PyObject *self, PyObject *args) {
     Py_buffer rows, totals, wanted, symbols, table, sums, table_rows;
     Py_ssize_t cols;
@@ -1356,43 +1364,91 @@ static PyObject *integer_learn(PyObject *self, PyObject *args) {
              && table.len == k * cols * (Py_ssize_t)sizeof(int64_t) && sums.len == table.len;
     for (Py_ssize_t j = 0; ok && j < m; j++)
         ok = ((const int64_t *)totals.buf)[((const int64_t *)wanted.buf)[j]] > 0;
+    int failed = 0;
     if (ok) {
         Py_BEGIN_ALLOW_THREADS
         const int64_t *fed = (const int64_t *)wanted.buf, *x = (const int64_t *)symbols.buf, *at = (const int64_t *)table_rows.buf;
         int64_t *B = (int64_t *)table.buf, *Q = (int64_t *)sums.buf;
-        /* squares; their cap; the steps; the tables' clamp. g is 0 where R << 20 < T (but at
-         * the token): those entries change in no pass, and are skipped */
-        for (int pass = 0; pass < 4; pass++)
-            for (Py_ssize_t j = 0; j < m; j++) {
-                const int64_t *R = (const int64_t *)rows.buf + fed[j] * cols;
-                int64_t T = ((const int64_t *)totals.buf)[fed[j]];
-                double inv = 1.0 / (double)T;
-                int64_t *b = B + at[j] * cols, *q = Q + at[j] * cols;
-                for (Py_ssize_t i = 0; i < cols; i++) {
-                    if ((R[i] << 20) < T && i != x[j])
-                        continue;
-                    if (pass == 1) {
-                        q[i] = q[i] < ((int64_t)1 << 60) ? q[i] : ((int64_t)1 << 60);
-                        continue;
-                    }
-                    if (pass == 3) {
-                        b[i] = b[i] < -((int64_t)1 << 30) ? -((int64_t)1 << 30) : b[i] > ((int64_t)1 << 30) ? ((int64_t)1 << 30) : b[i];
-                        continue;
-                    }
-                    int64_t g = div_by(R[i] << 20, T, inv) - (i == x[j] ? ((int64_t)1 << 20) : 0);
-                    if (pass == 0)
-                        q[i] += (g * g) >> 20;
-                    else
-                        b[i] -= floor_div(g * (int64_t)lr, isqrt64(((int64_t)1 << 20) + q[i]));
-                }
+        int32_t *index = (int32_t *)malloc((size_t)(m > 0 ? m : 1) * (size_t)cols * sizeof(int32_t));
+        int32_t *gradient = (int32_t *)malloc((size_t)(m > 0 ? m : 1) * (size_t)cols * sizeof(int32_t));
+        Py_ssize_t *count = (Py_ssize_t *)calloc((size_t)(m > 0 ? m : 1), sizeof(Py_ssize_t));
+        failed = !index || !gradient || !count;
+        for (Py_ssize_t j = 0; !failed && j < m; j++) {  /* the squares, and each stream's list */
+            const int64_t *R = (const int64_t *)rows.buf + fed[j] * cols;
+            int64_t T = ((const int64_t *)totals.buf)[fed[j]];
+            double inv = 1.0 / (double)T;
+            int64_t *q = Q + at[j] * cols;
+            int32_t *list = index + j * cols, *gs = gradient + j * cols;
+            Py_ssize_t c = 0;
+            for (Py_ssize_t i = 0; i < cols; i++) {
+                if ((R[i] << 20) < T && i != x[j])
+                    continue;
+                int64_t g = div_by(R[i] << 20, T, inv) - (i == x[j] ? ((int64_t)1 << 20) : 0);
+                q[i] += (g * g) >> 20;
+                list[c] = (int32_t)i;
+                gs[c++] = (int32_t)g;
             }
+            count[j] = c;
+        }
+        for (Py_ssize_t j = 0; !failed && j < m; j++) {  /* the steps, each entry's sum capped first (idempotent) */
+            int64_t *b = B + at[j] * cols, *q = Q + at[j] * cols;
+            const int32_t *list = index + j * cols, *gs = gradient + j * cols;
+            for (Py_ssize_t c = 0; c < count[j]; c++) {
+                int32_t i = list[c];
+                q[i] = q[i] < ((int64_t)1 << 60) ? q[i] : ((int64_t)1 << 60);
+                int64_t root = isqrt64(((int64_t)1 << 20) + q[i]);
+                b[i] -= floor_div_by((int64_t)gs[c] * (int64_t)lr, root, 1.0 / (double)root);
+            }
+        }
+        for (Py_ssize_t j = 0; !failed && j < m; j++) {  /* the tables' clamp, once every step is in */
+            int64_t *b = B + at[j] * cols;
+            const int32_t *list = index + j * cols;
+            for (Py_ssize_t c = 0; c < count[j]; c++) {
+                int32_t i = list[c];
+                b[i] = b[i] < -((int64_t)1 << 30) ? -((int64_t)1 << 30) : b[i] > ((int64_t)1 << 30) ? ((int64_t)1 << 30) : b[i];
+            }
+        }
+        free(index);
+        free(gradient);
+        free(count);
         Py_END_ALLOW_THREADS
     }
     Py_buffer *all[] = {&rows, &totals, &wanted, &symbols, &table, &sums, &table_rows};
     for (int j = 0; j < 7; j++)
         PyBuffer_Release(all[j]);
+    if (failed)
+        return PyErr_NoMemory();
     if (!ok) {
         PyErr_SetString(PyExc_ValueError, "integer_learn: buffer sizes or indices do not match");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* integer_logits(logits, out): float logits as integers at 2^-14, rint(x * 2^14) clamped to
+ * [-2^40, 2^40], NaN as 0 (numpy's rint rounds half to even, as nearbyint in the default mode) */
+static PyObject *integer_logits(PyObject *self, PyObject *args) {
+    Py_buffer in, out;
+    if (!PyArg_ParseTuple(args, "y*w*", &in, &out))
+        return NULL;
+    Py_ssize_t n = in.len / (Py_ssize_t)sizeof(float);
+    int ok = in.len == n * (Py_ssize_t)sizeof(float) && out.len == n * (Py_ssize_t)sizeof(int64_t);
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        const float *x = (const float *)in.buf;
+        int64_t *L = (int64_t *)out.buf;
+        const double limit = 1099511627776.0;  /* 2^40 */
+        for (Py_ssize_t i = 0; i < n; i++) {
+            double v = (double)x[i] * 16384.0;
+            v = v != v ? 0.0 : v < -limit ? -limit : v > limit ? limit : v;
+            L[i] = (int64_t)nearbyint(v);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&in);
+    PyBuffer_Release(&out);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "integer_logits: buffer sizes do not match");
         return NULL;
     }
     Py_RETURN_NONE;
@@ -1440,6 +1496,7 @@ static PyObject *integer_temperature(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"integer_rows", integer_rows, METH_VARARGS, "Preset v5's rows of the fed streams (see nacrith.predictors.integer)."},
     {"integer_learn", integer_learn, METH_VARARGS, "Preset v5's step on one bias table (see nacrith.predictors.integer)."},
+    {"integer_logits", integer_logits, METH_VARARGS, "Float logits as preset v5's integers (see nacrith.predictors.integer)."},
     {"integer_temperature", integer_temperature, METH_VARARGS, "Preset v5's temperature gradient (see nacrith.predictors.integer)."},
     {"ensemble_int24", ensemble_int24, METH_VARARGS, "One ensemble step, mixed, range-coded and learned stream by stream (see nacrith.predictors.ensemble)."},
     {"exp2_weight_rows", exp2_weight_rows, METH_VARARGS, "Logit rows to int24 weight rows and totals (see nacrith.coder)."},

@@ -50,7 +50,7 @@ TABLES = {
     "model_name": ("SmolLM2-135M-Instruct.Q4_1.gguf", "gemma-3-270m-q4_k_m.gguf", "SmolLM2-135M-Instruct.Q4_1-as-Q8_0.gguf"),
     "engine": ("llama.cpp (llama-cpp-python 0.3.36)", "exact (spec 1)"),
     "backend": ("cpu", "cuda", "cpu:x86_64/520000f7", "any"),  # cpu:...: `make install`'s build (see CPU_FEATURES); any: the exact engine
-    "predictor": ('{"ensemble":"v4","llm":"exp2-q64"}', '{"llm":"exp2-q64"}'),
+    "predictor": ('{"ensemble":"v4","llm":"exp2-q64"}', '{"llm":"exp2-q64"}', '{"ensemble":"v5","llm":"exp2-q64"}'),
     "coder": ("int24", "constriction"),
 }
 

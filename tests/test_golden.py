@@ -117,6 +117,10 @@ def test_golden_container_of_the_current_format_is_what_nacrith_writes(session, 
     recorded = fmt.parse(blob).header.model.backend
     if options["engine"] == "llama.cpp" and recorded != compat.cpu_backend():  # the header would name this build
         pytest.skip(f"made by the llama.cpp build {recorded}; this one records {compat.cpu_backend()}")
+    if isinstance(options.get("ensemble"), str):  # a preset by name
+        from nacrith.predictors.ensemble import PRESETS
+
+        options["ensemble"] = PRESETS[options["ensemble"]]
     assert pack(session, (GOLDEN / entry["original"]).read_bytes(), **options) == blob
 
 

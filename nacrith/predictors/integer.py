@@ -87,11 +87,18 @@ def fixed(values: np.ndarray, bits: int) -> np.ndarray:
     return np.floor(np.asarray(values, np.float64) * float(1 << bits)).astype(np.int64)
 
 
-def logits_to_integers(logits: np.ndarray) -> np.ndarray:
-    """Float logits as integers at 2^-14 (int64): ``rint(x * 2^14)``, exact for the exact
-    engine's float32 logits (its integers times 2^-14), correctly rounded for others."""
-    scaled = np.asarray(logits, np.float32).astype(np.float64) * float(1 << LOGIT_BITS)
-    return np.clip(np.rint(np.nan_to_num(scaled, nan=0.0, posinf=2.0 ** 40, neginf=-2.0 ** 40)), -2.0 ** 40, 2.0 ** 40).astype(np.int64)
+def logits_to_integers(logits: np.ndarray, use_kernel: bool | None = None) -> np.ndarray:
+    """Float logits as integers at 2^-14 (int64): ``rint(x * 2^14)`` (half to even), clamped to
+    ``[-2^40, 2^40]``, NaN as 0; exact for the exact engine's float32 logits (its integers
+    times 2^-14), correctly rounded for other engines'. The C kernel where it is built."""
+    logits = np.ascontiguousarray(logits, np.float32)
+    if _kernels is not None and hasattr(_kernels, "integer_logits") and use_kernel is not False:
+        out = np.empty(logits.shape, np.int64)
+        _kernels.integer_logits(logits, out)
+        return out
+    scaled = logits.astype(np.float64) * float(1 << LOGIT_BITS)
+    scaled[scaled != scaled] = 0.0
+    return np.rint(np.clip(scaled, -2.0 ** 40, 2.0 ** 40)).astype(np.int64)
 
 
 class StepInput:

@@ -14,7 +14,8 @@ the default model, the default attention mode or the exact engine's spec changes
 again: the folders of earlier ones stay, as the proof that their files still decode (v1 to
 v5, made before folders named the model, hold files of smollm2-135m; they and
 v5-smollm2-135m-q8, made before folders named the attention mode, hold files of "stable").
-It refuses to replace a folder that exists: those files must not change.
+It never replaces a container that exists: those files must not change. Where the folder
+exists, it writes only the cases its manifest lacks (cases added later, such as preset v5's).
 """
 from __future__ import annotations
 
@@ -33,6 +34,20 @@ CASES = {
     "small-window.nc": ("original.txt", {"ctx": 32, "slide": 8, "min_stream_tokens": 8}),
     "mixed.nc": ("mixed.bin", {}),
 }
+# the exact engine's folder also holds these ("ensemble": a preset's name)
+EXACT_CASES = {
+    "preset-v5.nc": ("original.txt", {"ensemble": "v5"}),
+}
+
+
+def settings_options(options: dict) -> dict:
+    """A manifest's options as :class:`nacrith.pipeline.Settings` takes them: an ensemble
+    named by its preset becomes that preset's config."""
+    from nacrith.predictors.ensemble import PRESETS
+
+    if isinstance(options.get("ensemble"), str):
+        return {**options, "ensemble": PRESETS[options["ensemble"]]}
+    return options
 
 
 def binary_run() -> bytes:
@@ -72,18 +87,20 @@ def main() -> int:
     engine = parser.parse_args().engine
     attention = "off" if engine == "exact" else default_attention("cpu")
     folder = golden_folder(engine)
-    if folder.exists():
-        print(f"{folder} exists; its containers are the record of format {container.VERSION} and are kept", file=sys.stderr)
+    cases = {**CASES, **(EXACT_CASES if engine == "exact" else {})}
+    manifest = json.loads((folder / "manifest.json").read_text()) if folder.exists() else {}
+    cases = {name: case for name, case in cases.items() if name not in manifest}
+    if not cases:
+        print(f"{folder} holds every case; its containers are the record of format {container.VERSION} and are kept", file=sys.stderr)
         return 1
     if not (GOLDEN / "mixed.bin").exists():  # earlier versions' mixed.nc hold this very file
         (GOLDEN / "mixed.bin").write_bytes(mixed_original((GOLDEN / "original.txt").read_bytes()))
-    folder.mkdir()
-    manifest = {}
+    folder.mkdir(exist_ok=True)
     with closing(Session(DEFAULT_MODEL, engine=engine)) as session:
-        for name, (original, options) in CASES.items():
+        for name, (original, options) in cases.items():
             options = {"model": DEFAULT_MODEL, "engine": engine, **({} if engine == "exact" else {"attention": attention}), **options}
             out = io.BytesIO()
-            pipeline.compress_stream(io.BytesIO((GOLDEN / original).read_bytes()), out, pipeline.Settings(**options), session=session)
+            pipeline.compress_stream(io.BytesIO((GOLDEN / original).read_bytes()), out, pipeline.Settings(**settings_options(options)), session=session)
             (folder / name).write_bytes(out.getvalue())
             manifest[name] = {"original": original, "options": options}  # the container's header names the build
             print(f"{folder.name}/{name}: {len(out.getvalue())} bytes")
