@@ -69,10 +69,10 @@ BYTES=300000; [ "$FUSED" = 1 ] && BYTES=3000000
 [ "$(left 360)" -gt 60 ] && NACRITH_EXACT_TRITON=$FUSED step timeout "$(left 360)" python3 bench/throughput.py corpora/data/bible.txt \
   --bytes $BYTES --gpu --engine exact --streams 1024 --workers 1 --llm-only --tag gpu-exact
 # the default ensemble's parts with preset v5: the full-vocabulary arithmetic on the GPU in integers
-[ "$(left 390)" -gt 45 ] && NACRITH_EXACT_TRITON=$FUSED step timeout "$(left 390)" python3 bench/throughput.py corpora/data/bible.txt \
+[ "$(left 420)" -gt 45 ] && NACRITH_EXACT_TRITON=$FUSED step timeout "$(left 420)" python3 bench/throughput.py corpora/data/bible.txt \
   --bytes $BYTES --gpu --engine exact --streams 1024 --workers 1 --preset v5 --tag gpu-exact-v5
 # the same with steps of all streams replayed from a CUDA graph (NACRITH_EXACT_GRAPH=1)
-[ "$(left 420)" -gt 45 ] && NACRITH_EXACT_TRITON=$FUSED NACRITH_EXACT_GRAPH=1 step timeout "$(left 420)" python3 bench/throughput.py \
+[ "$(left 450)" -gt 45 ] && NACRITH_EXACT_TRITON=$FUSED NACRITH_EXACT_GRAPH=1 step timeout "$(left 450)" python3 bench/throughput.py \
   corpora/data/bible.txt --bytes $BYTES --gpu --engine exact --streams 1024 --workers 1 --llm-only --tag gpu-exact
 # --- llama.cpp's CUDA path, while time is left -----------------------------------------
 # the card's short name (h100, h200, ...) tags the results that a later run would overwrite

@@ -153,6 +153,9 @@ SECTIONS = [
         Result("ablation-cpu-v4.md", "python bench/ablation.py --speed xargs.1 --speed-repeat 7 --speed-pairs 3 --tag cpu-v4"),
         Result("ablation-rest-v4.md",
                'python bench/ablation.py --files grammar.lsp lcet10.txt plrabn12.txt --configs "llm only,all (default)" --tag rest-v4'),
+        Result("ablation-v5-cpu.md", 'python bench/ablation.py --files alice29.txt asyoulik.txt --configs "all (default),v5 (integer)" --tag v5-cpu',
+               note="Preset v5 (the integer ensemble, `--preset v5`) against v4 (the default) on the same logits; the time is the "
+                    "C kernel's on the CPU (on a GPU, PyTorch computes the same integers)."),
     ]),
     Section("Models", "How do the zoo's models compare: smollm2-135m (Q4_1) against smollm2-135m-q8 (Q8_0), and gemma3-270m?", [
         Result("models-cpu-q8-alice29.md",
