@@ -299,24 +299,12 @@ class EnsemblePredictor:
         self.config = config
         self.n_vocab = n_vocab
         self.table = LogitTable(n_vocab, n_streams, threads)
-        self.orders = config.max_order if config.ngram else 0
-        self.n_features = 1 + self.orders + 1  # llm, orders, match
-        self.n_sets = (self.orders + 1) * N_MATCH_BUCKETS
-        # raw mixer weights of every stream and weight set, in one array so that a step's
-        # softmaxes and learning steps run as array operations across the streams
-        initial = [1.0] + [config.ngram_weight] * (self.n_features - 2) + [config.match_weight]
-        self.weights = np.tile(np.array(initial, np.float64), (n_streams, self.n_sets, 1))
-        self.streams = []
-        ngram = match = None
-        for index in range(n_streams):
-            if ngram is None or not config.share:
-                ngram = NGramTables(config.max_order) if config.ngram else None
-                match = MatchIndex(config.match_min) if config.match else None
-            self.streams.append(StreamState(self.n_features, self.weights[index], ngram, match))
+        self._make_streams(n_streams)
         self.bias_classes = config.bias_classes
         tables = (1 if config.share else n_streams) * self.bias_classes
         self.bias = np.zeros((tables, n_vocab), np.float32) if config.bias else None
         self.context_bias = np.zeros((config.bias_hash, n_vocab), np.float32) if config.bias and config.bias_hash else None
+        self._context_tables = len(self.context_bias) if self.context_bias is not None else 0  # previous-token tables
         # adagrad: each table entry's sum of squared gradients so far, beside the tables
         adagrad = config.bias_rule == "adagrad"
         self.bias_squares = np.zeros_like(self.bias) if adagrad and self.bias is not None else None
@@ -351,6 +339,25 @@ class EnsemblePredictor:
         self._mix_sets: np.ndarray | None = None
         self._simplexes: np.ndarray | None = None
 
+    def _make_streams(self, n_streams: int) -> None:
+        """The streams' cheap predictors (shared by all streams of the block with ``share``)
+        and mixer weights, from ``self.config``."""
+        config = self.config
+        self.orders = config.max_order if config.ngram else 0
+        self.n_features = 1 + self.orders + 1  # llm, orders, match
+        self.n_sets = (self.orders + 1) * N_MATCH_BUCKETS
+        # raw mixer weights of every stream and weight set, in one array so that a step's
+        # softmaxes and learning steps run as array operations across the streams
+        initial = [1.0] + [config.ngram_weight] * (self.n_features - 2) + [config.match_weight]
+        self.weights = np.tile(np.array(initial, np.float64), (n_streams, self.n_sets, 1))
+        self.streams = []
+        ngram = match = None
+        for index in range(n_streams):
+            if ngram is None or not config.share:
+                ngram = NGramTables(config.max_order) if config.ngram else None
+                match = MatchIndex(config.match_min) if config.match else None
+            self.streams.append(StreamState(self.n_features, self.weights[index], ngram, match))
+
     # --- step 1: cheap features, and which streams skip the model ---------------------
 
     def want_logits(self, running: int):
@@ -364,8 +371,8 @@ class EnsemblePredictor:
             self._bias_row[:running] = first_table * self.bias_classes + previous
         else:
             self._bias_row[:running] = first_table
-        if self.context_bias is not None:  # Knuth's multiplicative hash of the previous token
-            self._context_row[:running] = (last + 1) * 2654435761 % (1 << 32) % len(self.context_bias)
+        if self._context_tables:  # Knuth's multiplicative hash of the previous token
+            self._context_row[:running] = (last + 1) * 2654435761 % (1 << 32) % self._context_tables
         for index, state in enumerate(streams):
             self._prepare(state)
             if state.skip:
@@ -646,6 +653,10 @@ class EnsemblePredictor:
             for row, index in enumerate(learning):
                 gradient = self._expected_logit[row] - float(self._logits[row, int(symbols[index])])
                 self.temperature -= self.config.temperature_lr * gradient
+        self._follow(symbols, running)
+
+    def _follow(self, symbols: np.ndarray, running: int) -> None:
+        """Each running stream's skip statistics and cheap predictors take its coded token."""
         for index in range(running):
             state = self.streams[index]
             token = int(symbols[index])

@@ -50,9 +50,7 @@ import numpy as np
 
 from ..coder import WeightRows
 from .llm import _kernels
-from .ensemble import N_MATCH_BUCKETS, EnsembleConfig, EnsemblePredictor, StreamState, token_classes
-from .match import MatchIndex
-from .ngram import NGramTables
+from .ensemble import EnsembleConfig, EnsemblePredictor, StreamState, token_classes
 
 LOGIT_BITS = 14  # L: the exact engine's logits at 2^-14
 BIAS_BITS = 22  # B1, B2 at 2^-22 (score units << 8)
@@ -339,22 +337,12 @@ class IntegerEnsemblePredictor(EnsemblePredictor):
             raise ValueError("the integer ensemble mixes linearly")
         # what EnsemblePredictor's per-stream methods use, without its float tables and buffers
         self.config, self.n_vocab = config, n_vocab
-        self.orders = config.max_order if config.ngram else 0
-        self.n_features = 1 + self.orders + 1
-        self.n_sets = (self.orders + 1) * N_MATCH_BUCKETS
-        initial = [1.0] + [config.ngram_weight] * (self.n_features - 2) + [config.match_weight]
-        self.weights = np.tile(np.array(initial, np.float64), (n_streams, self.n_sets, 1))
-        self.streams = []
-        ngram = match = None
-        for index in range(n_streams):
-            if ngram is None or not config.share:
-                ngram = NGramTables(config.max_order) if config.ngram else None
-                match = MatchIndex(config.match_min) if config.match else None
-            self.streams.append(StreamState(self.n_features, self.weights[index], ngram, match))
+        self._make_streams(n_streams)
         self.bias_classes = config.bias_classes
         self.token_class = token_classes(pieces, n_vocab) if config.bias and self.bias_classes > 1 else None
         self._tables = ((1 if config.share else n_streams) * self.bias_classes if config.bias else 0,
                         config.bias_hash if config.bias else 0)
+        self._context_tables = self._tables[1]  # what want_logits hashes the previous token into
         self._bias_row = np.zeros(n_streams, np.int64)
         self._context_row = np.zeros(n_streams, np.int64)
         self.head: NumpyHead | TorchHead | None = None
@@ -367,23 +355,6 @@ class IntegerEnsemblePredictor(EnsemblePredictor):
     def use_int24_rows(self, wanted: bool) -> None:
         if not wanted:
             raise ValueError("the integer ensemble codes with the int24 coder only")
-
-    def want_logits(self, running: int):
-        self._running = running
-        streams = self.streams[:running]
-        last = np.fromiter((state.history[-1] if state.history else -1 for state in streams), np.int64, running)
-        first_table = np.arange(running) if not self.config.share else np.zeros(running, np.int64)
-        previous = np.where(last >= 0, self.token_class[np.maximum(last, 0)], 0) if self.token_class is not None else 0
-        self._bias_row[:running] = first_table * self.bias_classes + previous if self.token_class is not None else first_table
-        if self._tables[1]:  # Knuth's multiplicative hash of the previous token, as v4
-            self._context_row[:running] = (last + 1) * 2654435761 % (1 << 32) % self._tables[1]
-        want = np.ones(running, np.int8)
-        for index, state in enumerate(streams):
-            self._prepare(state)
-            if state.skip:
-                want[index] = 0
-        self._want = want
-        return None if want.all() else want
 
     def _make_head(self, logits) -> None:
         config, (tables1, tables2) = self.config, self._tables
@@ -446,14 +417,7 @@ class IntegerEnsemblePredictor(EnsemblePredictor):
             mixed, totals, model = self.head.coded(symbols)
             self._learn_integer_weights(learning, symbols, mixed, totals, model)
         self.head.learn(symbols)
-        for index in range(running):
-            state = self.streams[index]
-            token = int(symbols[index])
-            if state.top_bucket >= 0:
-                counts = state.skip_hits.setdefault(state.top_bucket, [0, 0])
-                counts[0] += state.top == token
-                counts[1] += 1
-            state.update(token)
+        self._follow(symbols, running)
 
     def _learn_integer_weights(self, rows: np.ndarray, symbols: np.ndarray, mixed: np.ndarray, totals: np.ndarray, model: np.ndarray) -> None:
         """v4's mixer step (:meth:`EnsemblePredictor._learn_linear_weights`) with the
