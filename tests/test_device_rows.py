@@ -186,10 +186,14 @@ def test_the_model_alone_codes_the_same_container_through_device_rows(tiny_model
 
 @pytest.mark.slow
 @pytest.mark.skipif(not T.available(), reason="Triton is not installed (make test installs it)")
-def test_a_container_decodes_through_the_triton_decoder(tiny_model, monkeypatch):
-    """The GPU's decoding path (DeviceLogits -> the Triton kernel), run on the CPU in
-    Triton's interpreter: a container made by the C kernel decodes."""
-    blob = _pack(tiny_model, "simd" if coder._kernels is not None else "reference", monkeypatch, streams=5)
+@pytest.mark.parametrize("preset", [None, "v5"])
+def test_a_container_decodes_through_the_triton_decoder(tiny_model, monkeypatch, preset):
+    """The GPU's decoding path (DeviceLogits, or preset v5's DeviceRows, -> the Triton
+    kernel), run on the CPU in Triton's interpreter: a container made by the C kernel decodes."""
+    from nacrith.predictors.ensemble import PRESETS
+
+    options = {"ensemble": PRESETS[preset]} if preset else {}
+    blob = _pack(tiny_model, "simd" if coder._kernels is not None else "reference", monkeypatch, streams=5, **options)
     code = ("import sys; from nacrith import pipeline; from nacrith.exact import device_rows; "
             f"sys.stdout.write(str(pipeline.decompress(bytes.fromhex('{blob.hex()}'), model={str(tiny_model)!r}) == {TEXT!r}))")
     result = _interpreted(code, NACRITH_EXACT_IMPL="torch")
