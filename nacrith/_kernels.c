@@ -1222,7 +1222,11 @@ static PyObject *ensemble_int24(PyObject *self, PyObject *args) {
  * Integers only: the same results on every machine, whatever the order of the sums. */
 
 /* floor(v / 2^s), without relying on >> of a negative value */
+#if (-1 >> 1) == -1  /* >> of a negative value is arithmetic (floor) with this compiler, as with GCC, Clang and MSVC */
+static inline int64_t floor_shift(int64_t v, int s) { return v >> s; }
+#else
 static inline int64_t floor_shift(int64_t v, int s) { return v >= 0 ? v >> s : ~((~v) >> s); }
+#endif
 
 /* floor(a / b) for b > 0 */
 static inline int64_t floor_div(int64_t a, int64_t b) {
@@ -1266,6 +1270,48 @@ static int rows_in_range(const Py_buffer *indices, Py_ssize_t count, Py_ssize_t 
     return 1;
 }
 
+/* The scores of one row into W (step 1); returns their maximum. */
+WIDE static int64_t integer_scores(const int64_t *restrict L, const int64_t *restrict B1, const int64_t *restrict B2, int64_t tau,
+                                   int64_t *restrict W, Py_ssize_t cols) {
+    int64_t best = INT64_MIN;
+    for (Py_ssize_t i = 0; i < cols; i++) {
+        int64_t score = floor_shift(L[i] * tau, 16);
+        if (B1)
+            score += floor_shift(B1[i], 8);
+        if (B2)
+            score += floor_shift(B2[i], 8);
+        W[i] = score;
+        best = score > best ? score : best;
+    }
+    return best;
+}
+
+/* Scores in W to weights (step 2); returns their sum. */
+WIDE static int64_t integer_weights(int64_t *restrict W, int64_t best, Py_ssize_t cols) {
+    int64_t total = 0;
+    for (Py_ssize_t i = 0; i < cols; i++) {
+        int64_t distance = best - W[i];
+        distance = distance < ((int64_t)1 << 36) ? distance : ((int64_t)1 << 36);
+        int64_t level = (distance * 24204406) >> 32;
+        level = level < LIMIT ? level : LIMIT;
+        int64_t shift = level >> 6;
+        W[i] = ((128 - (level & 63)) << 23) >> (shift < 31 ? shift : 31);
+        total += W[i];
+    }
+    return total;
+}
+
+/* Steps 1-4 of one fed stream's row. */
+static void integer_row(const int64_t *L, const int64_t *B1, const int64_t *B2, int64_t tau, int64_t weight, int64_t *W, int64_t *P,
+                        int64_t *R, Py_ssize_t cols) {
+    int64_t total = integer_weights(W, integer_scores(L, B1, B2, tau, W, cols), cols);
+    double inv = 1.0 / (double)total;
+    for (Py_ssize_t i = 0; i < cols; i++) {
+        P[i] = W[i] ? div_by(W[i] << 30, total, inv) : 0;
+        R[i] += (P[i] * weight) >> 16;
+    }
+}
+
 /* integer_rows(logits, cols, tau, b1, r1, b2, r2, a, wanted, w, p, rows): steps 1-4 for the
  * m fed streams. logits, w, p: int64 m x cols; b1, b2: int64 tables x cols or None, r1, r2
  * their rows per fed stream (int64 m); a: int64 m; wanted: each fed stream's row of rows
@@ -1296,30 +1342,7 @@ static PyObject *integer_rows(PyObject *self, PyObject *args) {
             const int64_t *B2 = b2.buf ? (const int64_t *)b2.buf + ((const int64_t *)r2.buf)[j] * cols : NULL;
             int64_t *W = (int64_t *)w.buf + j * cols, *P = (int64_t *)p.buf + j * cols;
             int64_t *R = (int64_t *)rows.buf + ((const int64_t *)wanted.buf)[j] * cols;
-            int64_t best = INT64_MIN, total = 0, weight = ((const int64_t *)a.buf)[j];
-            for (Py_ssize_t i = 0; i < cols; i++) {  /* W holds the scores until their maximum is known */
-                int64_t score = floor_shift(L[i] * (int64_t)tau, 16);
-                if (B1)
-                    score += floor_shift(B1[i], 8);
-                if (B2)
-                    score += floor_shift(B2[i], 8);
-                W[i] = score;
-                best = score > best ? score : best;
-            }
-            for (Py_ssize_t i = 0; i < cols; i++) {
-                int64_t distance = best - W[i];
-                distance = distance < ((int64_t)1 << 36) ? distance : ((int64_t)1 << 36);
-                int64_t level = (distance * 24204406) >> 32;
-                level = level < LIMIT ? level : LIMIT;
-                int64_t shift = level >> 6;
-                W[i] = ((128 - (level & 63)) << 23) >> (shift < 31 ? shift : 31);
-                total += W[i];
-            }
-            double inv = 1.0 / (double)total;
-            for (Py_ssize_t i = 0; i < cols; i++) {
-                P[i] = W[i] ? div_by(W[i] << 30, total, inv) : 0;
-                R[i] += (P[i] * weight) >> 16;
-            }
+            integer_row(L, B1, B2, (int64_t)tau, ((const int64_t *)a.buf)[j], W, P, R, cols);
         }
         Py_END_ALLOW_THREADS
     }
@@ -1343,6 +1366,14 @@ static inline int64_t floor_div_by(int64_t a, int64_t b, double inv) {
     q -= q * b > a;
     q += (q + 1) * b <= a;
     return q;
+}
+
+/* Whether any of 16 entries is at least ``least`` (branch-free, so the compiler vectorises it). */
+static inline int any_at_least(const int64_t *R, int64_t least) {
+    int any = 0;
+    for (int k = 0; k < 16; k++)
+        any |= R[k] >= least;
+    return any;
 }
 
 /* integer_learn(rows, totals, cols, wanted, symbols, table, sums, table_rows, lr): steps 5-6
@@ -1380,8 +1411,11 @@ static PyObject *integer_learn(PyObject *self, PyObject *args) {
             int64_t *q = Q + at[j] * cols;
             int32_t *list = index + j * cols, *gs = gradient + j * cols;
             Py_ssize_t c = 0;
+            int64_t least = (T + ((int64_t)1 << 20) - 1) >> 20;  /* g != 0 where R >= ceil(T / 2^20), and at the token */
             for (Py_ssize_t i = 0; i < cols; i++) {
-                if ((R[i] << 20) < T && i != x[j])
+                if ((i & 15) == 0 && i + 16 <= cols && (x[j] < i || x[j] >= i + 16) && !any_at_least(R + i, least))
+                    i += 15;  /* none of these 16 changes */
+                if (R[i] < least && i != x[j])
                     continue;
                 int64_t g = div_by(R[i] << 20, T, inv) - (i == x[j] ? ((int64_t)1 << 20) : 0);
                 q[i] += (g * g) >> 20;
@@ -1441,7 +1475,7 @@ static PyObject *integer_logits(PyObject *self, PyObject *args) {
         for (Py_ssize_t i = 0; i < n; i++) {
             double v = (double)x[i] * 16384.0;
             v = v != v ? 0.0 : v < -limit ? -limit : v > limit ? limit : v;
-            L[i] = (int64_t)nearbyint(v);
+            L[i] = (int64_t)((v + 6755399441055744.0) - 6755399441055744.0);  /* rint for |v| <= 2^51 (round to nearest even) */
         }
         Py_END_ALLOW_THREADS
     }
@@ -1452,6 +1486,20 @@ static PyObject *integer_logits(PyObject *self, PyObject *args) {
         return NULL;
     }
     Py_RETURN_NONE;
+}
+
+/* sum((w >> 8) * D) and sum(w >> 8) of one row, D = min(best - L, 2^20); both factors fit 32 bits */
+WIDE static void temperature_sums(const int64_t *restrict L, const int64_t *restrict W, int64_t best, Py_ssize_t cols, int64_t *dot, int64_t *mass) {
+    int64_t d = 0, m = 0;
+    for (Py_ssize_t i = 0; i < cols; i++) {
+        int64_t distance = best - L[i];
+        int32_t factor = (int32_t)(distance < ((int64_t)1 << 20) ? distance : ((int64_t)1 << 20));
+        int32_t weight = (int32_t)(W[i] >> 8);
+        d += (int64_t)weight * (int64_t)factor;
+        m += weight;
+    }
+    *dot = d;
+    *mass = m;
 }
 
 /* integer_temperature(logits, w, cols, symbols) -> sum over the m fed streams of
@@ -1471,12 +1519,7 @@ static PyObject *integer_temperature(PyObject *self, PyObject *args) {
             int64_t best = INT64_MIN, dot = 0, mass = 0;
             for (Py_ssize_t i = 0; i < cols; i++)
                 best = L[i] > best ? L[i] : best;
-            for (Py_ssize_t i = 0; i < cols; i++) {
-                int64_t distance = best - L[i];
-                distance = distance < ((int64_t)1 << 20) ? distance : ((int64_t)1 << 20);
-                dot += (W[i] >> 8) * distance;
-                mass += W[i] >> 8;
-            }
+            temperature_sums(L, W, best, cols, &dot, &mass);
             int64_t own = best - L[((const int64_t *)symbols.buf)[j]];
             own = own < ((int64_t)1 << 20) ? own : ((int64_t)1 << 20);
             grad += own - dot / (mass > 1 ? mass : 1);

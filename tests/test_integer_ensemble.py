@@ -193,3 +193,15 @@ def test_the_command_line_picks_v5_for_the_exact_engine_on_gpus_and_on_request(m
     assert not seen[-1].match and seen[-1].ngram
     refused = CliRunner().invoke(cli.main_group, ["compress", "--preset", "v9", str(source)])
     assert refused.exit_code == 2
+
+
+def test_float_logits_become_the_same_integers_with_the_c_kernel_and_numpy():
+    rng = np.random.default_rng(4)
+    halves = (np.arange(-40, 40) * 2 + 1).astype(np.float32) / np.float32(1 << 15)  # x * 2^14 = k + 1/2: ties to even
+    specials = np.array([np.nan, np.inf, -np.inf, 3e38, -3e38, 0.0, -0.0, 2.0 ** 26, -(2.0 ** 26)], np.float32)
+    logits = np.concatenate([halves, specials, rng.standard_normal(500).astype(np.float32) * 30])[None, :]
+    reference = I.logits_to_integers(logits, use_kernel=False)
+    assert reference[0, :80].tolist() == [int(np.rint(v)) for v in (halves.astype(np.float64) * (1 << 14)).tolist()]
+    assert reference[0, 80:85].tolist() == [0, 1 << 40, -(1 << 40), 1 << 40, -(1 << 40)]
+    if "C kernel" in HEADS:
+        assert (I.logits_to_integers(logits) == reference).all()

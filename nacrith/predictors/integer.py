@@ -85,18 +85,20 @@ def fixed(values: np.ndarray, bits: int) -> np.ndarray:
     return np.floor(np.asarray(values, np.float64) * float(1 << bits)).astype(np.int64)
 
 
-def logits_to_integers(logits: np.ndarray, use_kernel: bool | None = None) -> np.ndarray:
+def logits_to_integers(logits: np.ndarray, use_kernel: bool | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """Float logits as integers at 2^-14 (int64): ``rint(x * 2^14)`` (half to even), clamped to
     ``[-2^40, 2^40]``, NaN as 0; exact for the exact engine's float32 logits (its integers
     times 2^-14), correctly rounded for other engines'. The C kernel where it is built."""
     logits = np.ascontiguousarray(logits, np.float32)
-    if _kernels is not None and hasattr(_kernels, "integer_logits") and use_kernel is not False:
+    if out is None:
         out = np.empty(logits.shape, np.int64)
+    if _kernels is not None and hasattr(_kernels, "integer_logits") and use_kernel is not False:
         _kernels.integer_logits(logits, out)
         return out
     scaled = logits.astype(np.float64) * float(1 << LOGIT_BITS)
     scaled[scaled != scaled] = 0.0
-    return np.rint(np.clip(scaled, -2.0 ** 40, 2.0 ** 40)).astype(np.int64)
+    np.copyto(out, np.rint(np.clip(scaled, -2.0 ** 40, 2.0 ** 40)), casting="unsafe")
+    return out
 
 
 class StepInput:
@@ -128,6 +130,7 @@ class NumpyHead:
         self.q2 = np.zeros((tables2, n_vocab), np.int64) if tables2 else None
         self.rates = (rate(lr1), rate(lr2))
         self.tau = TAU_ONE
+        self._buffers: dict[str, np.ndarray] = {}
         self.tau_rate = temperature_rate(temperature_lr)
         self.learn_temperature = self.tau_rate > 0
         self._step: dict | None = None
@@ -135,12 +138,12 @@ class NumpyHead:
     def rows(self, logits: np.ndarray, step: StepInput) -> WeightRows:
         """Steps 1-4: the step's rows ``R`` (uint32, ``running`` x n) and totals ``T``."""
         n, running, wanted = self.n_vocab, step.running, step.wanted
-        rows = np.zeros((running, n), np.int64)
-        rows += step.c0[:, None]
+        rows = self._buffer("rows", running, np.int64)
+        rows[:] = step.c0[:, None]
         model_p = w_kept = None
         if len(wanted) and self.use_kernel:
             logits = np.ascontiguousarray(logits, np.int64)
-            w_kept, model_p = np.empty_like(logits), np.empty_like(logits)
+            w_kept, model_p = self._buffer("w", len(wanted), np.int64), self._buffer("p", len(wanted), np.int64)
             _kernels.integer_rows(logits, n, self.tau, self.b1, step.r1 if self.b1 is not None else None, self.b2,
                                   step.r2 if self.b2 is not None else None, step.a, step.wanted, w_kept, model_p, rows)
         elif len(wanted):
@@ -160,7 +163,21 @@ class NumpyHead:
         np.add.at(rows, (stream_of, step.tokens), step.values)
         totals = rows.sum(axis=1)
         self._step = dict(input=step, logits=logits if len(wanted) else None, w=w_kept, p=model_p, rows=rows, totals=totals)
-        return WeightRows(rows.astype(np.uint32), totals.astype(np.uint64))
+        weights = self._buffer("weights", running, np.uint32)
+        np.copyto(weights, rows, casting="unsafe")  # R < 2^32
+        return WeightRows(weights, totals.astype(np.uint64))
+
+    def _buffer(self, name: str, count: int, dtype) -> np.ndarray:
+        """``count`` rows of a buffer kept from step to step (fresh memory each step costs
+        page faults: on a VM about as much as the arithmetic), grown as needed."""
+        held = self._buffers.get(name)
+        if held is None or len(held) < count:
+            held = self._buffers[name] = np.empty((max(count, 1), self.n_vocab), dtype)
+        return held[:count]
+
+    def integer_logits(self, logits: np.ndarray) -> np.ndarray:
+        """:func:`logits_to_integers` into a buffer kept from step to step."""
+        return logits_to_integers(logits, out=self._buffer("logits", len(logits), np.int64))
 
     def coded(self, symbols: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(R[x], T, P[x])`` of the streams the model fed, in their order (int64): what the
@@ -373,7 +390,7 @@ class IntegerEnsemblePredictor(EnsemblePredictor):
         if hasattr(logits, "logits"):  # DeviceLogits: the integers themselves
             logits = logits.logits if isinstance(self.head, TorchHead) else logits.logits.cpu().numpy()
         elif len(wanted):
-            logits = logits_to_integers(logits)
+            logits = self.head.integer_logits(logits) if isinstance(self.head, NumpyHead) else logits_to_integers(logits)
         states, simplexes = self._mixing_weights(wanted)
         _, _, additions = self._candidate_additions(states, simplexes)
         values = iter(fixed(additions, PROB_BITS).tolist())
