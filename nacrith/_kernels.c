@@ -1221,18 +1221,12 @@ static PyObject *ensemble_int24(PyObject *self, PyObject *args) {
 /* ---- preset v5: the integer ensemble's head (nacrith/predictors/integer.py is the reference) ----
  * Integers only: the same results on every machine, whatever the order of the sums. */
 
-/* floor(v / 2^s), without relying on >> of a negative value */
+/* floor(v / 2^s) */
 #if (-1 >> 1) == -1  /* >> of a negative value is arithmetic (floor) with this compiler, as with GCC, Clang and MSVC */
 static inline int64_t floor_shift(int64_t v, int s) { return v >> s; }
 #else
 static inline int64_t floor_shift(int64_t v, int s) { return v >= 0 ? v >> s : ~((~v) >> s); }
 #endif
-
-/* floor(a / b) for b > 0 */
-static inline int64_t floor_div(int64_t a, int64_t b) {
-    int64_t q = a / b;
-    return (a % b != 0 && a < 0) ? q - 1 : q;
-}
 
 /* floor(num / den) for 0 <= num < 2^53, den > 0, given inv = 1.0 / den: the double
  * quotient (relative error below 2^-52, so within 1), corrected to the exact integer (a
@@ -1460,7 +1454,7 @@ static PyObject *integer_learn(PyObject *self, PyObject *args) {
 }
 
 /* integer_logits(logits, out): float logits as integers at 2^-14, rint(x * 2^14) clamped to
- * [-2^40, 2^40], NaN as 0 (numpy's rint rounds half to even, as nearbyint in the default mode) */
+ * [-2^40, 2^40], NaN as 0 (rounding half to even, as numpy's rint) */
 static PyObject *integer_logits(PyObject *self, PyObject *args) {
     Py_buffer in, out;
     if (!PyArg_ParseTuple(args, "y*w*", &in, &out))

@@ -6,8 +6,9 @@ tables take each stream's step in stream order, and the row sums follow numpy's 
 order. Preset v5 keeps everything per stream (n-gram and match candidates, the mixer's
 weights, the confidence skip) as in v4, on the host, and does what touches every
 vocabulary entry in integers, where every sum is exact in any order. The "head" below is
-that integer part; :class:`NumpyHead` is its reference, :class:`TorchHead` runs it on any
-PyTorch device, and both give the same integers (tests/test_integer_ensemble.py).
+that integer part; :class:`NumpyHead` is its reference (numpy) and runs it with nacrith's C
+kernel where that is built (``integer_*`` in ``nacrith/_kernels.c``), :class:`TorchHead` runs
+it on any PyTorch device; all give the same integers (tests/test_integer_ensemble.py).
 
 Units: a logit ``L`` is an integer at 2^-14 nats (the exact engine's; other engines' float
 logits are rounded to it); the bias tables ``B1`` (by the previous token's class) and ``B2``
