@@ -82,7 +82,7 @@ class Tee:
             rows = logits[self.wants[name]]
             began = time.perf_counter()
             rows = predictor.probabilities(rows, running)
-            self.rows[name] = rows.copy() if isinstance(rows, np.ndarray) else rows  # the integer ensemble's WeightRows are new each step
+            self.rows[name] = rows.copy() if isinstance(rows, np.ndarray) else rows  # the integer ensemble's WeightRows: coded in update(), before its next step
             self.seconds[name] += time.perf_counter() - began
         return np.ones((running, logits.shape[1]))
 

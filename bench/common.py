@@ -27,8 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from nacrith import container as fmt  # noqa: E402
 from nacrith import pipeline  # noqa: E402
-from nacrith.predictors.ensemble import PRESETS  # noqa: E402
-from nacrith.predictors.ensemble import PARTS  # noqa: E402
+from nacrith.predictors.ensemble import PARTS, PRESETS  # noqa: E402
 from nacrith.attention import ATTENTION_MODES  # noqa: E402
 from nacrith.settings import DEFAULT_GPU_STREAMS  # noqa: E402
 

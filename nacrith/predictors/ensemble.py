@@ -619,14 +619,24 @@ class EnsemblePredictor:
         values = portable_exp_array(raw - raw.max(axis=1, keepdims=True))
         return values / row_sums(values)[:, None]
 
-    def _skip_row(self, state: StreamState, row: np.ndarray) -> None:
-        """A skipped stream's distribution: the top candidate, then other candidates, then anything."""
+    def _skip_parts(self, state: StreamState) -> tuple[float, float, np.ndarray]:
+        """A skipped stream's distribution in parts: (the top candidate's confidence, what
+        every token gets, what each candidate gets besides): half of the rest spread evenly,
+        half over the candidates by their features."""
         confidence = self._skip_probability(state)
         rest = 1.0 - confidence
-        row.fill(0.5 * rest / self.n_vocab)
+        shares = np.zeros(0)
         if len(state.candidates):
             weight = state.features.sum(axis=1) + 1e-3
-            row[state.candidates] += 0.5 * rest * weight / weight.sum()
+            shares = 0.5 * rest * weight / weight.sum()
+        return confidence, 0.5 * rest / self.n_vocab, shares
+
+    def _skip_row(self, state: StreamState, row: np.ndarray) -> None:
+        """A skipped stream's distribution: the top candidate, then other candidates, then anything."""
+        confidence, everywhere, shares = self._skip_parts(state)
+        row.fill(everywhere)
+        if len(state.candidates):
+            row[state.candidates] += shares
         row[state.top] += confidence
 
     # --- step 3: learning from the coded symbols ----------------------------------------
@@ -688,7 +698,8 @@ class EnsemblePredictor:
             for i in range(1, self.n_features):
                 weights[i] -= lr * float(expected[i - 1] - observed[i - 1])
 
-    def _learn_linear_weights(self, rows: np.ndarray, symbols: np.ndarray, mixed: np.ndarray, totals: np.ndarray) -> None:
+    def _learn_linear_weights(self, rows: np.ndarray, symbols: np.ndarray, mixed: np.ndarray, totals: np.ndarray,
+                              model_share: np.ndarray | None = None) -> None:
         """One gradient step of the code length on each learning stream's weight set.
 
         ``p(x) = sum_i s_i q_i(x)`` with ``s = softmax(w)``, so ``d(-ln p(x))/dw_i = s_i (1 -
@@ -696,7 +707,8 @@ class EnsemblePredictor:
         by subtracting the cheap predictors' part. All streams at once, element by element
         the same IEEE operations as one stream at a time. ``rows`` are the streams the model
         fed this step, those :meth:`_linear_mix` mixed, in the same order; ``mixed`` and
-        ``totals`` their mixed rows' entries at their tokens and their sums.
+        ``totals`` their mixed rows' entries at their tokens and their sums; ``model_share``,
+        where given, the model's own probability of each token, instead of recovering it.
         """
         states = [self.streams[index] for index in rows]
         tokens = symbols[rows].astype(np.int64)
@@ -706,7 +718,7 @@ class EnsemblePredictor:
             if features is not None:
                 observed[position] = features
         simplexes, sets = self._simplexes, self._mix_sets  # this step's, from _linear_mix
-        llm_share = (mixed - row_sums(observed * simplexes[:, 1:])) / simplexes[:, 0]
+        llm_share = (mixed - row_sums(observed * simplexes[:, 1:])) / simplexes[:, 0] if model_share is None else model_share
         shares = np.concatenate((llm_share[:, None], observed), axis=1)
         p_token = np.maximum(mixed / totals, 1e-300)
         step = simplexes * (1.0 - shares / p_token[:, None])

@@ -197,18 +197,15 @@ class NumpyHead:
             return
         x = np.asarray(symbols, np.int64)[wanted]
         if self.use_kernel:
-            for table, sums, rows, lr in ((self.b1, self.q1, step.r1, self.rates[0]), (self.b2, self.q2, step.r2, self.rates[1])):
-                if table is not None:
-                    _kernels.integer_learn(s["rows"], s["totals"], self.n_vocab, wanted, x, table, sums, rows, lr)
+            for table, sums, rows, lr in _tables(self, step):
+                _kernels.integer_learn(s["rows"], s["totals"], self.n_vocab, wanted, x, table, sums, rows, lr)
             if self.learn_temperature:
                 self._move_temperature(_kernels.integer_temperature(s["logits"], s["w"], self.n_vocab, x))
             return
         gradients = (s["rows"][wanted] << GRAD_BITS) // s["totals"][wanted, None]
         gradients[np.arange(len(wanted)), x] -= 1 << GRAD_BITS
         squares = (gradients * gradients) >> GRAD_BITS
-        for table, sums, rows, lr in ((self.b1, self.q1, step.r1, self.rates[0]), (self.b2, self.q2, step.r2, self.rates[1])):
-            if table is None:
-                continue
+        for table, sums, rows, lr in _tables(self, step):
             for j, row in enumerate(rows.tolist()):
                 sums[row] += squares[j]
             touched = np.unique(rows)
@@ -225,6 +222,14 @@ class NumpyHead:
 
     def _move_temperature(self, grad: int) -> None:
         self.tau = min(max(self.tau - ((grad * self.tau_rate + (1 << 15)) >> 16), TAU_MIN), TAU_MAX)
+
+
+def _tables(head, step: StepInput):
+    """(table, its sums of squares, each fed stream's row of it, rate) of a head's bias tables
+    that exist, the class table first: what step 6 runs over."""
+    for table, sums, rows, lr in ((head.b1, head.q1, step.r1, head.rates[0]), (head.b2, head.q2, step.r2, head.rates[1])):
+        if table is not None:
+            yield table, sums, rows, lr
 
 
 def isqrt_numpy(values: np.ndarray) -> np.ndarray:
@@ -313,9 +318,7 @@ class TorchHead:
         gradients = (s["rows"][s["wanted"]] << GRAD_BITS) // s["totals"][s["wanted"]].unsqueeze(1)
         gradients[fed, x] -= 1 << GRAD_BITS
         squares = (gradients * gradients) >> GRAD_BITS
-        for table, sums, rows, lr in ((self.b1, self.q1, step.r1, self.rates[0]), (self.b2, self.q2, step.r2, self.rates[1])):
-            if table is None:
-                continue
+        for table, sums, rows, lr in _tables(self, step):
             rows_t = self._tensor(rows)
             touched = self._tensor(np.unique(rows))
             sums.index_add_(0, rows_t, squares)
@@ -358,9 +361,8 @@ class IntegerEnsemblePredictor(EnsemblePredictor):
         self._make_streams(n_streams)
         self.bias_classes = config.bias_classes
         self.token_class = token_classes(pieces, n_vocab) if config.bias and self.bias_classes > 1 else None
-        self._tables = ((1 if config.share else n_streams) * self.bias_classes if config.bias else 0,
-                        config.bias_hash if config.bias else 0)
-        self._context_tables = self._tables[1]  # what want_logits hashes the previous token into
+        self._class_tables = (1 if config.share else n_streams) * self.bias_classes if config.bias else 0
+        self._context_tables = config.bias_hash if config.bias else 0  # what want_logits hashes the previous token into
         self._bias_row = np.zeros(n_streams, np.int64)
         self._context_row = np.zeros(n_streams, np.int64)
         self.head: NumpyHead | TorchHead | None = None
@@ -368,15 +370,14 @@ class IntegerEnsemblePredictor(EnsemblePredictor):
         self._want: np.ndarray | None = None
         self._mix_sets: np.ndarray | None = None
         self._simplexes: np.ndarray | None = None
-        self._observed: np.ndarray | None = None
 
     def use_int24_rows(self, wanted: bool) -> None:
         if not wanted:
             raise ValueError("the integer ensemble codes with the int24 coder only")
 
     def _make_head(self, logits) -> None:
-        config, (tables1, tables2) = self.config, self._tables
-        arguments = (self.n_vocab, tables1, tables2, config.bias_lr, config.context_bias_lr, config.temperature_lr)
+        config = self.config
+        arguments = (self.n_vocab, self._class_tables, self._context_tables, config.bias_lr, config.context_bias_lr, config.temperature_lr)
         torch = getattr(logits, "torch", None)  # DeviceLogits: the engine's tensors and device
         if torch is not None:
             self.head = TorchHead(torch, logits.logits.device, *arguments)
@@ -393,62 +394,39 @@ class IntegerEnsemblePredictor(EnsemblePredictor):
         elif len(wanted):
             logits = self.head.integer_logits(logits) if isinstance(self.head, NumpyHead) else logits_to_integers(logits)
         states, simplexes = self._mixing_weights(wanted)
-        _, _, additions = self._candidate_additions(states, simplexes)
-        values = iter(fixed(additions, PROB_BITS).tolist())
+        fed_offsets, candidates, additions = self._candidate_additions(states, simplexes)
+        additions = fixed(additions, PROB_BITS)
         c0 = np.zeros(running, np.int64)
-        tokens: list[int] = []
-        amounts: list[int] = []
-        offsets = np.zeros(running + 1, np.int64)
-        for index in range(running):
-            state = self.streams[index]
+        tokens, amounts = [], []  # each running stream's, in stream order
+        for index, position in zip(range(running), np.cumsum(want) - 1):
             if want[index]:
-                tokens += state.columns
-                amounts += [next(values) for _ in state.columns]
+                mine = slice(fed_offsets[position], fed_offsets[position + 1])
+                tokens.append(candidates[mine])
+                amounts.append(additions[mine])
             else:
-                c0[index], skip_tokens, skip_values = self._skip_additions(state)
-                tokens += skip_tokens
-                amounts += skip_values
-            offsets[index + 1] = len(tokens)
-        self._columns = [self.streams[index].columns for index in wanted]
+                c0[index], skip_tokens, skip_amounts = self._skip_additions(self.streams[index])
+                tokens.append(skip_tokens)
+                amounts.append(skip_amounts)
+        offsets = np.zeros(running + 1, np.int64)
+        np.cumsum([len(part) for part in tokens], out=offsets[1:])
         step = StepInput(running, wanted, self._bias_row[wanted], self._context_row[wanted], fixed(simplexes[:, 0], MIX_BITS),
-                         c0, offsets, np.array(tokens, np.int64), np.array(amounts, np.int64))
+                         c0, offsets, np.concatenate(tokens), np.concatenate(amounts))
         self.steps += running
         self.skipped += running - len(wanted)
         return self.head.rows(logits, step)
 
-    def _skip_additions(self, state: StreamState) -> tuple[int, list[int], list[int]]:
+    def _skip_additions(self, state: StreamState) -> tuple[int, np.ndarray, np.ndarray]:
         """A skipped stream's row as v4's :meth:`_skip_row` builds it, at 2^-30: (the constant
-        everywhere, the candidates, their additions); the top candidate gets the confidence."""
-        confidence = self._skip_probability(state)
-        rest = 1.0 - confidence
-        share = np.zeros(len(state.candidates))
-        if len(state.candidates):
-            weight = state.features.sum(axis=1) + 1e-3
-            share = 0.5 * rest * weight / weight.sum()
-        share = share + (state.candidates == state.top) * confidence
-        return int(fixed(np.array([0.5 * rest / self.n_vocab]), PROB_BITS)[0]), state.candidates.tolist(), fixed(share, PROB_BITS).tolist()
+        everywhere, the candidates, their additions, the top candidate's with its confidence)."""
+        confidence, everywhere, shares = self._skip_parts(state)
+        shares = shares + (state.candidates == state.top) * confidence
+        return int(fixed(np.array([everywhere]), PROB_BITS)[0]), state.candidates, fixed(shares, PROB_BITS)
 
     def update(self, symbols: np.ndarray) -> None:
         running = self._running
         learning = np.flatnonzero(self._want)
-        if self.config.mixer and len(learning):
+        if self.config.mixer and len(learning):  # v4's step, with the model's own P[x] / 2^30 from the head
             mixed, totals, model = self.head.coded(symbols)
-            self._learn_integer_weights(learning, symbols, mixed, totals, model)
+            self._learn_linear_weights(learning, symbols, mixed, totals, model / float(1 << PROB_BITS))
         self.head.learn(symbols)
         self._follow(symbols, running)
-
-    def _learn_integer_weights(self, rows: np.ndarray, symbols: np.ndarray, mixed: np.ndarray, totals: np.ndarray, model: np.ndarray) -> None:
-        """v4's mixer step (:meth:`EnsemblePredictor._learn_linear_weights`) with the
-        model's own probability of the token, ``P[x] / 2^30``, from the head: element by
-        element float64, the same on every machine."""
-        tokens = symbols[rows].astype(np.int64).tolist()
-        observed = np.zeros((len(rows), self.n_features - 1))
-        for position, (columns, token) in enumerate(zip(self._columns, tokens)):
-            features = columns.get(token)
-            if features is not None:
-                observed[position] = features
-        simplexes, sets = self._simplexes, self._mix_sets
-        shares = np.concatenate(((model.astype(np.float64) / float(1 << PROB_BITS))[:, None], observed), axis=1)
-        p_token = np.maximum(mixed.astype(np.float64) / totals.astype(np.float64), 1e-300)
-        step = simplexes * (1.0 - shares / p_token[:, None])
-        self.weights[rows, sets] = self.weights[rows, sets] - self.config.mixer_lr * step
